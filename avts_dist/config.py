@@ -1,0 +1,523 @@
+"""The typed config tree: one dataclass per component.
+
+Layers merge in order, strictly (lingua ``args.py``, torchtitan ``Trainer.Config``):
+
+1. the dataclass defaults below;
+2. a YAML file under ``configs/`` (it may name ``base: other.yaml`` or ``includes: [...]``,
+   resolved relative to the file, merged before the file itself);
+3. ``key=value`` dot-list overrides from the command line.
+
+An unknown key, a value of the wrong type or an impossible combination raises
+:class:`ConfigError` whose message names the full key (``data.fps``).
+Each component receives only its own sub-config: ``build_loader(cfg.data, rank=..., ...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "MISSING",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "CurriculumConfig",
+    "CurriculumStage",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "EvalConfig",
+    "LaunchConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "flatten_config",
+    "load_config",
+    "save_config",
+]
+
+NEGATIVE_KINDS = ("easy", "hard", "superhard")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A config problem, with the full key it concerns in the message."""
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _check_mix(key: str, mix: dict[str, float]) -> None:
+    unknown = set(mix) - set(NEGATIVE_KINDS)
+    if unknown:
+        _fail(key, f"unknown negative kind(s) {sorted(unknown)}; expected {list(NEGATIVE_KINDS)}")
+    if any(v < 0 for v in mix.values()):
+        _fail(key, "negative-mix weights must be >= 0")
+    if sum(mix.values()) <= 0:
+        _fail(key, "negative-mix weights must not all be zero")
+
+
+@dataclass
+class RunConfig:
+    name: str = "avts"
+    # Run directory; empty means runs/<run.name> (filled by load_config).
+    dir: str = ""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name):
+            _fail("run.name", f"{self.name!r} must be letters, digits, '_', '-' or '.'")
+
+
+@dataclass
+class DataConfig:
+    url: str = "data/synth"
+    split: str = "train"
+    val_split: str = "val"
+    # fsspec options for the dataset's filesystem (merged over the environment's defaults).
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    global_batch_size: int = 8
+    seed: int = 0
+    num_workers: int = 1
+    # Clip reads in flight per worker (bounded concurrency, prefetched).
+    prefetch: int = 8
+    num_frames: int = 8
+    fps: float = 8.0
+    size: int = 32
+    sample_rate: int = 16000
+    num_mel_bins: int = 40
+    mel_win_ms: float = 25.0
+    mel_hop_ms: float = 10.0
+    # Super-hard negatives are offset by at least this many seconds (and less than a clip).
+    min_shift: float = 0.25
+    negative_mix: dict[str, float] = field(default_factory=lambda: {"easy": 1.0})
+    # Epochs over the split; 0 means infinite (the trainer stops at train.max_steps).
+    epochs: int = 0
+    drop_last: bool = True
+    max_retries: int = 4
+    retry_backoff_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("global_batch_size", "num_frames", "size", "sample_rate", "num_mel_bins"):
+            if getattr(self, name) <= 0:
+                _fail(f"data.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            _fail("data.num_workers", "must be >= 0")
+        if self.fps <= 0:
+            _fail("data.fps", f"must be > 0, got {self.fps}")
+        if self.epochs < 0:
+            _fail("data.epochs", "must be >= 0 (0 = infinite)")
+        clip_s = self.num_frames / self.fps
+        if not 0 < self.min_shift < clip_s:
+            _fail(
+                "data.min_shift",
+                f"must be in (0, clip length {clip_s:.3f}s = num_frames/fps), got {self.min_shift}",
+            )
+        _check_mix("data.negative_mix", dict(self.negative_mix))
+
+    @property
+    def clip_seconds(self) -> float:
+        return self.num_frames / self.fps
+
+
+@dataclass
+class ModelConfig:
+    # r2plus1d_18 | mc3_18 | r3d_18 (torchvision-compatible) ; widths/depths shrink them for CPU.
+    video_arch: str = "r2plus1d_18"
+    video_width: int = 64
+    video_layers: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    # vgg (AVTS-like, full size) | tiny
+    audio_arch: str = "vgg"
+    audio_width: int = 64
+    embed_dim: int = 128
+    fusion_head: bool = False
+    activation_checkpointing: bool = False
+    channels_last_3d: bool = False
+
+    def __post_init__(self) -> None:
+        if self.video_arch not in ("r2plus1d_18", "mc3_18", "r3d_18"):
+            _fail("model.video_arch", f"unknown video architecture {self.video_arch!r}")
+        if self.audio_arch not in ("vgg", "tiny"):
+            _fail("model.audio_arch", f"unknown audio architecture {self.audio_arch!r}")
+        if len(self.video_layers) != 4 or any(n < 1 for n in self.video_layers):
+            _fail("model.video_layers", "must be four stage depths, each >= 1")
+        for name in ("video_width", "audio_width", "embed_dim"):
+            if getattr(self, name) <= 0:
+                _fail(f"model.{name}", "must be > 0")
+
+
+@dataclass
+class LossConfig:
+    # contrastive (AVTS margin loss) | infonce
+    kind: str = "contrastive"
+    margin: float = 0.99
+    normalize: bool = True
+    temperature: float = 0.07
+    # Easy negatives from the global batch: all | random_k | hardest_k
+    negatives: str = "all"
+    num_negatives: int = 1
+    # Weight of each negative kind, and of positives against negatives.
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"easy": 1.0, "hard": 1.0, "superhard": 1.0}
+    )
+    pos_weight: float = 1.0
+    gather_with_grad: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("contrastive", "infonce"):
+            _fail("loss.kind", f"must be 'contrastive' or 'infonce', got {self.kind!r}")
+        if self.negatives not in ("all", "random_k", "hardest_k"):
+            _fail("loss.negatives", f"must be all, random_k or hardest_k, got {self.negatives!r}")
+        if self.negatives != "all" and self.num_negatives < 1:
+            _fail("loss.num_negatives", "must be >= 1 with random_k or hardest_k")
+        if self.margin <= 0:
+            _fail("loss.margin", "must be > 0")
+        if self.temperature <= 0:
+            _fail("loss.temperature", "must be > 0")
+        unknown = set(self.weights) - set(NEGATIVE_KINDS)
+        if unknown:
+            _fail("loss.weights", f"unknown negative kind(s) {sorted(unknown)}")
+
+
+@dataclass
+class CurriculumStage:
+    name: str = "easy"
+    negative_mix: dict[str, float] = field(default_factory=lambda: {"easy": 1.0})
+    # Loss weights per negative kind for this stage (merged over loss.weights).
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    # The stage ends at the first trigger that fires; none set means it is the last stage.
+    until_epoch: int | None = None
+    until_step: int | None = None
+    # Plateau trigger on a validation metric (e.g. val/sync_acc_easy).
+    plateau_metric: str | None = None
+    plateau_patience: int = 3
+    plateau_min_delta: float = 0.001
+
+
+@dataclass
+class CurriculumConfig:
+    enabled: bool = True
+    stages: list[CurriculumStage] = field(default_factory=lambda: [CurriculumStage()])
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            _fail("curriculum.stages", "needs at least one stage")
+        for i, stage in enumerate(self.stages):
+            _check_mix(f"curriculum.stages.{i}.negative_mix", dict(stage.negative_mix))
+            last = i == len(self.stages) - 1
+            has_trigger = (
+                stage.until_epoch is not None
+                or stage.until_step is not None
+                or stage.plateau_metric is not None
+            )
+            if not last and not has_trigger:
+                _fail(
+                    f"curriculum.stages.{i}",
+                    "every stage but the last needs until_epoch, until_step or plateau_metric",
+                )
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    # cosine | constant
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adamw", "adam", "sgd"):
+            _fail("optim.name", f"unknown optimizer {self.name!r}")
+        if self.schedule not in ("cosine", "constant"):
+            _fail("optim.schedule", f"must be cosine or constant, got {self.schedule!r}")
+        if self.lr <= 0:
+            _fail("optim.lr", "must be > 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    # fp32 | bf16 | fp16
+    precision: str = "fp32"
+    grad_accum_steps: int = 1
+    # auto: nccl with CUDA, gloo otherwise.
+    backend: str = "auto"
+    # Escape hatch: raw DeepSpeed JSON keys merged last over the generated config.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            _fail("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            _fail("deepspeed.precision", f"must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.grad_accum_steps < 1:
+            _fail("deepspeed.grad_accum_steps", "must be >= 1")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            _fail("deepspeed.backend", f"must be auto, gloo or nccl, got {self.backend!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    # Empty means <run.dir>/checkpoints (filled by load_config); may be an fsspec URL (s3://...).
+    dir: str = ""
+    every_steps: int = 0
+    keep_last: int = 3
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            _fail("checkpoint.every_steps", "must be >= 0 (0 = only at the end)")
+        if self.keep_last < 1:
+            _fail("checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    # If > 0, train for this many epochs instead of max_steps.
+    epochs: int = 0
+    log_every: int = 10
+    val_every_steps: int = 0
+    val_batches: int = 4
+    # Consecutive non-finite steps that stop the run (after a checkpoint).
+    max_nonfinite_steps: int = 3
+    deterministic: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_steps <= 0 and self.epochs <= 0:
+            _fail("train.max_steps", "set train.max_steps > 0 or train.epochs > 0")
+        if self.log_every < 1:
+            _fail("train.log_every", "must be >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # Empty means a local store at ./mlruns; http://host:port for a tracking server.
+    uri: str = ""
+    experiment: str = "avts"
+    system_metrics: bool = True
+
+
+@dataclass
+class LaunchConfig:
+    # slurm | local (submitit's local executor) | debug
+    cluster: str = "slurm"
+    profile: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 0
+    # 0 means: equal to gpus_per_node (one task per GPU).
+    tasks_per_node: int = 0
+    partition: str = ""
+    time: str = "01:00:00"
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    mem: str = ""
+    cpus_per_task: int = 1
+    exclusive: bool = False
+    signal: str = "USR2"
+    grace_s: int = 120
+    max_requeues: int = 3
+    folder: str = ""
+
+    def __post_init__(self) -> None:
+        if self.cluster not in ("slurm", "local", "debug"):
+            _fail("launch.cluster", f"must be slurm, local or debug, got {self.cluster!r}")
+        if self.nodes < 1:
+            _fail("launch.nodes", "must be >= 1")
+        if self.gpus_per_node < 0 or self.tasks_per_node < 0:
+            _fail("launch.tasks_per_node", "gpus_per_node and tasks_per_node must be >= 0")
+        if not re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}|\d+", self.time):
+            _fail("launch.time", f"must be HH:MM:SS, D-HH:MM:SS or minutes, got {self.time!r}")
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = ""
+    suite: list[str] = field(default_factory=lambda: ["sync"])
+    # Dataset URL per evaluation (name -> URL); sync uses data.url's val split when absent.
+    datasets: dict[str, str] = field(default_factory=dict)
+    splits: list[int] = field(default_factory=lambda: [1, 2, 3])
+    batch_size: int = 16
+    epochs: int = 5
+    lr: float = 1e-3
+    clips_per_video: int = 3
+    feature_layer: str = "pool"
+    # svm | logreg
+    classifier: str = "svm"
+    scratch_baseline: bool = True
+
+    def __post_init__(self) -> None:
+        if self.classifier not in ("svm", "logreg"):
+            _fail("eval.classifier", f"must be svm or logreg, got {self.classifier!r}")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # none | auto (latest complete checkpoint) | a checkpoint directory
+    resume: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.deepspeed.precision == "fp16" and self.deepspeed.zero_stage == 0:
+            pass  # allowed: DeepSpeed's fp16 optimizer works without ZeRO.
+        if self.data.global_batch_size % self.deepspeed.grad_accum_steps:
+            _fail(
+                "deepspeed.grad_accum_steps",
+                f"must divide data.global_batch_size ({self.data.global_batch_size})",
+            )
+        if self.loss.negatives != "all" and self.loss.num_negatives >= self.data.global_batch_size:
+            _fail("loss.num_negatives", "must be < data.global_batch_size")
+
+    def fill_derived(self) -> Config:
+        """Fills defaults that depend on other keys (after every layer has merged)."""
+        if not self.run.dir:
+            self.run.dir = str(Path("runs") / self.run.name)
+        if not self.checkpoint.dir:
+            self.checkpoint.dir = str(Path(self.run.dir) / "checkpoints")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given, or relative to the repository (so `configs/...` works anywhere)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    alt = REPO_ROOT / p
+    if alt.exists():
+        return alt
+    raise ConfigError(f"config file not found: {path}")
+
+
+def _read_yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config include cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    parents: list[str] = []
+    base = raw.pop("base", None)
+    if base:
+        parents.append(base)
+    includes = raw.pop("includes", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    parents.extend(includes)
+    layers: list[dict[str, Any]] = []
+    for parent in parents:
+        parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+        if not parent_path.exists():
+            raise ConfigError(f"{path}: included file not found: {parent}")
+        layers.extend(_read_yaml_layers(parent_path, (*seen, path)))
+    layers.append(raw)
+    return layers
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).split("\n")[0]
+    return f"config key '{key}': {msg}" if key else msg
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    schema: type = Config,
+) -> Any:
+    """Defaults -> YAML (with base/includes) -> dot-list overrides, strict; returns dataclasses."""
+    merged: DictConfig = OmegaConf.structured(schema)
+    layers = _read_yaml_layers(resolve_config_path(path)) if path else []
+    overrides = list(overrides or [])
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+    try:
+        for layer in layers:
+            merged = OmegaConf.merge(merged, layer)
+        if overrides:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+    return obj.fill_derived() if hasattr(obj, "fill_derived") else obj
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Writes the resolved config as YAML (atomically) and returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(config_to_yaml(cfg))
+    tmp.replace(path)
+    return path
+
+
+def config_from_dict(data: dict[str, Any], schema: type = Config) -> Any:
+    """Rebuilds a config saved with :func:`config_to_dict` (e.g. from a checkpoint)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+
+
+def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"data.fps": 8.0, "curriculum.stages": "[...]", ...}`` for MLflow params.
+
+    Nested mappings are flattened with dots; lists become their JSON text.
+    """
+    data = config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_config(value, prefix=f"{full}."))
+        elif isinstance(value, (list, dict)):
+            out[full] = json.dumps(value)
+        else:
+            out[full] = value
+    return out

@@ -1,0 +1,1 @@
+"""avts_dist.losses"""
