@@ -1,0 +1,101 @@
+"""The typed config tree: layer order, strictness, errors that name the key, saving."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from avts_dist.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    flatten_config,
+    load_config,
+    save_config,
+)
+
+
+def test_defaults_load_and_fill_derived_paths():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg.run.dir == "runs/avts"
+    assert cfg.checkpoint.dir == "runs/avts/checkpoints"
+
+
+def test_layers_merge_in_order(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"data": {"fps": 4.0, "size": 48}, "run": {"name": "base"}}))
+    frag = tmp_path / "frag.yaml"
+    frag.write_text(yaml.safe_dump({"optim": {"lr": 0.5}}))
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        yaml.safe_dump({"base": "base.yaml", "includes": ["frag.yaml"], "data": {"size": 64}})
+    )
+    cfg = load_config(child, overrides=["run.name=cli", "optim.lr=0.25"])
+    assert cfg.data.fps == 4.0  # from base
+    assert cfg.data.size == 64  # child over base
+    assert cfg.optim.lr == 0.25  # command line over include
+    assert cfg.run.name == "cli"
+    assert cfg.run.dir == "runs/cli"  # derived after every layer
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["data.no_such_key=1"], "data.no_such_key"),
+        (["data.fps=fast"], "data.fps"),
+        (["data.min_shift=9"], "data.min_shift"),
+        (["deepspeed.zero_stage=5"], "deepspeed.zero_stage"),
+        (["data.negative_mix={easy: 0.5, medium: 0.5}"], "data.negative_mix"),
+        (["data.global_batch_size=6", "deepspeed.grad_accum_steps=4"], "deepspeed.grad_accum_steps"),
+        (["launch.time=forever"], "launch.time"),
+        (["nonsense=1"], "nonsense"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert key in str(info.value)
+
+
+def test_curriculum_stage_without_trigger_is_rejected():
+    with pytest.raises(ConfigError, match="curriculum.stages.0"):
+        load_config(overrides=["curriculum.stages=[{name: a}, {name: b}]"])
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    cyc = tmp_path / "cyc.yaml"
+    cyc.write_text("base: cyc.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(cyc)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    cfg = load_config(overrides=["data.fps=5", "curriculum.stages=[{name: e, until_step: 3}, {name: h}]"])
+    path = save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(path)
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert config_to_dict(config_from_dict(config_to_dict(cfg))) == config_to_dict(cfg)
+
+
+def test_flatten_for_params():
+    flat = flatten_config(load_config(overrides=["data.negative_mix={easy: 0.75, hard: 0.25}"]))
+    assert flat["data.negative_mix.hard"] == 0.25
+    assert flat["model.video_layers"] == "[2, 2, 2, 2]"
+    assert all(not isinstance(v, (dict, list)) for v in flat.values())
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    files = sorted(root.glob("pretrain/*.yaml"))
+    for f in files:
+        load_config(f)
