@@ -1,0 +1,219 @@
+#!/usr/bin/env bash
+# A real single-node SLURM cluster on this machine, for development and CI.
+#
+#   launch/local_slurm.sh up       # install (if needed), configure and start munged, slurmctld, slurmd
+#   launch/local_slurm.sh status   # what runs, sinfo; exit 0 only when the partition is usable
+#   launch/local_slurm.sh down     # stop only the daemons this script started (pid files)
+#
+# Idempotent. Needs root (apt-get and the daemons). State lives in $AVTS_SLURM_DIR
+# (default /tmp/avts-slurm): slurm.conf, spool, logs, the pids of what we started.
+# The rest of avts (submitit, sbatch, squeue) finds the cluster through SLURM_CONF, which
+# `up` prints and which /etc/slurm/slurm.conf points to (a symlink, only if no slurm.conf exists).
+set -euo pipefail
+
+STATE="${AVTS_SLURM_DIR:-/tmp/avts-slurm}"
+PARTITION="${AVTS_SLURM_PARTITION:-debug}"
+# The partition's MaxTime: a job asking for more is refused up front (tests rely on it).
+MAX_TIME="${AVTS_SLURM_MAX_TIME:-04:00:00}"
+CONF="$STATE/slurm.conf"
+HOST="$(hostname -s)"
+
+log() { echo "local_slurm: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+need_root() { [ "$(id -u)" = 0 ] || die "must run as root (it installs packages and starts daemons)"; }
+
+install_packages() {
+    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
+        && command -v sbatch >/dev/null; then
+        return
+    fi
+    log "installing slurm-wlm and munge from Debian"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+}
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+mem_mb() { awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo; }
+
+write_conf() {
+    mkdir -p "$STATE"/{ctld,spool,log,pids}
+    local cpus mem
+    cpus="$(nproc --all)"
+    mem="$(mem_mb)"
+    cat >"$CONF.tmp" <<EOF
+# Written by launch/local_slurm.sh for host $HOST: $cpus CPUs, $mem MB.
+ClusterName=avts
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+SlurmctldPort=6817
+SlurmdPort=6818
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/spool
+SlurmctldPidFile=$STATE/pids/slurmctld.pid
+SlurmdPidFile=$STATE/pids/slurmd.pid
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdLogFile=$STATE/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# No cgroups in a container, no accounting daemon: the lightest plugins that still run real jobs.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+SlurmctldTimeout=30
+SlurmdTimeout=30
+# Time between SIGTERM and SIGKILL on scancel/time limit: the trainer saves in that window.
+KillWait=30
+InactiveLimit=0
+MinJobAge=600
+JobRequeue=1
+# Let preemption deliver the job's --signal (USR2) before SIGTERM, as on a production cluster.
+SlurmctldParameters=preempt_send_user_signal
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=$MAX_TIME State=UP
+EOF
+    mv "$CONF.tmp" "$CONF"
+    if [ ! -e /etc/slurm/slurm.conf ]; then
+        mkdir -p /etc/slurm
+        ln -s "$CONF" /etc/slurm/slurm.conf
+        echo "/etc/slurm/slurm.conf" >"$STATE/pids/conf_link"
+    fi
+}
+
+start_munge() {
+    if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+        return # a munged already answers (ours from an earlier `up`, or the system's)
+    fi
+    [ -s /etc/munge/munge.key ] || mungekey --create --keyfile=/etc/munge/munge.key
+    mkdir -p /run/munge /var/log/munge /var/lib/munge
+    # munged refuses to start when its key, log or socket dir belongs to another user.
+    chown munge:munge /etc/munge/munge.key /run/munge /var/log/munge /var/lib/munge
+    chmod 0600 /etc/munge/munge.key
+    [ -e /var/log/munge/munged.log ] && chown munge:munge /var/log/munge/munged.log
+    rm -f /run/munge/munged.pid
+    runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
+    for _ in $(seq 50); do
+        [ -s /run/munge/munged.pid ] && break
+        sleep 0.1
+    done
+    cp /run/munge/munged.pid "$STATE/pids/munged.started"
+    munge -n </dev/null | unmunge >/dev/null || die "munged does not answer (see /var/log/munge/munged.log)"
+}
+
+start_daemon() { # name pidfile command...
+    local name="$1" pidfile="$2"
+    shift 2
+    if alive "$pidfile"; then
+        return
+    fi
+    "$@" || die "$name failed to start (see $STATE/log/$name.log)"
+    for _ in $(seq 100); do
+        alive "$pidfile" && break
+        sleep 0.1
+    done
+    alive "$pidfile" || die "$name did not come up (see $STATE/log/$name.log)"
+    cp "$pidfile" "$STATE/pids/$name.started"
+}
+
+wait_ready() {
+    export SLURM_CONF="$CONF"
+    for _ in $(seq 120); do
+        local state
+        state="$(sinfo -h -p "$PARTITION" -o '%t' 2>/dev/null | head -n1)"
+        case "$state" in
+        idle* | mix* | alloc*) return 0 ;;
+        drain* | down*)
+            scontrol update NodeName="$HOST" State=RESUME >/dev/null 2>&1 || true
+            ;;
+        esac
+        sleep 0.5
+    done
+    die "partition $PARTITION not ready; sinfo says: $(sinfo 2>&1 | tail -n +2)"
+}
+
+cmd_up() {
+    need_root
+    install_packages
+    # Rewrite the config only when no daemon of ours runs: slurmctld would refuse a changed node.
+    if ! alive "$STATE/pids/slurmctld.pid"; then
+        write_conf
+    fi
+    start_munge
+    export SLURM_CONF="$CONF"
+    # -c: a fresh start, no jobs carried over from a previous life of the state dir.
+    start_daemon slurmctld "$STATE/pids/slurmctld.pid" /usr/sbin/slurmctld -f "$CONF" -c
+    start_daemon slurmd "$STATE/pids/slurmd.pid" /usr/sbin/slurmd -f "$CONF"
+    wait_ready
+    log "up: partition '$PARTITION' on $HOST ($(nproc --all) CPUs)"
+    echo "export SLURM_CONF=$CONF"
+}
+
+stop_pid() { # name file-with-the-pid-we-started
+    local name="$1" file="$2"
+    [ -f "$file" ] || return 0
+    local pid
+    pid="$(cat "$file")"
+    if kill -0 "$pid" 2>/dev/null; then
+        kill "$pid"
+        for _ in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+        log "stopped $name ($pid)"
+    fi
+    rm -f "$file"
+}
+
+cmd_down() {
+    need_root
+    stop_pid slurmd "$STATE/pids/slurmd.started"
+    stop_pid slurmctld "$STATE/pids/slurmctld.started"
+    stop_pid munged "$STATE/pids/munged.started"
+    if [ -f "$STATE/pids/conf_link" ]; then
+        rm -f "$(cat "$STATE/pids/conf_link")" "$STATE/pids/conf_link"
+    fi
+    log "down"
+}
+
+cmd_status() {
+    local rc=0
+    for name in munged slurmctld slurmd; do
+        local f="$STATE/pids/$name.started"
+        if alive "$f"; then
+            echo "$name: running (pid $(cat "$f"))"
+        else
+            echo "$name: not started by local_slurm.sh"
+            rc=1
+        fi
+    done
+    if [ -f "$CONF" ] && command -v sinfo >/dev/null; then
+        SLURM_CONF="$CONF" sinfo 2>&1 || rc=1
+        echo "export SLURM_CONF=$CONF"
+    else
+        rc=1
+    fi
+    return $rc
+}
+
+case "${1:-}" in
+up) cmd_up ;;
+down) cmd_down ;;
+status) cmd_status ;;
+*)
+    echo "usage: $0 up|down|status" >&2
+    exit 2
+    ;;
+esac
