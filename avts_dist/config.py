@@ -142,6 +142,8 @@ class ModelConfig:
     audio_arch: str = "vgg"
     audio_width: int = 64
     embed_dim: int = 128
+    # Hidden width of the embedding / fusion MLPs; 0 means the input width.
+    head_hidden_dim: int = 0
     fusion_head: bool = False
     activation_checkpointing: bool = False
     channels_last_3d: bool = False
@@ -156,6 +158,8 @@ class ModelConfig:
         for name in ("video_width", "audio_width", "embed_dim"):
             if getattr(self, name) <= 0:
                 _fail(f"model.{name}", "must be > 0")
+        if self.head_hidden_dim < 0:
+            _fail("model.head_hidden_dim", "must be >= 0 (0 = input width)")
 
 
 @dataclass
