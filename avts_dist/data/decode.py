@@ -1,0 +1,236 @@
+"""Decoding clips from bytes in memory with decord, and log-mel spectrograms with plain torch.
+
+- Video: ``num_frames`` frames at ``fps`` starting at ``start_s``, resampled from the source frame
+  rate by presentation time (the frame on screen at each target instant, so variable frame rates
+  work too); the short side resized, then a square crop of ``size`` (random crop and flip for
+  training, centre crop for evaluation).
+- Audio: the whole track decoded once at ``sample_rate`` (mono); windows are sliced from it, so
+  a positive and a same-video negative cost one audio decode.
+- Log-mel: ``torch.stft`` power spectrum and an HTK mel filterbank (no torchaudio).
+
+Every function raises :class:`DecodeError` with a reason (``"decode_error"``, ``"no_video"``,
+``"no_audio"``, ``"too_short"``) that the loader counts.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "KINETICS_MEAN",
+    "KINETICS_STD",
+    "DecodeError",
+    "audio_window",
+    "decode_audio",
+    "decode_video",
+    "frame_indices",
+    "logmel",
+    "mel_filterbank",
+]
+
+# The normalisation of torchvision's Kinetics video models (r2plus1d_18, mc3_18, r3d_18).
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+# Training crops take the short side from [size, size * (1 + _SCALE_JITTER)].
+_SCALE_JITTER = 0.15
+
+
+class DecodeError(RuntimeError):
+    """A clip that cannot be used; ``reason`` is the counter name."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def _decord():
+    # decord is imported lazily: it is heavy and only decoding needs it.
+    import decord
+
+    return decord
+
+
+def frame_indices(
+    frame_starts_s: np.ndarray, start_s: float, num_frames: int, fps: float
+) -> np.ndarray:
+    """Source frame on screen at each target instant ``start_s + i / fps``.
+
+    ``frame_starts_s`` are the presentation times of the source frames (sorted). A frame is on
+    screen from its start until the next frame starts, so the index is the last frame that
+    started at or before the instant; past the end the last frame is held.
+    """
+    times = start_s + np.arange(num_frames, dtype=np.float64) / fps
+    # The epsilon absorbs float error of timestamps stored as rationals.
+    idx = np.searchsorted(frame_starts_s, times + 1e-6, side="right") - 1
+    return np.clip(idx, 0, len(frame_starts_s) - 1)
+
+
+def _resize_crop(
+    frames_TCHW: torch.Tensor, size: int, train: bool, rng: np.random.Generator | None
+) -> torch.Tensor:
+    _, _, h, w = frames_TCHW.shape
+    short = size
+    if train and rng is not None:
+        short = int(rng.integers(size, int(math.floor(size * (1 + _SCALE_JITTER))) + 1))
+    scale = short / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        frames_TCHW = F.interpolate(
+            frames_TCHW, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
+        )
+    if train and rng is not None:
+        top = int(rng.integers(0, new_h - size + 1))
+        left = int(rng.integers(0, new_w - size + 1))
+        flip = bool(rng.random() < 0.5)
+    else:
+        top, left, flip = (new_h - size) // 2, (new_w - size) // 2, False
+    out = frames_TCHW[:, :, top : top + size, left : left + size]
+    return out.flip(-1) if flip else out
+
+
+def decode_video(
+    mp4_bytes: bytes,
+    start_s: float,
+    num_frames: int,
+    fps: float,
+    size: int,
+    train: bool,
+    rng: np.random.Generator | None = None,
+    *,
+    normalize: bool = True,
+    num_threads: int = 1,
+) -> torch.Tensor:
+    """A float clip ``[3, T, size, size]`` (Kinetics-normalised unless ``normalize=False``).
+
+    ``rng`` drives the training augmentation (scale, crop, flip); evaluation ignores it.
+    """
+    decord = _decord()
+    try:
+        vr = decord.VideoReader(io.BytesIO(mp4_bytes), num_threads=num_threads)
+    except Exception as exc:  # decord raises DECORDError / RuntimeError for bad streams
+        raise DecodeError("decode_error", f"cannot open video stream: {exc}") from None
+    try:
+        num_src = len(vr)
+        if num_src == 0:
+            raise DecodeError("no_video", "no video frames")
+        starts = vr.get_frame_timestamp(range(num_src))[:, 0].astype(np.float64)
+        last_end = float(vr.get_frame_timestamp(num_src - 1)[1])
+        clip_end = start_s + num_frames / fps
+        # Allow half a target frame of slack: stream durations are rounded by muxers.
+        if clip_end > last_end + 0.5 / fps:
+            raise DecodeError(
+                "too_short", f"window ends at {clip_end:.3f}s, video ends at {last_end:.3f}s"
+            )
+        idx = frame_indices(starts, start_s, num_frames, fps)
+        try:
+            frames_THWC = torch.from_numpy(vr.get_batch(idx.tolist()).asnumpy())
+        except Exception as exc:
+            raise DecodeError("decode_error", f"frame decode failed: {exc}") from None
+    finally:
+        # decord keeps large buffers alive until the reader goes: release it promptly.
+        del vr
+    frames_TCHW = frames_THWC.permute(0, 3, 1, 2).float().div_(255.0)
+    frames_TCHW = _resize_crop(frames_TCHW, size, train, rng)
+    if normalize:
+        mean = torch.tensor(KINETICS_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(KINETICS_STD).view(1, 3, 1, 1)
+        frames_TCHW = (frames_TCHW - mean) / std
+    return frames_TCHW.permute(1, 0, 2, 3).contiguous()
+
+
+def decode_audio(media_bytes: bytes, sample_rate: int) -> np.ndarray:
+    """The whole audio track, mono float32 at ``sample_rate``, time 0 at the stream's start."""
+    decord = _decord()
+    try:
+        ar = decord.AudioReader(io.BytesIO(media_bytes), sample_rate=sample_rate, mono=True)
+    except Exception as exc:
+        # decord fails to open a file without an audio stream, or with a corrupt one.
+        raise DecodeError("no_audio", f"cannot open audio stream: {exc}") from None
+    try:
+        wave = np.asarray(ar._array, dtype=np.float32).reshape(-1).copy()
+    finally:
+        del ar
+    if wave.size == 0:
+        raise DecodeError("no_audio", "empty audio track")
+    return wave
+
+
+def audio_window(
+    wave: np.ndarray, sample_rate: int, start_s: float, duration_s: float, *, strict: bool = True
+) -> np.ndarray:
+    """``duration_s`` of audio from ``start_s``; raises ``too_short`` past the end (``strict``)."""
+    start = int(round(start_s * sample_rate))
+    n = int(round(duration_s * sample_rate))
+    if start < 0:
+        raise DecodeError("decode_error", f"negative audio start {start_s}")
+    out = wave[start : start + n]
+    if out.size < n:
+        # AAC frames round the track length: tolerate a small tail, zero-padded.
+        if strict and n - out.size > max(2048, int(0.05 * sample_rate)):
+            raise DecodeError(
+                "too_short",
+                f"audio window ends at {(start + n) / sample_rate:.3f}s, "
+                f"track ends at {wave.size / sample_rate:.3f}s",
+            )
+        out = np.pad(out, (0, n - out.size))
+    return out
+
+
+def _hz_to_mel(f: np.ndarray | float) -> np.ndarray:
+    return 2595.0 * np.log10(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+
+def _mel_to_hz(m: np.ndarray) -> np.ndarray:
+    return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def mel_filterbank(num_mel_bins: int, n_fft: int, sample_rate: int) -> torch.Tensor:
+    """An HTK triangular mel filterbank ``[num_mel_bins, n_fft // 2 + 1]`` from 0 Hz to Nyquist."""
+    num_freqs = n_fft // 2 + 1
+    freqs = np.linspace(0.0, sample_rate / 2.0, num_freqs)
+    mel_pts = np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2.0), num_mel_bins + 2)
+    hz_pts = _mel_to_hz(mel_pts)
+    fb = np.zeros((num_mel_bins, num_freqs), dtype=np.float64)
+    for m in range(num_mel_bins):
+        lo, mid, hi = hz_pts[m], hz_pts[m + 1], hz_pts[m + 2]
+        up = (freqs - lo) / max(mid - lo, 1e-9)
+        down = (hi - freqs) / max(hi - mid, 1e-9)
+        fb[m] = np.clip(np.minimum(up, down), 0.0, None)
+    return torch.from_numpy(fb).float()
+
+
+def logmel(
+    waveform: np.ndarray | torch.Tensor,
+    sample_rate: int,
+    num_mel_bins: int = 40,
+    win_ms: float = 25.0,
+    hop_ms: float = 10.0,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Log-mel spectrogram ``[1, num_mel_bins, T']`` of a mono waveform (centred frames)."""
+    wave = torch.as_tensor(np.asarray(waveform, dtype=np.float32)).reshape(-1)
+    win = max(2, int(round(sample_rate * win_ms / 1000.0)))
+    hop = max(1, int(round(sample_rate * hop_ms / 1000.0)))
+    n_fft = 1 << (win - 1).bit_length()
+    if wave.numel() < n_fft // 2 + 1:
+        # reflect padding needs more samples than half a window.
+        wave = F.pad(wave, (0, n_fft // 2 + 1 - wave.numel()))
+    spec = torch.stft(
+        wave,
+        n_fft=n_fft,
+        hop_length=hop,
+        win_length=win,
+        window=torch.hann_window(win),
+        center=True,
+        return_complex=True,
+    )
+    power_FT = spec.abs().pow(2)
+    mel_FT = mel_filterbank(num_mel_bins, n_fft, sample_rate) @ power_FT
+    return torch.log(mel_FT + eps).unsqueeze(0)
