@@ -340,7 +340,10 @@ class LaunchConfig:
     signal: str = "USR2"
     grace_s: int = 120
     max_requeues: int = 3
+    # submitit's job folder (sbatch script, pickles, per-rank logs); empty: <run.dir>/slurm.
     folder: str = ""
+    # Shell lines run in the sbatch script before srun (module load, conda activate, ...).
+    setup: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.cluster not in ("slurm", "local", "debug"):
