@@ -178,6 +178,12 @@ class LossConfig:
     )
     pos_weight: float = 1.0
     gather_with_grad: bool = True
+    # Both directions: video anchors vs all audio and audio anchors vs all video.
+    symmetric: bool = True
+    # Seed of the random_k negative draw (with the step: identical at any world size).
+    seed: int = 0
+    # Weight of the fusion head's sync BCE term (used only when the model returns sync logits).
+    head_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("contrastive", "infonce"):
@@ -208,6 +214,8 @@ class CurriculumStage:
     plateau_metric: str | None = None
     plateau_patience: int = 3
     plateau_min_delta: float = 0.001
+    # max: the metric should rise (accuracy); min: it should fall (a loss).
+    plateau_mode: str = "max"
 
 
 @dataclass
@@ -220,6 +228,13 @@ class CurriculumConfig:
             _fail("curriculum.stages", "needs at least one stage")
         for i, stage in enumerate(self.stages):
             _check_mix(f"curriculum.stages.{i}.negative_mix", dict(stage.negative_mix))
+            if stage.plateau_mode not in ("max", "min"):
+                _fail(f"curriculum.stages.{i}.plateau_mode", "must be 'max' or 'min'")
+            if stage.plateau_patience < 1:
+                _fail(f"curriculum.stages.{i}.plateau_patience", "must be >= 1")
+            unknown = set(stage.loss_weights) - set(NEGATIVE_KINDS)
+            if unknown:
+                _fail(f"curriculum.stages.{i}.loss_weights", f"unknown kind(s) {sorted(unknown)}")
             last = i == len(self.stages) - 1
             has_trigger = (
                 stage.until_epoch is not None
