@@ -1,1 +1,71 @@
-"""avts_dist.models"""
+"""avts_dist.models: the video and audio subnetworks and the two-stream AVTS model.
+
+Pure ``torch.nn`` (no ``torch.distributed``): parallelism is applied from outside.
+
+- ``r2plus1d_18()``, ``mc3_18()``, ``r3d_18()``: torchvision state_dict-compatible video nets.
+- ``build_video_net(cfg.model)``, ``build_audio_net(cfg.model)``, ``build_model(cfg.model)``.
+- ``VideoClassifier`` / ``AudioClassifier``: a subnetwork alone, with a classification head.
+- ``load_exported(path)``, ``build_{video,audio}_net_from_export(path)``: pretrained weights.
+"""
+
+from avts_dist.models.audio import AUDIO_ARCHS, AudioVGG, audio_vgg
+from avts_dist.models.avts import (
+    AudioClassifier,
+    AVTSModel,
+    EmbeddingHead,
+    FusionHead,
+    StreamClassifier,
+    VideoClassifier,
+    build_audio_net,
+    build_model,
+    build_video_net,
+)
+from avts_dist.models.export import (
+    EXPORT_FORMAT_VERSION,
+    ExportError,
+    build_audio_net_from_export,
+    build_model_from_export,
+    build_video_net_from_export,
+    export_payload,
+    load_exported,
+    model_config_from_export,
+    save_exported,
+)
+from avts_dist.models.video import (
+    VIDEO_ARCHS,
+    VideoResNet,
+    load_torchvision_weights,
+    mc3_18,
+    r2plus1d_18,
+    r3d_18,
+)
+
+__all__ = [
+    "AUDIO_ARCHS",
+    "EXPORT_FORMAT_VERSION",
+    "VIDEO_ARCHS",
+    "AVTSModel",
+    "AudioClassifier",
+    "AudioVGG",
+    "EmbeddingHead",
+    "ExportError",
+    "FusionHead",
+    "StreamClassifier",
+    "VideoClassifier",
+    "VideoResNet",
+    "audio_vgg",
+    "build_audio_net",
+    "build_audio_net_from_export",
+    "build_model",
+    "build_model_from_export",
+    "build_video_net",
+    "build_video_net_from_export",
+    "export_payload",
+    "load_exported",
+    "load_torchvision_weights",
+    "mc3_18",
+    "model_config_from_export",
+    "r2plus1d_18",
+    "r3d_18",
+    "save_exported",
+]
