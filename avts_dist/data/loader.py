@@ -1,0 +1,538 @@
+"""The streaming AVTS pair loader: object storage to training batches on every rank.
+
+``build_loader(cfg.data, rank=r, world_size=w)`` returns an :class:`AVLoader`. See
+``docs/data-loading.md`` for the API and its guarantees; in short:
+
+- global step ``k`` holds the same samples (clips, windows, augmentation, negatives) for any
+  world size and any worker count: rank ``r`` takes its slice of the global batch;
+- the state (:meth:`AVLoader.state_dict`) is the next global step and the negative-mix schedule:
+  tiny, identical on every rank, restorable at any world size;
+- a clip that fails is replaced deterministically, counted by reason, its key logged once.
+
+Worker processes and prefetching come from torchdata's ``StatefulDataLoader``; the
+authoritative position is ours (the global step), so its own state is never needed: a restore
+or a mix change simply restarts the pipeline at the right global step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from avts_dist.config import DataConfig
+from avts_dist.data.decode import DecodeError, audio_window, decode_audio, decode_video, logmel
+from avts_dist.data.pairs import NEGATIVE_KINDS, PairPlan, mix_probabilities, plan_pair
+from avts_dist.data.reader import ClipReader, ReadFailure
+from avts_dist.data.sampler import GlobalSampler, LoaderState, MixSchedule, sample_rng
+from avts_dist.data.shards import DatasetError, DatasetIndex
+
+__all__ = ["AVLoader", "build_loader"]
+
+log = logging.getLogger(__name__)
+
+MEDIA_EXT = "mp4"
+# A sample whose clip (or negative) keeps failing is replaced at most this many times.
+MAX_ATTEMPTS = 32
+_MIX_KEYS = NEGATIVE_KINDS
+
+
+def _mix_tuple(mix: dict[str, float]) -> tuple[float, ...]:
+    return tuple(float(mix.get(k, 0.0)) for k in _MIX_KEYS)
+
+
+def _mix_dict(mix: tuple[float, ...]) -> dict[str, float]:
+    return {k: v for k, v in zip(_MIX_KEYS, mix, strict=True) if v > 0}
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def _worker_init(_: int) -> None:
+    # Workers decode on one thread each: parallelism comes from the number of workers.
+    torch.set_num_threads(1)
+
+
+class _PairDataset(torch.utils.data.Dataset):
+    """Turns a list of sample tasks ``(epoch, position, row, mix)`` into one collated batch.
+
+    All reads of the batch are issued first (bounded by the reader's pool), then the clips are
+    decoded in order while later reads are still in flight.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        index: DatasetIndex,
+        pool: np.ndarray,
+        video_ids: np.ndarray,
+        train: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.pool = pool
+        self.durations = index.duration.astype(np.float64)
+        self.video_ids = video_ids
+        self.train = train
+        self.clip_s = cfg.num_frames / cfg.fps
+        self.num_audio = int(round(self.clip_s * cfg.sample_rate))
+        self.reader = ClipReader(
+            index,
+            storage_options=cfg.storage_options or None,
+            max_retries=cfg.max_retries,
+            retry_backoff_s=cfg.retry_backoff_s,
+            concurrency=cfg.prefetch,
+        )
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+    def _plan(self, epoch: int, position: int, row: int, mix: dict, attempt: int) -> PairPlan:
+        rng = sample_rng(self.cfg.seed, epoch, position, attempt)
+        if attempt > 0:
+            # A replacement clip: drawn from the pool by the same counter-based generator.
+            row = int(self.pool[int(rng.integers(0, len(self.pool)))])
+        return plan_pair(
+            rng,
+            row,
+            self.pool,
+            self.durations,
+            self.video_ids,
+            self.clip_s,
+            self.cfg.min_shift,
+            mix,
+            self.train,
+        )
+
+    def _fetch(self, plan: PairPlan) -> tuple[Future, Future | None]:
+        pos = self.reader.submit(plan.row, MEDIA_EXT)
+        neg = self.reader.submit(plan.neg_row, MEDIA_EXT) if plan.neg_row != plan.row else None
+        return pos, neg
+
+    def _audio(self, wave: np.ndarray, start_s: float) -> torch.Tensor:
+        cfg = self.cfg
+        window = audio_window(wave, cfg.sample_rate, start_s, self.clip_s)
+        return logmel(window, cfg.sample_rate, cfg.num_mel_bins, cfg.mel_win_ms, cfg.mel_hop_ms)
+
+    def _decode(self, plan: PairPlan, pos_bytes: bytes, neg_bytes: bytes | None) -> dict:
+        cfg = self.cfg
+        aug = np.random.Generator(np.random.Philox(plan.aug_seed))
+        video = decode_video(
+            pos_bytes, plan.video_start, cfg.num_frames, cfg.fps, cfg.size, self.train, aug
+        )
+        wave = decode_audio(pos_bytes, cfg.sample_rate)
+        audio = self._audio(wave, plan.video_start)
+        try:
+            neg_wave = wave if neg_bytes is None else decode_audio(neg_bytes, cfg.sample_rate)
+            neg_audio = self._audio(neg_wave, plan.neg_start)
+        except DecodeError as exc:
+            exc.neg = True  # the negative's clip failed: its key is the one to report
+            raise
+        return {"video": video, "audio": audio, "neg_audio": neg_audio}
+
+    def __getitem__(self, task):  # pragma: no cover - the loader always asks for batches
+        return self.__getitems__([task])
+
+    def __getitems__(self, tasks: list[tuple]) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        keys = self.index.key
+        labels = self.index.label
+        plans = [self._plan(epoch, pos, row, _mix_dict(mix), 0) for epoch, pos, row, mix in tasks]
+        pending = [self._fetch(p) for p in plans]
+        samples, failures, decode_s, fallbacks = [], [], 0.0, 0
+        for i, (epoch, pos, _row, mix) in enumerate(tasks):
+            plan, futures = plans[i], pending[i]
+            for attempt in range(MAX_ATTEMPTS):
+                if attempt:
+                    plan = self._plan(epoch, pos, 0, _mix_dict(mix), attempt)
+                    futures = self._fetch(plan)
+                try:
+                    pos_bytes = futures[0].result()
+                except ReadFailure as exc:
+                    failures.append((str(keys[plan.row]), exc.reason, str(exc)))
+                    continue
+                try:
+                    neg_bytes = futures[1].result() if futures[1] is not None else None
+                except ReadFailure as exc:
+                    failures.append((str(keys[plan.neg_row]), exc.reason, str(exc)))
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    sample = self._decode(plan, pos_bytes, neg_bytes)
+                except DecodeError as exc:
+                    bad = plan.neg_row if getattr(exc, "neg", False) else plan.row
+                    failures.append((str(keys[bad]), exc.reason, str(exc)))
+                    continue
+                except Exception as exc:  # anything else a broken stream can raise
+                    failures.append((str(keys[plan.row]), "decode_error", repr(exc)))
+                    continue
+                finally:
+                    decode_s += time.perf_counter() - t0
+                break
+            else:
+                raise RuntimeError(
+                    f"{MAX_ATTEMPTS} clips in a row failed for global position {pos} of epoch "
+                    f"{epoch}; last: {failures[-1] if failures else None}"
+                )
+            fallbacks += int(plan.fell_back)
+            sample.update(
+                key=str(keys[plan.row]),
+                neg_key=str(keys[plan.neg_row]),
+                neg_kind=plan.neg_kind,
+                label=int(labels[plan.row]),
+                video_start=plan.video_start,
+                audio_start=plan.video_start,
+                neg_audio_start=plan.neg_start,
+                position=pos,
+                epoch=epoch,
+            )
+            samples.append(sample)
+        batch = {
+            "key": [s["key"] for s in samples],
+            "neg_key": [s["neg_key"] for s in samples],
+            "video": torch.stack([s["video"] for s in samples]),
+            "audio": torch.stack([s["audio"] for s in samples]),
+            "neg_audio": torch.stack([s["neg_audio"] for s in samples]),
+            "neg_kind": torch.tensor([s["neg_kind"] for s in samples], dtype=torch.long),
+            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "video_start": torch.tensor([s["video_start"] for s in samples], dtype=torch.float64),
+            "audio_start": torch.tensor([s["audio_start"] for s in samples], dtype=torch.float64),
+            "neg_audio_start": torch.tensor(
+                [s["neg_audio_start"] for s in samples], dtype=torch.float64
+            ),
+            "position": torch.tensor([s["position"] for s in samples], dtype=torch.long),
+            "epoch": torch.tensor([s["epoch"] for s in samples], dtype=torch.long),
+        }
+        stats = self.reader.take_stats()
+        stats.update(
+            decode_s=decode_s,
+            batch_s=time.perf_counter() - t_start,
+            failures=failures,
+            fallback_easy=fallbacks,
+            clips=len(samples),
+        )
+        batch["_stats"] = stats
+        return batch
+
+
+class _StepSampler:
+    """Batch sampler: for each global step from ``start`` (to ``end``, or forever), the tasks
+    of this rank's slice. Runs in the main process; the schedule is a snapshot."""
+
+    def __init__(
+        self,
+        sampler: GlobalSampler,
+        schedule: MixSchedule,
+        rank: int,
+        world_size: int,
+        start: int,
+        end: int | None,
+    ) -> None:
+        self.sampler = sampler
+        self.schedule = MixSchedule(list(schedule.entries))
+        self.rank, self.world_size = rank, world_size
+        self.start, self.end = start, end
+
+    def __iter__(self):
+        step = self.start
+        while self.end is None or step < self.end:
+            epoch = self.sampler.epoch_of(step)
+            mix = _mix_tuple(self.schedule.at(step))
+            yield [
+                (epoch, p, self.sampler.row_at(epoch, p), mix)
+                for p in self.sampler.positions(step, self.rank, self.world_size)
+            ]
+            step += 1
+
+    def __len__(self) -> int:
+        if self.end is None:
+            raise TypeError("infinite loader has no length")
+        return max(0, self.end - self.start)
+
+
+class AVLoader:
+    """Iterable of AVTS pair batches for one rank; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        index: DatasetIndex,
+        pool: np.ndarray,
+        video_ids: np.ndarray,
+        *,
+        rank: int,
+        world_size: int,
+        split: str,
+        train: bool,
+        infinite: bool,
+        filtered: dict[str, int],
+    ) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.rank, self.world_size = rank, world_size
+        self.split = split
+        self.train = train
+        self.infinite = infinite
+        self.local_batch_size = cfg.global_batch_size // world_size
+        drop_last = cfg.drop_last if train else False
+        self.sampler = GlobalSampler(
+            pool, cfg.global_batch_size, cfg.seed, shuffle=train, drop_last=drop_last
+        )
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.num_epochs = None if infinite else (max(1, cfg.epochs) if train else 1)
+        self.dataset = _PairDataset(cfg, index, self.sampler.pool, video_ids, train)
+        self.schedule = MixSchedule([(0, dict(cfg.negative_mix))])
+        self.global_step = 0
+        self._iter = None
+        self._dirty = True
+        self._logged: set[str] = set()
+        self._filtered = dict(filtered)
+        self._tel: Counter = Counter()
+        self._skipped: Counter = Counter()
+        self._t_first: float | None = None
+
+    # ---- position ----
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch_of(self.global_step)
+
+    @property
+    def end_step(self) -> int | None:
+        return None if self.num_epochs is None else self.num_epochs * self.steps_per_epoch
+
+    def __len__(self) -> int:
+        end = self.end_step
+        if end is None:
+            raise TypeError("an infinite loader has no length (see steps_per_epoch)")
+        return end
+
+    # ---- iteration ----
+
+    def _make_pipeline(self):
+        cfg = self.cfg
+        batch_sampler = _StepSampler(
+            self.sampler,
+            self.schedule,
+            self.rank,
+            self.world_size,
+            self.global_step,
+            self.end_step,
+        )
+        kwargs: dict[str, Any] = {}
+        if cfg.num_workers > 0:
+            kwargs.update(prefetch_factor=2, worker_init_fn=_worker_init)
+        dl = StatefulDataLoader(
+            self.dataset,
+            batch_sampler=batch_sampler,
+            num_workers=cfg.num_workers,
+            collate_fn=_identity,
+            **kwargs,
+        )
+        return iter(dl)
+
+    def _close_pipeline(self) -> None:
+        it, self._iter = self._iter, None
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def __iter__(self):
+        if not self.train:
+            # Evaluation: every pass is the same fixed set of windows and negatives.
+            self.global_step = 0
+            self._dirty = True
+        try:
+            while self.end_step is None or self.global_step < self.end_step:
+                if self._dirty or self._iter is None:
+                    self._close_pipeline()
+                    self._iter = self._make_pipeline()
+                    self._dirty = False
+                if self._t_first is None:
+                    self._t_first = time.perf_counter()
+                t0 = time.perf_counter()
+                batch = next(self._iter)
+                self._tel["wait_s"] += time.perf_counter() - t0
+                self._account(batch.pop("_stats"))
+                self.global_step += 1
+                yield batch
+        finally:
+            self._close_pipeline()
+
+    def _account(self, stats: dict[str, Any]) -> None:
+        for name in ("bytes_read", "retries", "read_s", "decode_s", "batch_s", "clips"):
+            self._tel[name] += stats[name]
+        self._tel["fallback_easy"] += stats["fallback_easy"]
+        for key, reason, message in stats["failures"]:
+            self._skipped[reason] += 1
+            if key not in self._logged:
+                self._logged.add(key)
+                log.warning("data: replacing clip %s (%s): %s", key, reason, message)
+
+    # ---- curriculum ----
+
+    @property
+    def negative_mix(self) -> dict[str, float]:
+        return dict(self.schedule.at(self.global_step))
+
+    def set_negative_mix(self, mix: dict[str, float]) -> None:
+        """Uses ``mix`` from the next global step on (recorded, so a resume replays it)."""
+        mix = {str(k): float(v) for k, v in dict(mix).items()}
+        unknown = set(mix) - set(NEGATIVE_KINDS)
+        if unknown:
+            raise ValueError(f"unknown negative kind(s) {sorted(unknown)}; use {NEGATIVE_KINDS}")
+        mix_probabilities(mix)  # validates weights
+        mix = {k: v for k, v in mix.items() if v > 0}
+        if self.schedule.set_from(self.global_step, mix):
+            # Batches already prefetched used the old mix: restart at the next step.
+            self._dirty = True
+
+    # ---- state ----
+
+    def state_dict(self) -> dict[str, Any]:
+        return LoaderState(
+            global_step=int(self.global_step),
+            epoch=int(self.epoch),
+            mix_schedule=self.schedule.to_list(),
+            seed=int(self.cfg.seed),
+            global_batch_size=int(self.cfg.global_batch_size),
+            num_samples=len(self.sampler),
+        ).to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        st = LoaderState.from_dict(state)
+        mismatch = [
+            f"{name}: saved {saved}, now {now}"
+            for name, saved, now in (
+                ("seed", st.seed, self.cfg.seed),
+                ("global_batch_size", st.global_batch_size, self.cfg.global_batch_size),
+                ("num_samples", st.num_samples, len(self.sampler)),
+            )
+            if saved != now
+        ]
+        if mismatch:
+            raise ValueError(
+                "loader state does not match this dataset/config (" + "; ".join(mismatch) + ")"
+            )
+        self.global_step = st.global_step
+        self.schedule = MixSchedule.from_list(st.mix_schedule)
+        self._dirty = True
+
+    # ---- telemetry ----
+
+    def telemetry(self) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self._t_first if self._t_first else 0.0
+        clips = int(self._tel["clips"])
+        return {
+            "clips": clips,
+            "clips_per_s": clips / elapsed if elapsed > 0 else 0.0,
+            "bytes_read": int(self._tel["bytes_read"]),
+            "decode_s": float(self._tel["decode_s"]),
+            "read_s": float(self._tel["read_s"]),
+            "wait_s": float(self._tel["wait_s"]),
+            "retries": int(self._tel["retries"]),
+            "fallback_easy": int(self._tel["fallback_easy"]),
+            "skipped": dict(self._skipped),
+            "skipped_total": int(sum(self._skipped.values())),
+            "filtered": dict(self._filtered),
+            "global_step": int(self.global_step),
+            "epoch": int(self.epoch),
+        }
+
+    def close(self) -> None:
+        self._close_pipeline()
+
+
+def _usable(index: DatasetIndex, rows: np.ndarray, clip_s: float) -> tuple[np.ndarray, dict]:
+    """Rows that pretraining can sample, and the count of the others by reason."""
+    status = index.status[rows]
+    reasons = np.where(status != "ok", status, "")
+    reasons = np.where((reasons == "") & ~index.has_video[rows], "no_video", reasons)
+    reasons = np.where((reasons == "") & ~index.has_audio[rows], "no_audio", reasons)
+    too_short = index.duration[rows].astype(np.float64) + 1e-6 < clip_s
+    reasons = np.where((reasons == "") & too_short, "too_short", reasons)
+    keep = reasons == ""
+    names, counts = np.unique(reasons[~keep], return_counts=True)
+    return rows[keep], {str(n): int(c) for n, c in zip(names, counts, strict=True)}
+
+
+def build_loader(
+    cfg: DataConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    split: str | None = None,
+    train: bool = True,
+    infinite: bool | None = None,
+) -> AVLoader:
+    """The loader of rank ``rank`` of ``world_size``; clear errors for unusable datasets.
+
+    ``split`` defaults to ``cfg.split`` (training) or ``cfg.val_split`` (``train=False``).
+    ``infinite`` defaults to ``cfg.epochs == 0`` for training and False for evaluation.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if cfg.global_batch_size % world_size:
+        raise ValueError(
+            f"data.global_batch_size ({cfg.global_batch_size}) must be divisible by the world "
+            f"size ({world_size})"
+        )
+    split = split or (cfg.split if train else cfg.val_split)
+    index = DatasetIndex.load(cfg.url, cfg.storage_options or None)
+    all_rows = index.rows(split=split, status=None)
+    if all_rows.size == 0:
+        raise DatasetError(
+            f"split {split!r} of dataset {cfg.url!r} is empty or absent (splits: {index.splits})"
+        )
+    pool, filtered = _usable(index, all_rows, cfg.num_frames / cfg.fps)
+    if pool.size == 0:
+        raise DatasetError(
+            f"no usable clip in split {split!r} of {cfg.url!r}: {sum(filtered.values())} clips "
+            f"filtered out ({filtered}); clips need status ok, audio, video and >= "
+            f"{cfg.num_frames / cfg.fps:.3f}s"
+        )
+    drop_last = cfg.drop_last if train else False
+    if drop_last and pool.size < cfg.global_batch_size:
+        raise DatasetError(
+            f"split {split!r} of {cfg.url!r} has {pool.size} usable clips, fewer than one "
+            f"global batch ({cfg.global_batch_size})"
+        )
+    if "video_id" in index.extra_columns:
+        video_ids = np.asarray(index.column("video_id"))
+    else:
+        video_ids = index.key_bytes
+    # One ranged read now, so an unreadable shard URL fails here and not in a worker.
+    reader = ClipReader(
+        index,
+        storage_options=cfg.storage_options or None,
+        max_retries=cfg.max_retries,
+        retry_backoff_s=cfg.retry_backoff_s,
+        concurrency=1,
+    )
+    try:
+        reader.read(int(pool[0]), MEDIA_EXT)
+    except (ReadFailure, KeyError) as exc:
+        raise DatasetError(f"cannot read clips of {cfg.url!r}: {exc}") from None
+    finally:
+        reader.close()
+    if infinite is None:
+        infinite = train and cfg.epochs == 0
+    return AVLoader(
+        cfg,
+        index,
+        pool,
+        video_ids,
+        rank=rank,
+        world_size=world_size,
+        split=split,
+        train=train,
+        infinite=bool(infinite),
+        filtered=filtered,
+    )

@@ -1,0 +1,155 @@
+"""Byte-range reads of clip members, with bounded concurrency and retries.
+
+One clip is one ranged request (``read_member`` of the shard format), so no shard is ever
+downloaded whole and nothing is cached on disk. Reads run on a small thread pool (``concurrency``
+in flight at most) so that a batch's requests are all issued before its first clip is decoded:
+storage latency hides behind decoding. Transient failures (HTTP 5xx, throttling, timeouts,
+connection resets, short reads) are retried with exponential backoff; a clip that still fails, or
+that is missing, raises :class:`ReadFailure` with the reason the loader counts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from avts_dist.data.shards import DatasetIndex, read_member
+from avts_dist.storage import get_fs
+
+__all__ = ["ClipReader", "ReadFailure", "is_transient"]
+
+# Errors that retrying cannot fix. Everything else raised by a read (OSError from s3fs's
+# translation of 5xx/throttling, aiohttp/botocore connection errors, timeouts) is transient.
+_PERMANENT = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    KeyError,
+    ValueError,
+    TypeError,
+)
+
+
+class ReadFailure(RuntimeError):
+    """A member that could not be read; ``reason`` is ``"missing"`` or ``"read_error"``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def is_transient(exc: BaseException) -> bool:
+    return not isinstance(exc, _PERMANENT)
+
+
+class ClipReader:
+    """Reads members of one dataset; safe to use from threads, re-creates its filesystem after
+    a fork (each data-loader worker gets its own connections)."""
+
+    def __init__(
+        self,
+        index: DatasetIndex,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        max_retries: int = 4,
+        retry_backoff_s: float = 0.1,
+        concurrency: int = 8,
+    ) -> None:
+        self.index = index
+        self.storage_options = dict(
+            storage_options if storage_options is not None else index.storage_options
+        )
+        self.max_retries = max(0, int(max_retries))
+        self.retry_backoff_s = float(retry_backoff_s)
+        self.concurrency = max(1, int(concurrency))
+        self._pid: int | None = None
+        self._fs = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.retries = 0
+        self.read_s = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pools and connections never travel to another process.
+        state = self.__dict__.copy()
+        state.update(_pid=None, _fs=None, _pool=None, _lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _ensure(self) -> None:
+        pid = os.getpid()
+        if self._pid != pid:
+            self._fs, _ = get_fs(self.index.url, self.storage_options)
+            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="avts-read")
+            self._lock = threading.Lock()
+            self._pid = pid
+
+    @property
+    def fs(self):
+        self._ensure()
+        return self._fs
+
+    def read(self, row: int, ext: str = "mp4") -> bytes:
+        """The member's bytes, retried on transient errors; raises :class:`ReadFailure`."""
+        self._ensure()
+        _, _, expected = self.index.member(row, ext)
+        last: BaseException | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                # Exponential backoff with jitter, so workers do not retry in lockstep.
+                delay = self.retry_backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random())
+                time.sleep(delay)
+                with self._lock:
+                    self.retries += 1
+            t0 = time.perf_counter()
+            try:
+                data = read_member(self._fs, self.index, row, ext)
+                if len(data) != expected:
+                    raise OSError(f"short read: {len(data)} of {expected} bytes")
+            except BaseException as exc:
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                if not is_transient(exc):
+                    reason = "missing" if isinstance(exc, FileNotFoundError) else "read_error"
+                    raise ReadFailure(reason, f"{type(exc).__name__}: {exc}") from None
+                last = exc
+                continue
+            finally:
+                with self._lock:
+                    self.read_s += time.perf_counter() - t0
+            with self._lock:
+                self.bytes_read += len(data)
+            return data
+        raise ReadFailure(
+            "read_error",
+            f"gave up after {self.max_retries + 1} attempts: {type(last).__name__}: {last}",
+        )
+
+    def submit(self, row: int, ext: str = "mp4") -> Future:
+        """Starts a read on the pool (at most ``concurrency`` in flight); ``.result()`` gives the
+        bytes or raises :class:`ReadFailure`."""
+        self._ensure()
+        assert self._pool is not None
+        return self._pool.submit(self.read, row, ext)
+
+    def take_stats(self) -> dict[str, float]:
+        """Counters since the last call (bytes_read, retries, read_s), then zeroed."""
+        with self._lock:
+            out = {"bytes_read": self.bytes_read, "retries": self.retries, "read_s": self.read_s}
+            self.bytes_read, self.retries, self.read_s = 0, 0, 0.0
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None and self._pid == os.getpid():
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+        self._pid = None
