@@ -386,10 +386,39 @@ class EvalConfig:
     # svm | logreg
     classifier: str = "svm"
     scratch_baseline: bool = True
+    # MLflow parent run; empty: read <run dir>/mlflow_run_id next to the checkpoint.
+    parent_run_id: str = ""
+    # Local folder for artifacts (plots, CSVs); empty: <run dir or cwd>/eval/<name>.
+    out_dir: str = ""
+    # sync: held-out clips evaluated (0: all in the split), decision threshold on the embedding
+    # distance (0: loss.margin / 2; a fusion head's logit > 0 wins when present) and the offsets
+    # (seconds) of the accuracy-vs-offset curve.
+    sync_split: str = ""
+    sync_max_clips: int = 64
+    sync_threshold: float = 0.0
+    sync_offsets: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0])
+    # Caps for toy runs (0: no cap): training clips per split, and test videos per split.
+    max_train_videos: int = 0
+    max_test_videos: int = 0
+    weight_decay: float = 1e-4
+    # Audio features: windows of data.clip_seconds averaged over this many per clip.
+    audio_windows: int = 3
+    svm_c: float = 1.0
+    num_workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.classifier not in ("svm", "logreg"):
             _fail("eval.classifier", f"must be svm or logreg, got {self.classifier!r}")
+        for name in ("batch_size", "epochs", "clips_per_video", "audio_windows"):
+            if getattr(self, name) < 1:
+                _fail(f"eval.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if any(k not in (1, 2, 3) for k in self.splits) or not self.splits:
+            _fail("eval.splits", f"must be a non-empty subset of [1, 2, 3], got {self.splits}")
+        if any(o <= 0 for o in self.sync_offsets):
+            _fail("eval.sync_offsets", "offsets must be > 0 seconds")
 
 
 @dataclass
