@@ -375,6 +375,9 @@ class ShardWriter:
         unknown = set(files) - set(self.members)
         if unknown:
             raise DatasetError(f"clip {key!r}: members {sorted(unknown)} not in {self.members}")
+        # Everything that can reject the clip runs before it touches the shard.
+        for name, value in extra_scalar_columns.items():
+            self._note_extra(name, value)
         media = [ext for ext in MEDIA_EXTS if ext in files]
         if media:
             info = probe_media(
@@ -396,8 +399,6 @@ class ShardWriter:
                 # Fixed metadata so the same clips give the same shard bytes.
                 tinfo.mtime, tinfo.mode, tinfo.uid, tinfo.gid = 0, 0o644, 0, 0
                 self._tar.addfile(tinfo, io.BytesIO(data))
-        for name, value in extra_scalar_columns.items():
-            self._note_extra(name, value)
         if split not in self._splits:
             self._splits.append(split)
         if info["status"] not in self._statuses:

@@ -1,0 +1,210 @@
+"""Tar shards + index.npz: offsets match tarfile, one byte range reads one member, the index is
+committed last and atomically, and bad URLs / malformed indexes are clear DatasetErrors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import wave
+
+import numpy as np
+import pytest
+
+from avts_dist.data.shards import (
+    FORMAT_VERSION,
+    INDEX_NAME,
+    DatasetError,
+    DatasetIndex,
+    ShardWriter,
+    read_member,
+)
+from avts_dist.storage import StorageError
+
+
+def _wav(seconds: float, sample_rate: int = 8000) -> bytes:
+    """A real (silent) PCM WAV file: audio-only datasets use <key>.wav members."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(np.zeros(int(seconds * sample_rate), dtype=np.int16).tobytes())
+    return buf.getvalue()
+
+
+def _write(url: str, num_clips: int = 5, shard_size: int = 2) -> DatasetIndex:
+    with ShardWriter(url, shard_size=shard_size, classes=["a", "b"], members=("wav", "json")) as w:
+        for i in range(num_clips):
+            files = {"wav": _wav(0.5 + 0.25 * i), "json": json.dumps({"i": i}).encode()}
+            if i == 3:
+                files.pop("json")  # a member may be absent
+            w.add(
+                f"clip_{i}",
+                files,
+                label=i % 2,
+                split="val" if i == 4 else "train",
+                tag=f"t{i}",
+                w=i / 2,
+            )
+        return w.close()
+
+
+@pytest.mark.parametrize("scheme", ["local", "memory"])
+def test_round_trip_offsets_match_tarfile(tmp_path, scheme):
+    url = str(tmp_path / "ds") if scheme == "local" else f"memory://shards-{os.getpid()}/ds"
+    written = _write(url)
+    idx = DatasetIndex.load(url)
+    assert len(idx) == 5 and idx.shards == written.shards
+    assert idx.shards == [f"shards/shard-{i:06d}.tar" for i in range(3)]
+    assert idx.key.tolist() == [f"clip_{i}" for i in range(5)]
+    assert idx.split.tolist() == ["train"] * 4 + ["val"]
+    assert idx.label.tolist() == [0, 1, 0, 1, 0]
+    assert idx.classes == ["a", "b"]
+    assert idx.status.tolist() == ["ok"] * 5
+    assert not idx.has_video.any() and idx.has_audio.all()
+    assert idx.sample_rate.tolist() == [8000] * 5
+    np.testing.assert_allclose(idx.duration, [0.5, 0.75, 1.0, 1.25, 1.5], atol=1e-3)
+    assert idx.column("tag").tolist() == [f"t{i}" for i in range(5)]
+    np.testing.assert_allclose(idx.column("w"), [0, 0.5, 1, 1.5, 2])
+    fs = idx.open_fs()
+    for row in range(5):
+        shard_url, offset, size = idx.member(row, "wav")
+        with fs.open(fs._strip_protocol(shard_url), "rb") as f, tarfile.open(fileobj=f) as tf:
+            info = tf.getmember(f"clip_{row}.wav")
+            assert (info.offset_data, info.size) == (offset, size)
+            assert read_member(fs, idx, row, "wav") == tf.extractfile(info).read()
+    assert json.loads(read_member(fs, idx, 2, "json")) == {"i": 2}
+    with pytest.raises(KeyError, match="no .json member"):
+        idx.member(3, "json")
+    with pytest.raises(KeyError):
+        idx.member(0, "mp4")
+    assert idx.media_ext(0) == "wav"
+    assert idx.row_of("clip_4") == 4
+
+
+def test_rows_filters_by_split_and_status(tmp_path):
+    url = str(tmp_path / "ds")
+    with ShardWriter(url, shard_size=4, members=("wav", "mp4", "json")) as w:
+        w.add("good", {"wav": _wav(1.0)}, label=0, split="train")
+        w.add("bad", {"mp4": b"not a video at all"}, label=1, split="train")
+        w.add("short", {"wav": _wav(0.1)}, label=0, split="val")
+        w.add("short2", {"wav": _wav(0.1)}, label=0, split="val")
+    idx = DatasetIndex.load(url)
+    assert idx.status.tolist() == ["ok", "unreadable", "ok", "ok"]
+    assert idx.rows().tolist() == [0, 2, 3]
+    assert idx.rows(split="train").tolist() == [0]
+    assert idx.rows(split="train", status=None).tolist() == [0, 1]
+    assert idx.rows(status="unreadable").tolist() == [1]
+    assert idx.rows(split="test").dtype == np.int64 and idx.rows(split="test").size == 0
+    # A minimum duration marks short media.
+    with ShardWriter(url, shard_size=4, members=("wav",), min_duration=0.5) as w:
+        w.add("short", {"wav": _wav(0.1)}, label=0, split="val")
+    assert DatasetIndex.load(url).status.tolist() == ["too_short"]
+
+
+def test_same_input_same_bytes(tmp_path):
+    _write(str(tmp_path / "a"))
+    _write(str(tmp_path / "b"))
+    for rel in [INDEX_NAME, "shards/shard-000000.tar", "shards/shard-000002.tar"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    assert sorted(os.listdir(tmp_path / "a")) == [INDEX_NAME, "shards"]  # no temporaries left
+
+
+def test_crashed_write_leaves_no_index(tmp_path):
+    url = str(tmp_path / "ds")
+    _write(url)
+    assert len(DatasetIndex.load(url)) == 5
+    # Rewriting in place: the old index goes first, so a crash mid-write cannot leave an index
+    # that describes shards being overwritten.
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        ShardWriter(url, shard_size=1, members=("wav",)) as w,
+    ):
+        w.add("x", {"wav": _wav(0.5)}, label=0, split="train")
+        w.add("y", {"wav": _wav(0.5)}, label=0, split="train")
+        raise RuntimeError("boom")
+    assert (tmp_path / "ds" / "shards" / "shard-000000.tar").exists()
+    with pytest.raises(DatasetError, match="never committed"):
+        DatasetIndex.load(url)
+
+
+def test_writer_rejects_bad_keys_and_columns(tmp_path):
+    w = ShardWriter(str(tmp_path / "ds"), shard_size=2, members=("wav",))
+    with pytest.raises(DatasetError, match="must match"):
+        w.add("a/b", {"wav": _wav(0.5)}, label=0, split="train")
+    with pytest.raises(DatasetError, match="not in"):
+        w.add("a", {"mp4": b""}, label=0, split="train")
+    w.add("a", {"wav": _wav(0.5)}, label=0, split="train", n=1)
+    with pytest.raises(DatasetError, match="duplicate"):
+        w.add("a", {"wav": _wav(0.5)}, label=0, split="train")
+    with pytest.raises(DatasetError, match="mixes"):
+        w.add("b", {"wav": _wav(0.5)}, label=0, split="train", n="x")
+    with pytest.raises(DatasetError, match="reserved"):
+        w.add("c", {"wav": _wav(0.5)}, label=0, split="train", duration=1.0)
+    with pytest.raises(DatasetError, match="scalar expected"):
+        w.add("c", {"wav": _wav(0.5)}, label=0, split="train", label_name=None)
+    assert len(w._rows) == 1 and len(w._tar.getmembers()) == 1  # rejected clips left no trace
+    w.abort()
+
+
+def _write_npz(path, header: dict | None, **columns) -> None:
+    arrays = dict(columns)
+    if header is not None:
+        arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def test_malformed_index_is_a_clear_error(tmp_path):
+    url = str(tmp_path / "ds")
+    idx = _write(url)
+    path = tmp_path / "ds" / INDEX_NAME
+    path.write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="not an npz"):
+        DatasetIndex.load(url)
+    path.write_bytes(idx.to_bytes()[:200])
+    with pytest.raises(DatasetError, match="malformed index"):
+        DatasetIndex.load(url)
+    _write_npz(path, None, key=np.array([b"a"]))
+    with pytest.raises(DatasetError, match="no header"):
+        DatasetIndex.load(url)
+    _write_npz(path, {"format_version": FORMAT_VERSION + 1}, key=np.array([b"a"]))
+    with pytest.raises(DatasetError, match="format_version 2"):
+        DatasetIndex.load(url)
+    _write_npz(path, dict(idx.header), key=np.array([b"a"]))
+    with pytest.raises(DatasetError, match="missing shard"):
+        DatasetIndex.load(url)
+    cols = dict(idx._columns)
+    cols["label"] = cols["label"][:2]
+    _write_npz(path, dict(idx.header), **cols)
+    with pytest.raises(DatasetError, match="mismatch"):
+        DatasetIndex.load(url)
+    # An object array would need pickle: refused, not executed.
+    cols = dict(idx._columns)
+    cols["key"] = np.array(["a"] * 5, dtype=object)
+    with open(path, "wb") as f:
+        np.savez(f, header=np.frombuffer(json.dumps(idx.header).encode(), np.uint8), **cols)
+    with pytest.raises(DatasetError, match="malformed index"):
+        DatasetIndex.load(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("bogus://x/y", "Protocol not known"),
+        ("s3://", "names no bucket"),
+        ("/nonexistent/dir/ds", "index.npz not found"),
+    ],
+)
+def test_bad_urls_are_clear_errors(url, message):
+    with pytest.raises(DatasetError, match=message) as info:
+        DatasetIndex.load(url)
+    assert isinstance(info.value, StorageError)
+
+
+def test_unwritable_destination_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DatasetError, match="cannot write dataset"):
+        ShardWriter(str(tmp_path / "file" / "ds"), shard_size=1)
