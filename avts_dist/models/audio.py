@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from avts_dist.models.video import checkpoint_stage
 
 __all__ = ["AUDIO_ARCHS", "AudioVGG", "audio_vgg"]
 
@@ -85,7 +86,7 @@ class AudioVGG(nn.Module):
         for i in range(1, 5):
             stage = getattr(self, f"layer{i}")
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(stage, x, use_reentrant=False)
+                x = checkpoint_stage(stage, x)
             else:
                 x = stage(x)
             if layer == f"layer{i}":

@@ -12,10 +12,12 @@ Architecture only: no distributed code here (parallelism is applied from outside
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
@@ -25,12 +27,52 @@ __all__ = [
     "Conv3DNoTemporal",
     "Conv3DSimple",
     "VideoResNet",
+    "checkpoint_stage",
     "load_torchvision_weights",
     "mc3_18",
     "r2plus1d_18",
     "r3d_18",
     "video_resnet",
 ]
+
+
+class _KeepBatchNormStats:
+    """Restores BN running statistics after a checkpoint's recomputation.
+
+    Recomputing a stage in backward runs its BatchNorms in train mode a second time, which
+    would apply the running-stat momentum twice per step; this undoes the second update so a
+    checkpointed net ends each step with exactly the statistics of a plain one.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.norms = [
+            m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+        ]
+        self.saved: list[tuple[torch.Tensor, ...]] = []
+
+    def __enter__(self) -> None:
+        self.saved = [
+            (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+            for m in self.norms
+        ]
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(self.norms, self.saved, strict=True):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+        self.saved = []
+
+
+def checkpoint_stage(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with activation checkpointing (non-reentrant, BN statistics kept exact)."""
+    return checkpoint(
+        module,
+        x,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _KeepBatchNormStats(module)),
+    )
 
 
 class Conv3DSimple(nn.Conv3d):
@@ -259,9 +301,7 @@ class VideoResNet(nn.Module):
 
     def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            # Non-reentrant checkpointing: works with inputs that do not require grad.
-            # Caveat: BatchNorm running stats are updated again during recomputation.
-            return checkpoint(module, x, use_reentrant=False)
+            return checkpoint_stage(module, x)
         return module(x)
 
     def features(self, x: torch.Tensor, layer: str = "pool", pooled: bool = True) -> torch.Tensor:

@@ -214,6 +214,21 @@ def test_activation_checkpointing_same_outputs_and_grads(arch):
     torch.testing.assert_close(outs[0], outs[1])
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # Recomputation must not update BatchNorm running statistics a second time.
+    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_audio_activation_checkpointing_keeps_bn_stats():
+    torch.manual_seed(0)
+    plain, ckpt = AudioVGG("tiny", 8), AudioVGG("tiny", 8, activation_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    logmel = torch.randn(2, 1, 40, 50)
+    for net in (plain, ckpt):
+        net.train()(logmel).square().sum().backward()
+    torch.testing.assert_close(plain.layer2[0].weight.grad, ckpt.layer2[0].weight.grad)
+    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_channels_last_3d_same_outputs():
