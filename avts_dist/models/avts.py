@@ -189,6 +189,24 @@ class StreamClassifier(nn.Module):
 class VideoClassifier(StreamClassifier):
     """Fine-tuning / linear-probe head on a video backbone (input ``video_BCTHW``)."""
 
+    @classmethod
+    def from_export(
+        cls, path: str, num_classes: int, storage_options: dict | None = None, **kwargs
+    ) -> VideoClassifier:
+        """Pretrained video backbone from an ``avts export`` file plus a fresh head."""
+        from avts_dist.models.export import build_video_net_from_export  # export imports us
+
+        return cls(build_video_net_from_export(path, storage_options), num_classes, **kwargs)
+
 
 class AudioClassifier(StreamClassifier):
     """Linear-probe / fine-tuning head on an audio backbone (input ``logmel_B1FT``)."""
+
+    @classmethod
+    def from_export(
+        cls, path: str, num_classes: int, storage_options: dict | None = None, **kwargs
+    ) -> AudioClassifier:
+        """Pretrained audio backbone from an ``avts export`` file plus a fresh head."""
+        from avts_dist.models.export import build_audio_net_from_export  # export imports us
+
+        return cls(build_audio_net_from_export(path, storage_options), num_classes, **kwargs)

@@ -382,6 +382,11 @@ def test_export_roundtrip(exported):
     anet = build_audio_net_from_export(path).eval()
     torch.testing.assert_close(vnet.features(video), model.video.features(video))
     torch.testing.assert_close(anet(logmel), model.audio(logmel))
+    clf = VideoClassifier.from_export(path, num_classes=4, freeze_backbone=True).eval()
+    torch.testing.assert_close(clf.backbone.features(video), model.video.features(video))
+    assert clf(video).shape == (2, 4)
+    aclf = AudioClassifier.from_export(path, num_classes=3, layer="layer3")
+    assert aclf.fc.in_features == 32
     full = build_model_from_export(path).eval()
     torch.testing.assert_close(
         full(video, logmel)["sync_logit"], model(video, logmel)["sync_logit"]
