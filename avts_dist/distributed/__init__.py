@@ -1,1 +1,39 @@
-"""avts_dist.distributed"""
+"""avts_dist.distributed: process groups and collectives (``collectives``); the DeepSpeed
+engine lives in ``avts_dist.distributed.engine`` and is imported from there (not here, so that
+importing the collectives never imports deepspeed)."""
+
+from avts_dist.distributed.collectives import (
+    DistContext,
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_ranks_finite,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    destroy,
+    get_local_rank,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_dist,
+    is_main_process,
+)
+
+__all__ = [
+    "DistContext",
+    "all_gather_no_grad",
+    "all_gather_with_grad",
+    "all_ranks_finite",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "destroy",
+    "get_local_rank",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_dist",
+    "is_main_process",
+]

@@ -1,0 +1,241 @@
+"""The one home of ``torch.distributed`` calls (torchtitan ``distributed/utils.py``, lingua
+``distributed.py``): process-group set-up, rank queries and the few collectives the rest of the
+code needs. Everything here degrades to a no-op in a single process without a process group, so
+losses and the trainer call the same functions at any world size.
+
+``all_gather_with_grad`` is the piece the contrastive loss depends on. It is *exact*: the gradient
+that reaches a rank's local embeddings is the plain sum, over every rank's loss, of that loss's
+gradient with respect to them -- never divided or multiplied by the world size. The loss then
+averages over its local anchors, and DeepSpeed/DDP's gradient averaging (sum over ranks / N)
+turns that into the gradient of the global-batch mean: the same as one process on the whole
+global batch (tested in ``tests/integration/test_gather_exactness.py``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# torch >= 2.13 renamed the flat-tensor collectives; older releases (>= 2.4) have the old names.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+__all__ = [
+    "DistContext",
+    "all_gather_no_grad",
+    "all_gather_with_grad",
+    "all_ranks_finite",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "destroy",
+    "get_local_rank",
+    "get_rank",
+    "get_world_size",
+    "init_distributed",
+    "is_dist",
+    "is_main_process",
+]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def is_dist() -> bool:
+    """True when a process group is up (collectives talk to other ranks, or to a group of 1)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    if is_dist():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def get_world_size() -> int:
+    if is_dist():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def get_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"distributed backend must be auto, gloo or nccl, got {backend!r}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("distributed backend 'nccl' needs CUDA, and none is available")
+    return backend
+
+
+def _device_for(backend: str, local_rank: int) -> torch.device:
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistContext:
+    """Joins the process group described by the launcher's environment.
+
+    ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` come from torchrun,
+    the DeepSpeed launcher or the submitit/SLURM launch layer. With none of them set this is a
+    single process: it still gets a process group of one (an in-memory store, no port), so that
+    DeepSpeed, which insists on an initialised group, and the collectives below run unchanged.
+    Calling it again returns the existing context.
+    """
+    backend = _resolve_backend(backend)
+    local_rank = get_local_rank()
+    if is_dist():
+        actual = dist.get_backend()
+        return DistContext(
+            dist.get_rank(),
+            dist.get_world_size(),
+            local_rank,
+            _device_for(actual, local_rank),
+            actual,
+        )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"RANK/WORLD_SIZE are set but {', '.join(missing)} is not: cannot join the group"
+            )
+        device = _device_for(backend, local_rank)
+        kwargs: dict[str, Any] = {}
+        if backend == "nccl":
+            kwargs["device_id"] = device
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout, **kwargs)
+    else:
+        device = _device_for(backend, local_rank)
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def destroy() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_dist() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def _world() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums every rank's gradient for this rank's slice.
+
+    The backward is a reduce-scatter with SUM (all_reduce + slice on gloo, which has no
+    reduce_scatter). No 1/N or N factor: averaging belongs to the optimizer side (DeepSpeed).
+    """
+
+    @staticmethod
+    def forward(ctx, local_BD: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        world = dist.get_world_size()
+        ctx.rank = dist.get_rank()
+        ctx.rows = local_BD.shape[0]
+        out = local_BD.new_empty((world * local_BD.shape[0], *local_BD.shape[1:]))
+        _all_gather_flat(out, local_BD.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad_out = grad_out.contiguous()
+        if dist.get_backend() == "nccl":
+            grad_local = grad_out.new_empty((ctx.rows, *grad_out.shape[1:]))
+            _reduce_scatter_flat(grad_local, grad_out, op=dist.ReduceOp.SUM)
+            return grad_local
+        summed = grad_out.clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.rows
+        return summed[start : start + ctx.rows]
+
+
+def all_gather_with_grad(local_BD: torch.Tensor) -> torch.Tensor:
+    """Concatenates every rank's ``[b, ...]`` tensor along dim 0 (rank order), with exact grads.
+
+    Every rank must pass the same shape. Without a group (or with one rank) it returns the input.
+    """
+    if _world() == 1:
+        return local_BD
+    return _AllGatherWithGrad.apply(local_BD)
+
+
+def all_gather_no_grad(local_BD: torch.Tensor) -> torch.Tensor:
+    """The naive gather (OpenCLIP without ``gather_with_grad``): other ranks' rows are constants,
+    only this rank's slice keeps its graph. Gradients from other ranks' losses are lost, so the
+    result is *not* the single-process gradient; kept for the ``loss.gather_with_grad=false``
+    ablation and to show the difference in the exactness test."""
+    world = _world()
+    if world == 1:
+        return local_BD
+    out = local_BD.new_empty((world * local_BD.shape[0], *local_BD.shape[1:]))
+    _all_gather_flat(out, local_BD.detach().contiguous())
+    rank, rows = dist.get_rank(), local_BD.shape[0]
+    return torch.cat([out[: rank * rows], local_BD, out[(rank + 1) * rows :]], dim=0)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """A new tensor holding the sum over ranks (the input is left as it was)."""
+    out = t.detach().clone()
+    if _world() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    out = t.detach().clone()
+    if _world() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+def all_ranks_finite(t: torch.Tensor) -> bool:
+    """True only if ``t`` is finite on every rank: all ranks take the same branch after it.
+
+    One all-reduce and one host sync; call it where a decision is needed, not for logging.
+    """
+    num_bad = (~torch.isfinite(t.detach())).sum().to(torch.float32).reshape(1)
+    return bool(all_reduce_sum(num_bad).item() == 0)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (picklable objects: run ids, paths, decisions)."""
+    if _world() == 1:
+        return obj
+    box = [obj]
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    )
+    dist.broadcast_object_list(box, src=src, device=device)
+    return box[0]
