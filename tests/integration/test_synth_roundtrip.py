@@ -1,0 +1,161 @@
+"""synth -> shards -> index -> read back, on local disk and on a real S3 endpoint over HTTP
+(moto server), through the library and the `avts synth` / `avts inspect` CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import decord
+import numpy as np
+import pytest
+
+from avts_dist.cli import main
+from avts_dist.data.shards import INDEX_NAME, DatasetIndex, read_member
+from avts_dist.data.synthetic import synthesize
+from avts_dist.storage import get_fs
+from tests.fixtures.corpus import SYNTH_CORPUS, audio_onsets, visual_onset_frames
+
+CLI_ARGS = [
+    "--num-videos", str(SYNTH_CORPUS["num_videos"]), "--seconds", "4", "--fps", "8", "--size", "32",
+    "--sample-rate", "16000", "--num-classes", "4", "--shard-size", "8", "--seed", "0",
+    "--num-workers", "1",
+]  # fmt: skip
+
+
+def _check_clips_decode(idx: DatasetIndex, rows) -> None:
+    fs = idx.open_fs()
+    for row in rows:
+        meta = json.loads(read_member(fs, idx, row, "json"))
+        assert meta["key"] == idx.key[row] and meta["label"] == idx.label[row]
+        assert meta["split"] == idx.split[row] and meta["class_name"] == idx.classes[meta["label"]]
+        assert idx.duration[row] == pytest.approx(meta["duration"], abs=1e-3)
+        assert (idx.fps[row], idx.sample_rate[row]) == (meta["fps"], meta["sample_rate"])
+        mp4 = read_member(fs, idx, row, "mp4")
+        vr = decord.VideoReader(io.BytesIO(mp4))
+        assert len(vr) == idx.num_frames[row] == meta["num_frames"]
+        frames = vr.get_batch(list(range(len(vr)))).asnumpy()
+        assert frames.shape[1:] == (meta["size"], meta["size"], 3)
+        assert visual_onset_frames(frames) == [round(t * meta["fps"]) for t in meta["events"]]
+        sr = int(idx.sample_rate[row])
+        wave = decord.AudioReader(io.BytesIO(mp4), sample_rate=sr, mono=True)[:].asnumpy()[0]
+        assert 0 <= len(wave) - meta["duration"] * sr < 1024
+        np.testing.assert_allclose(audio_onsets(wave, sr), meta["events"], atol=1.0 / meta["fps"])
+
+
+def test_local_round_trip(synth_corpus):
+    idx = DatasetIndex.load(synth_corpus)
+    assert len(idx) == 16 and len(idx.shards) == 2 and len(idx.classes) == 4
+    assert set(idx.split) <= {"train", "val"} and (idx.status == "ok").all()
+    assert idx.has_video.all() and idx.has_audio.all()
+    # Shards are plain tar files in webdataset naming, clips in index order.
+    names = []
+    for shard in idx.shards:
+        with tarfile.open(os.path.join(synth_corpus, shard)) as tf:
+            names += tf.getnames()
+    assert names == [f"{k}.{ext}" for k in idx.key for ext in ("mp4", "json")]
+    _check_clips_decode(idx, range(len(idx)))
+
+
+def test_parallel_synthesis_writes_the_same_bytes(tmp_path):
+    params = dict(
+        num_videos=5,
+        seconds=1.0,
+        fps=8.0,
+        size=16,
+        sample_rate=8000,
+        num_classes=2,
+        shard_size=2,
+        seed=3,
+    )
+    synthesize(str(tmp_path / "serial"), broken_fraction=0.4, **params)
+    synthesize(str(tmp_path / "parallel"), broken_fraction=0.4, num_workers=2, **params)
+    for rel in [INDEX_NAME, *(f"shards/shard-{i:06d}.tar" for i in range(3))]:
+        assert (tmp_path / "serial" / rel).read_bytes() == (
+            tmp_path / "parallel" / rel
+        ).read_bytes(), rel
+
+
+@pytest.mark.s3
+def test_s3_cli_round_trip(s3_bucket, synth_corpus, capsys):
+    url = f"s3://{s3_bucket}/corpora/synth"
+    assert main(["synth", "--out", url, *CLI_ARGS]) == 0
+    assert "wrote 16 clips (16 ok) in 2 shards" in capsys.readouterr().out
+    assert main(["inspect", url, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    local = DatasetIndex.load(synth_corpus)
+    assert summary["clips"] == 16 and summary["shards"] == 2 and summary["classes"] == 4
+    assert summary["hours"] == pytest.approx(16 * 4 / 3600, abs=1e-3)
+    assert summary["audio_share"] == 1.0 and summary["broken_clips"] == 0
+    assert summary["splits"]["train"]["clips"] == int((local.split == "train").sum())
+    assert main(["inspect", url]) == 0
+    assert "clips     16" in capsys.readouterr().out
+
+    idx = DatasetIndex.load(url)
+    assert idx.member(0, "mp4")[0] == f"{url}/shards/shard-000000.tar"
+    _check_clips_decode(idx, [0, 9])
+    # Same seed, same bytes, whichever storage it went to.
+    fs, root = get_fs(url)
+    for rel in [INDEX_NAME, *idx.shards]:
+        with open(os.path.join(synth_corpus, rel), "rb") as f:
+            assert fs.cat_file(f"{root}/{rel}") == f.read(), rel
+
+
+@pytest.mark.s3
+def test_s3_errors_are_one_line_exit_2(s3_bucket, capsys):
+    fs, _ = get_fs(f"s3://{s3_bucket}")
+    cases = [
+        (["inspect", "s3://no-such-bucket-avts/ds"], "bucket 'no-such-bucket-avts' does not exist"),
+        (["inspect", f"s3://{s3_bucket}/empty"], "index.npz not found"),
+        (["synth", "--out", "s3://no-such-bucket-avts/ds", "--num-videos", "1"], "does not exist"),
+        (["inspect", "nope://x"], "Protocol not known"),
+    ]
+    fs.pipe_file(f"{s3_bucket}/bad/{INDEX_NAME}", b"PK\x03\x04 but not a zip")
+    cases.append((["inspect", f"s3://{s3_bucket}/bad"], "malformed index"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.s3
+def test_cli_process_reports_missing_bucket(s3_server):
+    out = subprocess.run(
+        [sys.executable, "-m", "avts_dist", "inspect", "s3://no-such-bucket-avts/ds"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ.copy(),  # carries the fixture's AWS_ENDPOINT_URL and test credentials
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "avts inspect: error: bucket 'no-such-bucket-avts' does not exist "
+        "(dataset URL 's3://no-such-bucket-avts/ds')"
+    )
+
+
+def test_broken_clips_are_reported(broken_corpus, capsys):
+    idx = DatasetIndex.load(broken_corpus)
+    declared = idx.column("broken")
+    expected = {"": "ok", "truncated": "unreadable", "garbage": "unreadable"}
+    expected |= {"no_audio": "no_audio", "too_short": "too_short"}
+    assert sorted(d for d in declared if d) == ["garbage", "no_audio", "too_short", "truncated"]
+    assert [expected[d] for d in declared] == idx.status.tolist()
+    # The clip JSON records the same reason.
+    fs = idx.open_fs()
+    assert [
+        json.loads(read_member(fs, idx, r, "json"))["broken"] or "" for r in range(len(idx))
+    ] == declared.tolist()
+    assert main(["inspect", broken_corpus, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["broken_clips"] == 4 and summary["ok_clips"] == 4
+    assert summary["broken_by_reason"] == {"no_audio": 1, "too_short": 1, "unreadable": 2}
+    assert summary["audio_share"] == pytest.approx(5 / 8)  # truncated/garbage/no_audio have none
+    assert main(["inspect", broken_corpus]) == 0
+    assert "broken    4 (no_audio 1, too_short 1, unreadable 2)" in capsys.readouterr().out
+    # Healthy rows only, by default.
+    assert sorted(idx.rows(status="ok").tolist()) == [r for r in range(8) if not declared[r]]
