@@ -204,7 +204,9 @@ class LossConfig:
 @dataclass
 class CurriculumStage:
     name: str = "easy"
-    negative_mix: dict[str, float] = field(default_factory=lambda: {"easy": 1.0})
+    # Empty means {"easy": 1.0}. The default must be empty: OmegaConf merges a YAML mapping
+    # into the default one, so {hard: 1.0} would otherwise become {easy: 1.0, hard: 1.0}.
+    negative_mix: dict[str, float] = field(default_factory=dict)
     # Loss weights per negative kind for this stage (merged over loss.weights).
     loss_weights: dict[str, float] = field(default_factory=dict)
     # The stage ends at the first trigger that fires; none set means it is the last stage.
@@ -227,6 +229,8 @@ class CurriculumConfig:
         if not self.stages:
             _fail("curriculum.stages", "needs at least one stage")
         for i, stage in enumerate(self.stages):
+            if not stage.negative_mix:
+                stage.negative_mix = {"easy": 1.0}
             _check_mix(f"curriculum.stages.{i}.negative_mix", dict(stage.negative_mix))
             if stage.plateau_mode not in ("max", "min"):
                 _fail(f"curriculum.stages.{i}.plateau_mode", "must be 'max' or 'min'")
