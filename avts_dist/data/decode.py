@@ -71,16 +71,41 @@ def frame_indices(
     return np.clip(idx, 0, len(frame_starts_s) - 1)
 
 
+def _decode_padded_width(
+    mp4_bytes: bytes, vr, idx: list[int], num_threads: int
+) -> tuple[tuple[int, int], torch.Tensor]:
+    """decord 0.6 mis-copies frames of some small widths (16, 24, 48, 72 px: its RGB rows keep
+    the decoder's line padding). Decode those scaled to a width that copies cleanly; the caller
+    restores the true aspect ratio when it resizes."""
+    decord = _decord()
+    h, w = (int(n) for n in vr[0].shape[:2])
+    width = 32 * math.ceil((w + 1) / 32)
+    try:
+        scaled = decord.VideoReader(
+            io.BytesIO(mp4_bytes), num_threads=num_threads, width=width, height=h
+        )
+        frames = torch.from_numpy(scaled.get_batch(idx).asnumpy())
+        del scaled
+    except Exception as exc:
+        raise DecodeError("decode_error", f"frame decode failed ({w}x{h}): {exc}") from None
+    return (h, w), frames
+
+
 def _resize_crop(
-    frames_TCHW: torch.Tensor, size: int, train: bool, rng: np.random.Generator | None
+    frames_TCHW: torch.Tensor,
+    size: int,
+    train: bool,
+    rng: np.random.Generator | None,
+    native_hw: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    _, _, h, w = frames_TCHW.shape
+    # native_hw: the true frame size when frames were decoded at a distorted width.
+    h, w = native_hw or frames_TCHW.shape[-2:]
     short = size
     if train and rng is not None:
         short = int(rng.integers(size, int(math.floor(size * (1 + _SCALE_JITTER))) + 1))
     scale = short / min(h, w)
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    if (new_h, new_w) != (h, w):
+    if (new_h, new_w) != tuple(frames_TCHW.shape[-2:]):
         frames_TCHW = F.interpolate(
             frames_TCHW, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True
         )
@@ -127,16 +152,19 @@ def decode_video(
             raise DecodeError(
                 "too_short", f"window ends at {clip_end:.3f}s, video ends at {last_end:.3f}s"
             )
-        idx = frame_indices(starts, start_s, num_frames, fps)
+        idx = frame_indices(starts, start_s, num_frames, fps).tolist()
+        native_hw = None
         try:
-            frames_THWC = torch.from_numpy(vr.get_batch(idx.tolist()).asnumpy())
+            frames_THWC = torch.from_numpy(vr.get_batch(idx).asnumpy())
         except Exception as exc:
-            raise DecodeError("decode_error", f"frame decode failed: {exc}") from None
+            if "size must exactly match" not in str(exc):
+                raise DecodeError("decode_error", f"frame decode failed: {exc}") from None
+            native_hw, frames_THWC = _decode_padded_width(mp4_bytes, vr, idx, num_threads)
     finally:
         # decord keeps large buffers alive until the reader goes: release it promptly.
         del vr
     frames_TCHW = frames_THWC.permute(0, 3, 1, 2).float().div_(255.0)
-    frames_TCHW = _resize_crop(frames_TCHW, size, train, rng)
+    frames_TCHW = _resize_crop(frames_TCHW, size, train, rng, native_hw)
     if normalize:
         mean = torch.tensor(KINETICS_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(KINETICS_STD).view(1, 3, 1, 1)
