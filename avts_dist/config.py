@@ -322,6 +322,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     deterministic: bool = True
     progress: bool = True
+    # Test hook: the loss of these optimizer steps (1-based) is made NaN on every rank.
+    inject_nan_at_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.max_steps <= 0 and self.epochs <= 0:
