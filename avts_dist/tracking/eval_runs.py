@@ -1,0 +1,86 @@
+"""MLflow child runs for evaluation jobs: one run per job, nested under the pretraining run.
+
+The child lives in the parent's experiment with the ``mlflow.parentRunId`` tag (what the MLflow
+UI and ``avts compare`` use to group it), plus ``avts.kind=eval`` and ``avts.eval=<job>``.
+Everything goes through :class:`mlflow.MlflowClient` with an explicit tracking URI, so nothing
+depends on (or changes) the process-global active run.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EvalRun", "resolve_tracking_uri"]
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Empty means the local store ``./mlruns`` (as an absolute ``file:`` URI)."""
+    if uri:
+        return uri if "://" in uri or uri.startswith("file:") else Path(uri).resolve().as_uri()
+    return Path("mlruns").resolve().as_uri()
+
+
+class EvalRun:
+    """A started child run; ``log_*`` methods write to it, ``end(status)`` closes it."""
+
+    def __init__(
+        self,
+        job: str,
+        *,
+        tracking_uri: str,
+        parent_run_id: str = "",
+        experiment: str = "avts",
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        from mlflow import MlflowClient
+
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        experiment_id = None
+        if parent_run_id:
+            try:
+                experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+            except Exception as exc:  # MlflowException for an unknown id; keep it one line
+                raise ValueError(
+                    f"MLflow parent run {parent_run_id!r} not found at {self.tracking_uri}: "
+                    f"{str(exc).splitlines()[0]}"
+                ) from None
+        if experiment_id is None:
+            exp = self.client.get_experiment_by_name(experiment)
+            experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        all_tags = {"avts.kind": "eval", "avts.eval": job, "mlflow.runName": f"eval-{job}"}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        all_tags.update(tags or {})
+        self.run = self.client.create_run(experiment_id, tags=all_tags)
+        self.run_id = self.run.info.run_id
+        self.parent_run_id = parent_run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v))
+        ]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 500])
+
+    def log_artifacts(self, folder: str | Path) -> None:
+        self.client.log_artifacts(self.run_id, str(folder))
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
