@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import Future
 from typing import Any
@@ -36,6 +37,8 @@ from avts_dist.data.shards import DatasetError, DatasetIndex
 __all__ = ["AVLoader", "build_loader"]
 
 log = logging.getLogger(__name__)
+# torchdata 0.11 calls a deprecated torch API on every iterator: noise, not a problem of ours.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
 MEDIA_EXT = "mp4"
 # A sample whose clip (or negative) keeps failing is replaced at most this many times.
