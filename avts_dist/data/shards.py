@@ -351,8 +351,10 @@ class ShardWriter:
         try:
             if self.fs.exists(index_path):
                 self.fs.rm_file(index_path)
-            if self.fs.exists(join(self.root, SHARDS_DIR)):
-                self.fs.rm(join(self.root, SHARDS_DIR), recursive=True)
+            # Only our own shard files go: anything else under the root is left alone.
+            stale = self.fs.glob(join(self.root, SHARDS_DIR, "shard-*.tar"))
+            if stale:
+                self.fs.rm(stale)
             self.fs.makedirs(join(self.root, SHARDS_DIR), exist_ok=True)
         except Exception as exc:
             raise DatasetError(f"cannot write dataset at {self.url!r}: {exc}") from None

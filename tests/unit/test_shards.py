@@ -125,7 +125,8 @@ def test_crashed_write_leaves_no_index(tmp_path):
         w.add("x", {"wav": _wav(0.5)}, label=0, split="train")
         w.add("y", {"wav": _wav(0.5)}, label=0, split="train")
         raise RuntimeError("boom")
-    assert (tmp_path / "ds" / "shards" / "shard-000000.tar").exists()
+    shards = sorted(os.listdir(tmp_path / "ds" / "shards"))
+    assert shards == ["shard-000000.tar", "shard-000001.tar"]  # the old third shard is gone
     with pytest.raises(DatasetError, match="never committed"):
         DatasetIndex.load(url)
 
