@@ -1,15 +1,59 @@
-"""avts compare: Compare MLflow runs side by side. (Not built yet.)"""
+"""avts compare: compare MLflow runs side by side.
+
+  avts compare --experiment avts --out compare/                 (every run of the experiment)
+  avts compare --runs RUN_A RUN_B --metrics 'ucf101/*' 'sync/acc_*'
+  avts compare --tracking-uri http://mlflow:5000 --experiment avts
+
+Rows are pretraining runs; their child evaluation runs (avts eval) are grouped under them and
+their metrics become columns (<job>/<metric>), next to the parameters that differ between runs
+(e.g. curriculum.enabled). --out writes compare.csv, compare.html and PNG plots (training
+curves, sync accuracy vs offset, downstream accuracy bars).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from avts_dist.cli import not_built
+from avts_dist.cli import CLIError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: avts)")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="ID", help="run ids")
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="metric names or glob patterns (default: headline accuracies and losses)",
+    )
+    parser.add_argument(
+        "--curves",
+        nargs="+",
+        default=None,
+        metavar="METRIC",
+        help="training metrics to plot against step (default: loss, val acc)",
+    )
+    parser.add_argument("--out", default=None, help="folder for CSV, HTML and PNG plots")
+    parser.add_argument("--tracking-uri", default="", help="MLflow URI (default: ./mlruns)")
 
 
 def run(args: argparse.Namespace) -> int:
-    return not_built("compare")
+    from eval.compare import compare_runs
+
+    try:
+        comp = compare_runs(
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+            run_ids=args.runs,
+            metrics=args.metrics,
+            curves=args.curves,
+            out_dir=args.out,
+        )
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    print(comp.table())
+    for kind, path in comp.files.items():
+        print(f"{kind}: {path}")
+    return 0
