@@ -276,6 +276,9 @@ class DatasetIndex:
     def load(cls, url: str, storage_options: dict[str, Any] | None = None) -> DatasetIndex:
         fs, root = open_dataset_fs(url, storage_options)
         path = join(root, INDEX_NAME)
+        if "://" not in url:
+            # Member URLs stay valid if a worker process runs in another directory.
+            url = os.path.abspath(url)
         try:
             if isinstance(fs, LocalFileSystem):
                 # np.load on a path reads member by member, no whole-file copy in memory.

@@ -11,7 +11,10 @@ import wave
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from avts_dist.data.probe import probe_media
 from avts_dist.data.shards import (
     FORMAT_VERSION,
     INDEX_NAME,
@@ -209,3 +212,80 @@ def test_unwritable_destination_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(DatasetError, match="cannot write dataset"):
         ShardWriter(str(tmp_path / "file" / "ds"), shard_size=1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    codes=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2)), min_size=0, max_size=60),
+    split=st.sampled_from([None, "train", "val", "test", "nope"]),
+    status=st.sampled_from([None, "ok", "no_audio", "unreadable", "nope"]),
+)
+def test_rows_matches_a_plain_filter_and_survives_serialization(codes, split, status):
+    splits, statuses = ["train", "val", "test"], ["ok", "no_audio", "unreadable"]
+    n = len(codes)
+    columns = {
+        "key": np.array([f"k{i}".encode() for i in range(n)], dtype="S8"),
+        "shard": np.zeros(n, np.int32),
+        "offset": np.arange(2 * n, dtype=np.int64).reshape(n, 2),
+        "size": np.ones((n, 2), np.int64),
+        "label": np.arange(n, dtype=np.int32),
+        "split": np.array([c[0] for c in codes], np.int8),
+        "duration": np.ones(n, np.float32),
+        "fps": np.ones(n, np.float32),
+        "num_frames": np.ones(n, np.int32),
+        "has_video": np.ones(n, bool),
+        "has_audio": np.ones(n, bool),
+        "sample_rate": np.ones(n, np.int32),
+        "status": np.array([c[1] for c in codes], np.int8),
+    }
+    header = dict(format_version=FORMAT_VERSION, classes=[], shards=["shards/shard-000000.tar"])
+    header |= dict(splits=splits, statuses=statuses, members=["mp4", "json"])
+    idx = DatasetIndex.from_bytes(
+        DatasetIndex(columns, header, "memory://x").to_bytes(), "memory://x"
+    )
+    expected = [
+        i
+        for i, (sp, stt) in enumerate(codes)
+        if (split is None or splits[sp] == split) and (status is None or statuses[stt] == status)
+    ]
+    assert idx.rows(split=split, status=status).tolist() == expected
+    assert idx.split.tolist() == [splits[c[0]] for c in codes]
+    for name, column in columns.items():
+        np.testing.assert_array_equal(
+            idx.column(name) if name not in ("key", "split", "status") else idx._columns[name],
+            column,
+        )
+
+
+def test_truncated_faststart_mp4_is_reported_as_truncated(tmp_path):
+    """An MP4 with its moov first (faststart, as downloaded datasets often are) cut short keeps a
+    readable header: the probe notices the missing frames."""
+    import av
+
+    path = str(tmp_path / "clip.mp4")
+    with av.open(path, mode="w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        rng = np.random.default_rng(0)
+        for i in range(24):
+            frame = av.VideoFrame.from_ndarray(
+                rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), format="rgb24"
+            )
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    data = (tmp_path / "clip.mp4").read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    assert probe_media(data, need_audio=False).status == "ok"
+    cut = probe_media(data[: len(data) // 2], need_audio=False)
+    assert cut.status == "truncated" and cut.num_frames == 24
+
+
+def test_relative_local_url_survives_a_change_of_directory(tmp_path, monkeypatch):
+    _write(str(tmp_path / "ds"))
+    monkeypatch.chdir(tmp_path)
+    idx = DatasetIndex.load("ds")
+    monkeypatch.chdir("/")
+    assert idx.url == str(tmp_path / "ds")
+    assert json.loads(read_member(idx.open_fs(), idx, 1, "json")) == {"i": 1}
