@@ -18,6 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("url", help="dataset URL: local path, file://, s3://, memory://")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="also check that every shard exists and is as long as the index says (exit 1 if not)",
+    )
     add_storage_options(parser)
 
 
@@ -51,10 +56,14 @@ def summarize(idx) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from avts_dist.data.shards import DatasetIndex
 
-    summary = summarize(DatasetIndex.load(args.url, args.storage_options))
+    idx = DatasetIndex.load(args.url, args.storage_options)
+    summary = summarize(idx)
+    if args.verify:
+        summary["problems"] = idx.verify()
+    status = 1 if summary.get("problems") else 0
     if args.json:
         print(json.dumps(summary, indent=2))
-        return 0
+        return status
     reasons = ", ".join(f"{k} {v}" for k, v in summary["broken_by_reason"].items()) or "none"
     split_text = ", ".join(f"{k} {v['clips']} ({v['ok']} ok)" for k, v in summary["splits"].items())
     names = ", ".join(summary["class_names"][:8]) + (" ..." if summary["classes"] > 8 else "")
@@ -68,5 +77,8 @@ def run(args: argparse.Namespace) -> int:
         f"broken    {summary['broken_clips']} ({reasons})",
         f"splits    {split_text}",
     ]
+    if args.verify:
+        problems = summary["problems"]
+        lines.append(f"verify    {'ok' if not problems else '; '.join(problems)}")
     print("\n".join(lines))
-    return 0
+    return status

@@ -219,6 +219,30 @@ class DatasetIndex:
     def open_fs(self) -> fsspec.AbstractFileSystem:
         return open_dataset_fs(self.url, self.storage_options)[0]
 
+    def verify(self, fs: fsspec.AbstractFileSystem | None = None) -> list[str]:
+        """Problems found checking that every shard exists and holds every byte the index
+        points at (one listing per shard folder, no data read); empty when the dataset is whole."""
+        fs = fs or self.open_fs()
+        root = fs._strip_protocol(self.url)
+        end = np.where(self.offset >= 0, self.offset + self.size, 0).max(axis=1, initial=0)
+        needed = np.zeros(len(self.shards), dtype=np.int64)
+        np.maximum.at(needed, self.shard, end)
+        sizes: dict[str, int] = {}
+        for folder in sorted({os.path.dirname(name) for name in self.shards}):
+            try:
+                listing = fs.ls(join(root, folder), detail=True)
+            except FileNotFoundError:
+                listing = []
+            sizes |= {fs._strip_protocol(e["name"]): int(e.get("size") or 0) for e in listing}
+        problems = []
+        for shard_id, name in enumerate(self.shards):
+            size = sizes.get(fs._strip_protocol(join(root, name)))
+            if size is None:
+                problems.append(f"{name}: missing")
+            elif size < needed[shard_id]:
+                problems.append(f"{name}: {size} bytes, index needs {int(needed[shard_id])}")
+        return problems
+
     # ---- (de)serialization ----
 
     def to_bytes(self) -> bytes:

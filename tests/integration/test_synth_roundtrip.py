@@ -98,6 +98,7 @@ def test_s3_cli_round_trip(s3_bucket, synth_corpus, capsys):
     idx = DatasetIndex.load(url)
     assert idx.member(0, "mp4")[0] == f"{url}/shards/shard-000000.tar"
     _check_clips_decode(idx, [0, 9])
+    assert idx.verify() == []
     # Same seed, same bytes, whichever storage it went to.
     fs, root = get_fs(url)
     for rel in [INDEX_NAME, *idx.shards]:

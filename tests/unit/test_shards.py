@@ -289,3 +289,24 @@ def test_relative_local_url_survives_a_change_of_directory(tmp_path, monkeypatch
     monkeypatch.chdir("/")
     assert idx.url == str(tmp_path / "ds")
     assert json.loads(read_member(idx.open_fs(), idx, 1, "json")) == {"i": 1}
+
+
+@pytest.mark.parametrize("scheme", ["local", "memory"])
+def test_verify_finds_missing_and_short_shards(tmp_path, scheme, capsys):
+    url = str(tmp_path / "ds") if scheme == "local" else f"memory://verify-{os.getpid()}/ds"
+    idx = _write(url)
+    assert idx.verify() == []
+    fs = idx.open_fs()
+    root = fs._strip_protocol(url)
+    fs.rm_file(f"{root}/shards/shard-000001.tar")
+    fs.pipe_file(
+        f"{root}/shards/shard-000002.tar", fs.cat_file(f"{root}/shards/shard-000002.tar")[:600]
+    )
+    assert idx.verify() == [
+        "shards/shard-000001.tar: missing",
+        f"shards/shard-000002.tar: 600 bytes, index needs {idx.member(4, 'json')[1] + idx.member(4, 'json')[2]}",
+    ]
+    from avts_dist.cli import main
+
+    assert main(["inspect", url, "--verify"]) == 1
+    assert "verify    shards/shard-000001.tar: missing" in capsys.readouterr().out
