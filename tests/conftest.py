@@ -1,2 +1,2 @@
 # Shared fixtures live in tests/fixtures/, one module per concern.
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.corpus"]
+pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.corpus", "tests.fixtures.layouts"]
