@@ -1,2 +1,7 @@
 # Shared fixtures live in tests/fixtures/, one module per concern.
-pytest_plugins = ["tests.fixtures.s3", "tests.fixtures.corpus", "tests.fixtures.layouts"]
+pytest_plugins = [
+    "tests.fixtures.s3",
+    "tests.fixtures.corpus",
+    "tests.fixtures.slurm",
+    "tests.fixtures.layouts",
+]

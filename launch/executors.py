@@ -1,0 +1,393 @@
+"""From ``cfg.launch`` to submitit executors and sbatch scripts; cluster checks; job waiting.
+
+One source of truth: :func:`slurm_parameters` gives submitit's SLURM parameters (sbatch
+names). Submission passes them to ``AutoExecutor`` as ``slurm_*``; ``--dry-run`` renders them
+with submitit's own ``_make_sbatch_string``, so what is printed is what would be submitted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from avts_dist.config import ConfigError, LaunchConfig
+
+# Terminal SLURM job states (REQUEUED/PENDING/RUNNING... are not).
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
+# Environment every task exports, from submitit's TorchDistributedEnvironment (shown by --dry-run).
+DIST_ENV_DOC = {
+    "MASTER_ADDR": "first host of $SLURM_JOB_NODELIST",
+    "MASTER_PORT": "20000-60000, seeded by $SLURM_JOB_ID",
+    "RANK": "$SLURM_PROCID",
+    "LOCAL_RANK": "$SLURM_LOCALID",
+}
+
+
+class LaunchError(ConfigError):
+    """A cluster option the cluster cannot honour (named), raised before anything is submitted."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Times
+
+
+def parse_slurm_time(text: str) -> float | None:
+    """SLURM time syntax to minutes; None for UNLIMITED/INFINITE.
+
+    Accepts ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``.
+    """
+    text = text.strip()
+    if text.upper() in ("UNLIMITED", "INFINITE", "NONE"):
+        return None
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not m:
+        raise LaunchError(f"launch.time: {text!r} is not a SLURM time (HH:MM:SS or D-HH:MM:SS)")
+    days, a, b, c = m.groups()
+    nums = [int(x) for x in (a, b, c) if x is not None]
+    if days is not None:
+        h, mi, s = (nums + [0, 0])[:3]
+        return int(days) * 1440 + h * 60 + mi + s / 60
+    if len(nums) == 1:
+        return float(nums[0])
+    if len(nums) == 2:
+        return nums[0] + nums[1] / 60
+    return nums[0] * 60 + nums[1] + nums[2] / 60
+
+
+def time_minutes(text: str) -> int:
+    """Whole minutes for sbatch --time (rounded up), refusing a zero time limit."""
+    minutes = parse_slurm_time(text)
+    if minutes is None:
+        raise LaunchError("launch.time: a job needs a finite time limit")
+    if minutes <= 0:
+        raise LaunchError(f"launch.time: {text!r} is an impossible time limit (zero)")
+    return math.ceil(minutes)
+
+
+def tasks_per_node(launch: LaunchConfig) -> int:
+    """One task per GPU unless set; a CPU partition (no GPU) defaults to one task per node."""
+    return launch.tasks_per_node or launch.gpus_per_node or 1
+
+
+def check_options(launch: LaunchConfig) -> None:
+    """Checks that need no cluster."""
+    minutes = time_minutes(launch.time)
+    if launch.grace_s <= 0:
+        raise LaunchError("launch.grace_s: must be > 0 (seconds between the signal and the kill)")
+    if launch.grace_s >= minutes * 60:
+        raise LaunchError(
+            f"launch.grace_s: {launch.grace_s}s leaves no run time in a {launch.time} time limit"
+        )
+    if launch.gpus_per_node and launch.tasks_per_node not in (0, launch.gpus_per_node):
+        raise LaunchError(
+            f"launch.tasks_per_node: {launch.tasks_per_node} tasks for {launch.gpus_per_node} GPUs "
+            "per node; training runs one task per GPU"
+        )
+    if launch.max_requeues < 0:
+        raise LaunchError("launch.max_requeues: must be >= 0")
+    sig = launch.signal.upper().removeprefix("SIG")
+    if sig not in ("USR1", "USR2", "TERM", "INT", "HUP"):
+        raise LaunchError(f"launch.signal: {launch.signal!r}; use USR2 (default), USR1 or TERM")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cluster
+
+
+@dataclass
+class Partition:
+    name: str
+    max_time_min: float | None
+    total_nodes: int
+    total_cpus: int
+    state: str
+    default: bool
+    has_gpus: bool
+    raw: dict[str, str] = field(default_factory=dict)
+
+
+def slurm_available() -> bool:
+    return shutil.which("sbatch") is not None and shutil.which("scontrol") is not None
+
+
+def query_partitions(timeout_s: float = 15.0) -> dict[str, Partition]:
+    """The cluster's partitions from ``scontrol show partition -o``; LaunchError if unreachable."""
+    if not slurm_available():
+        raise LaunchError(
+            "no SLURM client found (sbatch/scontrol); start the local cluster with "
+            "`avts launch cluster up`, or use --dry-run or --cluster local"
+        )
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "partition", "-o"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        raise LaunchError("SLURM controller did not answer `scontrol show partition`") from None
+    if out.returncode != 0:
+        msg = (out.stderr or out.stdout).strip().splitlines()
+        raise LaunchError(
+            f"SLURM controller unreachable ({msg[-1] if msg else 'scontrol failed'}); start the "
+            "local cluster with `avts launch cluster up`, or use --dry-run"
+        )
+    parts: dict[str, Partition] = {}
+    for line in out.stdout.splitlines():
+        kv = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+        if "PartitionName" not in kv:
+            continue
+        tres = kv.get("TRES", "")
+        parts[kv["PartitionName"]] = Partition(
+            name=kv["PartitionName"],
+            max_time_min=parse_slurm_time(kv.get("MaxTime", "UNLIMITED")),
+            total_nodes=int(kv.get("TotalNodes", "0") or 0),
+            total_cpus=int(kv.get("TotalCPUs", "0") or 0),
+            state=kv.get("State", "UP"),
+            default=kv.get("Default", "NO") == "YES",
+            has_gpus="gres/gpu" in tres,
+            raw=kv,
+        )
+    return parts
+
+
+def check_against_cluster(launch: LaunchConfig, parts: dict[str, Partition]) -> Partition:
+    """Unknown partition, time over MaxTime, too many nodes/CPUs, GPUs on a CPU partition."""
+    if not parts:
+        raise LaunchError("the SLURM cluster has no partition")
+    if launch.partition:
+        if launch.partition not in parts:
+            raise LaunchError(
+                f"launch.partition: unknown partition {launch.partition!r}; this cluster has "
+                f"{', '.join(sorted(parts))}"
+            )
+        part = parts[launch.partition]
+    else:
+        defaults = [p for p in parts.values() if p.default]
+        if not defaults:
+            raise LaunchError(
+                f"launch.partition: the cluster has no default partition; pick one of "
+                f"{', '.join(sorted(parts))}"
+            )
+        part = defaults[0]
+    if part.state != "UP":
+        raise LaunchError(f"launch.partition: partition {part.name!r} is {part.state}")
+    minutes = time_minutes(launch.time)
+    if part.max_time_min is not None and minutes > part.max_time_min:
+        raise LaunchError(
+            f"launch.time: {launch.time} exceeds partition {part.name!r}'s MaxTime "
+            f"{part.raw.get('MaxTime')}"
+        )
+    if part.total_nodes and launch.nodes > part.total_nodes:
+        raise LaunchError(
+            f"launch.nodes: {launch.nodes} nodes requested, partition {part.name!r} has "
+            f"{part.total_nodes}"
+        )
+    if launch.gpus_per_node and not part.has_gpus:
+        raise LaunchError(
+            f"launch.gpus_per_node: partition {part.name!r} has no GPUs; for a CPU partition use "
+            "--gpus-per-node 0 --tasks-per-node K"
+        )
+    cpus = launch.nodes * tasks_per_node(launch) * launch.cpus_per_task
+    if part.total_cpus and cpus > part.total_cpus:
+        raise LaunchError(
+            f"launch.cpus_per_task: {cpus} CPUs requested "
+            f"({launch.nodes} nodes x {tasks_per_node(launch)} tasks x {launch.cpus_per_task}), "
+            f"partition {part.name!r} has {part.total_cpus}"
+        )
+    return part
+
+
+# ---------------------------------------------------------------------------------------------
+# Executors and scripts
+
+
+def slurm_parameters(
+    launch: LaunchConfig, job_name: str, *, dependency: str | None = None
+) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters (sbatch names) for this launch config."""
+    sig = launch.signal.upper().removeprefix("SIG")
+    params: dict[str, Any] = {
+        "job_name": job_name,
+        "time": time_minutes(launch.time),
+        "nodes": launch.nodes,
+        "ntasks_per_node": tasks_per_node(launch),
+        "cpus_per_task": launch.cpus_per_task,
+        "signal_delay_s": launch.grace_s,
+        # Every rank must see a failure of any other rank at once, not at a collective's timeout.
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "setup": [
+            # submitit's handler and ours in the job must agree on the signal SLURM sends.
+            f"export SUBMITIT_PREEMPT_SIGNAL={sig}",
+            f"export AVTS_PREEMPT_SIGNAL={sig}",
+            *launch.setup,
+        ],
+        # submitit hardcodes USR2 from the *submitting* process's env; the configured one wins.
+        "additional_parameters": {"signal": f"{sig}@{launch.grace_s}"},
+    }
+    if launch.gpus_per_node:
+        params["gpus_per_node"] = launch.gpus_per_node
+    if launch.partition:
+        params["partition"] = launch.partition
+    for key in ("account", "qos", "constraint"):
+        if getattr(launch, key):
+            params[key] = getattr(launch, key)
+    if launch.mem:
+        # submitit converts its own `mem` as gigabytes; SLURM's syntax (64G, 500M, 0) passes as is.
+        params["additional_parameters"]["mem"] = launch.mem
+    if launch.exclusive:
+        params["exclusive"] = True
+    if dependency:
+        params["dependency"] = dependency
+    return params
+
+
+def submitit_command(folder: str | Path, python: str | None = None) -> str:
+    """The command submitit puts in the sbatch script."""
+    python = python or shlex.quote(sys.executable)
+    return f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+
+
+def render_sbatch(params: dict[str, Any], folder: str | Path) -> str:
+    """The sbatch script submitit would write, without a cluster."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(command=submitit_command(folder), folder=folder, **params)
+
+
+def make_executor(
+    launch: LaunchConfig,
+    folder: str | Path,
+    job_name: str,
+    *,
+    dependency: str | None = None,
+    max_requeues: int | None = None,
+):
+    """A submitit AutoExecutor for launch.cluster (slurm | local | debug)."""
+    import submitit
+
+    max_timeout = launch.max_requeues if max_requeues is None else max_requeues
+    if launch.cluster == "slurm":
+        ex = submitit.AutoExecutor(
+            folder=folder, cluster="slurm", slurm_max_num_timeout=max_timeout
+        )
+        params = slurm_parameters(launch, job_name, dependency=dependency)
+        ex.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
+        return ex
+    if dependency:
+        raise LaunchError("job dependencies (--after, --eval-suite chaining) need --cluster slurm")
+    ex = submitit.AutoExecutor(folder=folder, cluster=launch.cluster)
+    ex.update_parameters(
+        name=job_name,
+        timeout_min=time_minutes(launch.time),
+        nodes=1,
+        tasks_per_node=launch.nodes * tasks_per_node(launch),
+    )
+    return ex
+
+
+def dist_env_summary(launch: LaunchConfig) -> dict[str, str]:
+    """What every task of the job exports for torch.distributed (for --dry-run)."""
+    tpn = tasks_per_node(launch)
+    env = dict(DIST_ENV_DOC)
+    env["WORLD_SIZE"] = str(launch.nodes * tpn)
+    env["LOCAL_WORLD_SIZE"] = str(tpn)
+    if launch.gpus_per_node:
+        env["CUDA_VISIBLE_DEVICES"] = "$SLURM_LOCALID (one GPU per task)"
+        env["backend"] = "nccl"
+    else:
+        env["backend"] = "gloo"
+    sig = launch.signal.upper().removeprefix("SIG")
+    env["AVTS_PREEMPT_SIGNAL"] = f"{sig} ({launch.grace_s}s before the time limit)"
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Job state
+
+
+def job_state(job_id: str, timeout_s: float = 15.0) -> dict[str, str]:
+    """``scontrol show job -o`` as a dict (JobState, ExitCode, Restarts, ...); {} if unknown."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", str(job_id)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        return {}
+    if out.returncode != 0:
+        return {}
+    line = out.stdout.strip().splitlines()[0] if out.stdout.strip() else ""
+    return dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+
+
+def wait_for_jobs(
+    job_ids: list[str], poll_s: float = 2.0, timeout_s: float | None = None, echo=None
+) -> dict[str, str]:
+    """Blocks until every job is in a terminal state (requeues included); job id -> state.
+
+    Array jobs are waited for through their tasks (``<id>_<i>``) or the parent id.
+    """
+    echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    last: dict[str, str] = {}
+    final: dict[str, str] = {}
+    while True:
+        for jid in job_ids:
+            if jid in final:
+                continue
+            info = job_state(jid)
+            state = info.get("JobState", "UNKNOWN")
+            if state != last.get(jid):
+                restarts = info.get("Restarts", "0")
+                echo(
+                    f"job {jid}: {state}" + (f" (requeued {restarts}x)" if restarts != "0" else "")
+                )
+                last[jid] = state
+            if state in TERMINAL_STATES:
+                final[jid] = state
+        if len(final) == len(job_ids):
+            return final
+        if deadline is not None and time.monotonic() > deadline:
+            return {jid: final.get(jid, last.get(jid, "UNKNOWN")) for jid in job_ids}
+        time.sleep(poll_s)
+
+
+def start_now(job_id: str) -> None:
+    """Releases a requeued job that SLURM holds until its begin time (about 2 minutes)."""
+    subprocess.run(
+        ["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+        capture_output=True,
+        timeout=15,
+        check=False,
+    )
+
+
+def slurm_env() -> dict[str, str]:
+    """The SLURM_CONF of the local cluster when none is set (so `avts launch` finds it)."""
+    env = dict(os.environ)
+    local = Path(os.environ.get("AVTS_SLURM_DIR", "/tmp/avts-slurm")) / "slurm.conf"
+    if "SLURM_CONF" not in env and local.exists() and not Path("/etc/slurm/slurm.conf").exists():
+        env["SLURM_CONF"] = str(local)
+    return env

@@ -1,0 +1,204 @@
+"""The callable submitit runs on every task of a pretraining job; checkpointable and requeueable.
+
+How preemption and time limits work (every rank, no lost work):
+
+1. SLURM sends ``launch.signal`` (USR2) to every task ``launch.grace_s`` before the time limit,
+   on preemption (``preempt_send_user_signal``), and SIGTERM on ``scancel``/kill.
+2. The trainer (``avts_dist.train.run_training``) installs its own SIGUSR2/SIGTERM handlers on
+   every rank; they replace submitit's, whose handler would requeue from rank 0 alone and exit
+   before the other ranks saved. The ranks agree at the next step boundary, save the sharded
+   checkpoint together and return ``status="preempted"``.
+3. Only then does global rank 0 rewrite the submitted pickle (this callable with one more
+   requeue counted) and call ``scontrol requeue``; the other ranks wait to be stopped by it.
+   After ``launch.max_requeues`` requeues, or when the job was cancelled, the job ends as failed.
+4. The requeued job runs this callable again with ``resume=auto``: the trainer resumes from the
+   latest complete checkpoint and the same MLflow run (its id lives in ``<run.dir>``).
+
+If a signal reaches submitit's own handler (before the trainer installed its handlers),
+:meth:`PretrainJob.checkpoint` gives the same requeue: resume=auto, one requeue counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import submitit
+
+from avts_dist.config import config_from_dict
+
+log = logging.getLogger("avts.launch")
+
+DEFAULT_TRAINER = "avts_dist.train:run_training"
+
+
+def resolve_callable(target: str):
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def export_distributed_env() -> dict[str, int]:
+    """torch.distributed env (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) from submitit."""
+    env = submitit.JobEnvironment()
+    has_gpu = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) and os.environ.get(
+        "CUDA_VISIBLE_DEVICES"
+    ) not in ("", "-1", "NoDevFiles")
+    dist_env = submitit.helpers.TorchDistributedEnvironment()
+    # One GPU per task: CUDA_VISIBLE_DEVICES = local rank. On a CPU partition leave it alone.
+    dist_env.export(set_cuda_visible_devices=has_gpu, overwrite=True)
+    return {
+        "rank": dist_env.rank,
+        "world_size": dist_env.world_size,
+        "local_rank": dist_env.local_rank,
+        "job_id": env.job_id,
+    }
+
+
+def _signal_from_env() -> signal.Signals:
+    name = os.environ.get("AVTS_PREEMPT_SIGNAL", "USR2").upper().removeprefix("SIG")
+    return getattr(signal, f"SIG{name}", signal.SIGUSR2)
+
+
+def _forward_to_trainer(signum, frame) -> None:
+    # A configured signal other than USR2/TERM: hand it to the trainer's USR2 handler.
+    os.kill(os.getpid(), signal.SIGUSR2)
+
+
+class PretrainJob(submitit.helpers.Checkpointable):
+    """``PretrainJob(config_dict)()`` runs ``trainer(cfg)`` on this task and returns its result.
+
+    ``trainer`` is a ``module:function`` taking a Config and returning an object with
+    ``status``, ``step``, ``final_loss``, ``run_dir``, ``checkpoint_dir``, ``mlflow_run_id``
+    (contract E); tests may pass a small stand-in with the same contract.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        trainer: str = DEFAULT_TRAINER,
+        max_requeues: int = 3,
+        num_requeues: int = 0,
+    ) -> None:
+        self.config = config
+        self.trainer = trainer
+        self.max_requeues = max_requeues
+        self.num_requeues = num_requeues
+
+    def _next(self) -> PretrainJob:
+        config = dict(self.config)
+        config["resume"] = "auto"
+        return PretrainJob(
+            config,
+            trainer=self.trainer,
+            max_requeues=self.max_requeues,
+            num_requeues=self.num_requeues + 1,
+        )
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission | None:
+        if self.num_requeues >= self.max_requeues:
+            return None  # submitit then ends the job as not requeued
+        return submitit.helpers.DelayedSubmission(self._next())
+
+    def __call__(self) -> Any:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        in_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+        info = export_distributed_env() if os.environ.get("SUBMITIT_EXECUTOR") else {}
+        rank = info.get("rank", 0)
+        sig = _signal_from_env()
+        if sig not in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, _forward_to_trainer)
+        cfg = config_from_dict(self.config)
+        log.info(
+            "rank %s/%s: start (job %s, requeue %d of at most %d, resume=%s)",
+            rank,
+            info.get("world_size", 1),
+            info.get("job_id", "-"),
+            self.num_requeues,
+            self.max_requeues,
+            cfg.resume,
+        )
+        result = resolve_callable(self.trainer)(cfg)
+        status = getattr(result, "status", "failed")
+        log.info(
+            "rank %s: trainer returned %s at step %s", rank, status, getattr(result, "step", "?")
+        )
+        if status == "completed":
+            return result
+        if status == "preempted" and in_slurm and self.num_requeues < self.max_requeues:
+            if rank == 0:
+                self._requeue(info["job_id"])
+            else:
+                self._wait_for_requeue(info["job_id"])
+        step = getattr(result, "step", "?")
+        if status == "preempted":
+            raise RuntimeError(
+                f"training stopped at step {step} (checkpoint saved) and was not requeued "
+                f"({self.num_requeues} of at most {self.max_requeues} requeues used)"
+            )
+        raise RuntimeError(f"training ended with status {status!r} at step {step}")
+
+    def _requeue(self, job_id: str) -> None:
+        """Rank 0, after every rank saved: the next submission, then ``scontrol requeue``."""
+        from launch.executors import job_state
+
+        # scancel also signals (SIGTERM) but must not be undone: only a RUNNING job requeues.
+        state = job_state(job_id).get("JobState", "UNKNOWN")
+        if state != "RUNNING":
+            log.warning("not requeued: job %s is %s (cancelled or ending)", job_id, state)
+            return
+        paths = submitit.JobEnvironment().paths
+        delayed = submitit.helpers.DelayedSubmission(self._next())
+        old = submitit.helpers.DelayedSubmission.load(paths.submitted_pickle)
+        delayed.set_timeout(old._timeout_min, max(0, self.max_requeues - self.num_requeues - 1))
+        # The next submission must be in place before SLURM stops this task.
+        backup = paths.submitted_pickle.with_suffix(".previous.pkl")
+        shutil.copyfile(paths.submitted_pickle, backup)
+        tmp = paths.submitted_pickle.with_suffix(".requeue.pkl")
+        delayed.dump(tmp)
+        os.replace(tmp, paths.submitted_pickle)
+        # A cancelled job cannot be requeued: then the job ends here, its checkpoint saved.
+        out = subprocess.run(
+            ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60
+        )
+        if out.returncode != 0:
+            os.replace(backup, paths.submitted_pickle)
+            log.warning("not requeued: %s", (out.stderr or out.stdout).strip())
+            return
+        log.info("requeued job %s (%d of %d)", job_id, self.num_requeues + 1, self.max_requeues)
+        # No result pickle: the requeued job writes the real one. SLURM stops every task now.
+        sys.stdout.flush()
+        os._exit(0)
+
+    @staticmethod
+    def _wait_for_requeue(job_id: str, max_wait_s: float = 120.0) -> None:
+        """Other ranks: leave once rank 0 requeued the job (or it was cancelled), not before.
+
+        Leaving first would be a bad exit that could stop rank 0 before it requeued.
+        """
+        from launch.executors import job_state
+
+        deadline = time.monotonic() + max_wait_s
+        while time.monotonic() < deadline:
+            state = job_state(job_id).get("JobState", "UNKNOWN")
+            if state == "CANCELLED":
+                return  # the job ends as failed; its checkpoint is saved
+            if state != "RUNNING":
+                # Requeued: no result pickle, the requeued job writes the real one.
+                sys.stdout.flush()
+                os._exit(0)
+            time.sleep(0.5)
+
+
+def result_summary(result: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(result):
+        return dataclasses.asdict(result)
+    return dict(vars(result)) if hasattr(result, "__dict__") else {"result": result}

@@ -1,0 +1,177 @@
+"""`avts launch` on the real local SLURM cluster (slurm-wlm + munge, started by the fixture).
+
+Jobs are submitted through the real CLI, run as 2 SLURM tasks with torch.distributed gloo, and
+are checked through SLURM itself (scontrol), the run directory and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from avts_dist.cli import main as avts_main
+from tests.fixtures.slurm import scontrol_job, wait_state
+
+pytestmark = pytest.mark.usefixtures("slurm_cluster")
+
+TOY = "tests.fixtures.slurm:toy_run_training"
+MAX_STEPS = 60
+
+
+def _config(tmp: Path, name: str, max_steps: int = MAX_STEPS) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(
+        f"run:\n  name: {name}\n  dir: {tmp / name}\ntrain:\n  max_steps: {max_steps}\n"
+    )
+    return path
+
+
+def _launch(capsys, *argv: str) -> tuple[int, dict]:
+    capsys.readouterr()
+    status = avts_main(["launch", "pretrain", "--json", *argv])
+    out = capsys.readouterr().out.strip().splitlines()
+    return status, (json.loads(out[-1]) if out else {})
+
+
+def _final_loss(run_dir: Path) -> float:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1])["loss"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-task run: its final loss is what every resumed run must reach."""
+    tmp = tmp_path_factory.mktemp("slurm-ref")
+    os.environ["AVTS_TOY_STEP_S"] = "0.01"
+    status = avts_main(
+        [
+            "launch",
+            "pretrain",
+            "--config",
+            str(_config(tmp, "ref")),
+            "--trainer",
+            TOY,
+            "--tasks-per-node",
+            "2",
+            "--time",
+            "00:05:00",
+            "--grace-s",
+            "30",
+            "--wait",
+        ]
+    )
+    return status, tmp / "ref"
+
+
+def test_two_task_job_completes_with_checkpoint(reference):
+    status, run_dir = reference
+    assert status == 0
+    ckpt = run_dir / "checkpoints" / f"step_{MAX_STEPS:06d}"
+    assert (ckpt / "COMPLETE").read_text() == "completed"
+    # Both ranks wrote their shard, at the same step: the job really ran 2 gloo processes.
+    shards = [json.loads((ckpt / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["step"] for s in shards] == [MAX_STEPS, MAX_STEPS]
+    # The averaged gradient of (w-1)^2 and (w-2)^2 drives w to 1.5: only with world size 2.
+    assert shards[0]["w"] == pytest.approx(1.5, abs=1e-2)
+    logs = sorted(p.name for p in (run_dir / "slurm").glob("*_log.out"))
+    assert len(logs) == 2 and logs[0].endswith("_0_log.out") and logs[1].endswith("_1_log.out")
+
+
+def test_time_limit_requeues_and_resumes_to_same_loss(reference, tmp_path, capsys):
+    _, ref_dir = reference
+    os.environ["AVTS_TOY_STEP_S"] = "0.25"
+    # 60 steps x 0.25 s outlast the first USR2 (time limit 1 min, signal 30 s before it).
+    status, info = _launch(
+        capsys,
+        "--config",
+        str(_config(tmp_path, "short")),
+        "--trainer",
+        TOY,
+        "--tasks-per-node",
+        "2",
+        "--time",
+        "1",
+        "--grace-s",
+        "30",
+        "--max-requeues",
+        "4",
+    )
+    assert status == 0
+    job = info["pretrain"]
+    deadline = time.monotonic() + 240
+    restarts, state = 0, ""
+    while time.monotonic() < deadline:
+        info_job = scontrol_job(job)
+        state = info_job.get("JobState", "")
+        restarts = int(info_job.get("Restarts", "0"))
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        if state == "PENDING" and info_job.get("Reason") == "BeginTime":
+            # SLURM holds a requeued job ~2 minutes; release it now.
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        time.sleep(0.5)
+    assert state == "COMPLETED", f"job {job} ended {state}"
+    assert restarts >= 1
+    run_dir = tmp_path / "short"
+    steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    # A checkpoint from the preemption before the final one, and the run went on from it.
+    assert steps[0] < MAX_STEPS and steps[-1] == MAX_STEPS
+    assert _final_loss(run_dir) == pytest.approx(_final_loss(ref_dir), rel=1e-6)
+
+
+def test_scancel_leaves_usable_checkpoint(reference, tmp_path, capsys):
+    _, ref_dir = reference
+    os.environ["AVTS_TOY_STEP_S"] = "0.2"
+    cfg = _config(tmp_path, "cancel")
+    common = ["--config", str(cfg), "--trainer", TOY, "--tasks-per-node", "2"]
+    status, info = _launch(capsys, *common, "--time", "00:10:00", "--grace-s", "30")
+    assert status == 0
+    job = info["pretrain"]
+    metrics = tmp_path / "cancel" / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.stat().st_size):
+        time.sleep(0.3)
+    subprocess.run(["scancel", job], check=True)
+    wait_state(job, {"CANCELLED"}, timeout_s=60)
+    time.sleep(3)  # SIGTERM -> save at the next step boundary
+    info_job = scontrol_job(job)
+    assert info_job.get("Restarts") == "0", "a cancelled job must not requeue itself"
+    done = sorted((tmp_path / "cancel" / "checkpoints").glob("step_*/COMPLETE"))
+    assert done, "no complete checkpoint after scancel"
+    saved_step = int(done[-1].parent.name.split("_")[1])
+    assert 0 < saved_step < MAX_STEPS
+    # Usable: a new job resumes from it and ends where an uninterrupted run ends.
+    os.environ["AVTS_TOY_STEP_S"] = "0.01"
+    status, info = _launch(capsys, *common, "--time", "00:05:00", "--grace-s", "30", "--wait")
+    assert status == 0 and info["states"][info["pretrain"]] == "COMPLETED"
+    log = Path(info["folder"]) / f"{info['pretrain']}_0_log.err"
+    assert "resume=auto" in log.read_text()
+    assert _final_loss(tmp_path / "cancel") == pytest.approx(_final_loss(ref_dir), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--partition", "nosuch"], "unknown partition 'nosuch'"),
+        (["--time", "99:00:00"], "exceeds partition 'debug'"),
+        (["--time", "00:00:00"], "impossible time limit"),
+        (["--nodes", "5"], "5 nodes requested"),
+        (["--gpus-per-node", "1"], "has no GPUs"),
+    ],
+)
+def test_bad_cluster_options_fail_before_submitting(tmp_path, capsys, flags, message):
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    status = avts_main(
+        ["launch", "pretrain", "--config", str(_config(tmp_path, "bad")), "--trainer", TOY, *flags]
+    )
+    err = capsys.readouterr().err
+    assert status == 2
+    assert message in err and "Traceback" not in err
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    assert after == before
+    assert not (tmp_path / "bad").exists(), "nothing may be written before the checks pass"
