@@ -1,0 +1,154 @@
+"""The pretraining run in MLflow: started or resumed on rank 0 only.
+
+- ``tracking.uri`` empty: the local store ``./mlruns`` (MLflow's file store; MLflow 3 keeps it in
+  maintenance mode behind ``MLFLOW_ALLOW_FILE_STORE``, which this module sets); ``http://...``:
+  a tracking server; any other MLflow URI (``sqlite:///...``) as is.
+- Params are the flattened resolved config with secrets replaced (:func:`avts_dist.storage.redact`
+  plus any value that looks like a credential), so no credential reaches the store.
+- Resume: the run id is kept in the checkpoint and in ``<run.dir>/mlflow_run_id``; the same run
+  continues, its metrics go on at the resumed step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+from avts_dist.storage import redact
+
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+__all__ = ["TrainRun", "start_child_run", "start_or_resume_run", "tracking_uri_for"]
+
+_PARAM_MAX = 6000
+
+
+def tracking_uri_for(uri: str) -> str:
+    from avts_dist.tracking.eval_runs import resolve_tracking_uri
+
+    return resolve_tracking_uri(uri)
+
+
+def _redacted_params(params: dict[str, Any]) -> dict[str, str]:
+    safe = redact(params)
+    out = {}
+    for key, value in safe.items():
+        text = str(value)
+        out[key] = text if len(text) <= _PARAM_MAX else text[: _PARAM_MAX - 3] + "..."
+    return out
+
+
+class TrainRun:
+    """The active pretraining run; all methods are no-ops once ended."""
+
+    def __init__(self, run_id: str, tracking_uri: str, system_metrics: bool) -> None:
+        from mlflow import MlflowClient
+
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._monitor = None
+        if system_metrics:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._monitor = SystemMetricsMonitor(run_id, sampling_interval=10)
+                self._monitor.start()
+            except Exception:  # psutil missing or an MLflow version without it: not fatal
+                self._monitor = None
+        self._pending: list = []
+        self._last_flush = time.monotonic()
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, v) for k, v in _redacted_params(params).items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int, flush: bool = False) -> None:
+        """Buffered; sent in batches (at most every few seconds) so logging never paces training."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            value = float(value)
+            if math.isfinite(value):
+                self._pending.append(Metric(key.replace("@", "_"), value, now, int(step)))
+        if flush or len(self._pending) >= 900 or time.monotonic() - self._last_flush > 5:
+            self.flush()
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), 900):
+            self.client.log_batch(self.run_id, metrics=pending[i : i + 900])
+        self._last_flush = time.monotonic()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in redact(dict(tags)).items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, data: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """status: FINISHED, KILLED (preempted: the run continues on resume) or FAILED."""
+        self.flush()
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception:
+                pass
+            self._monitor = None
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def start_or_resume_run(
+    tracking_cfg,
+    *,
+    run_name: str,
+    run_id: str = "",
+    params: dict[str, Any] | None = None,
+    tags: dict[str, str] | None = None,
+) -> TrainRun:
+    """Creates the run (or reopens ``run_id``) in ``tracking_cfg.experiment``."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri_for(tracking_cfg.uri)
+    client = MlflowClient(tracking_uri=uri)
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except Exception as exc:
+            raise RuntimeError(
+                f"MLflow run {run_id!r} (from the checkpoint) not found at {uri}: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+        client.update_run(run_id, status="RUNNING")
+    else:
+        exp = client.get_experiment_by_name(tracking_cfg.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(tracking_cfg.experiment)
+        all_tags = {"mlflow.runName": run_name, "avts.kind": "pretrain"}
+        all_tags.update(tags or {})
+        run_id = client.create_run(exp_id, tags=redact(all_tags), run_name=run_name).info.run_id
+    run = TrainRun(run_id, uri, tracking_cfg.system_metrics)
+    if params:
+        run.log_params(params)
+    return run
+
+
+def start_child_run(parent_run_id: str, name: str, tracking_uri: str, experiment: str = "avts"):
+    """A child run under the pretraining run (evaluation jobs); see ``eval_runs.EvalRun``."""
+    from avts_dist.tracking.eval_runs import EvalRun
+
+    return EvalRun(
+        name, tracking_uri=tracking_uri, parent_run_id=parent_run_id, experiment=experiment
+    )

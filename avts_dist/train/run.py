@@ -1,0 +1,77 @@
+"""``run_training(cfg)``: one rank of a pretraining run, under any launcher or none."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from avts_dist.config import Config, ConfigError, load_config
+from avts_dist.distributed import collectives as C
+from avts_dist.train.trainer import Trainer, TrainResult
+
+__all__ = ["PREEMPT_SIGNALS", "resolve_config", "run_training"]
+
+# SLURM sends SIGUSR2 (``--signal=USR2@grace``) or SIGTERM before it stops a job.
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+def resolve_config(cfg: Config | str | Path, overrides: list[str] | None = None) -> Config:
+    if isinstance(cfg, (str, Path)):
+        return load_config(cfg, overrides)
+    if overrides:
+        from omegaconf.errors import OmegaConfBaseException
+
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(overrides))
+            cfg = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(str(exc).split("\n")[0]) from None
+    return cfg.fill_derived()
+
+
+class _SignalBox:
+    """Receives the preemption signal; the trainer reads it at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.trainer: Trainer | None = None
+        self.pending: int | None = None
+
+    def __call__(self, signum, _frame) -> None:
+        self.pending = signum
+        if self.trainer is not None:
+            self.trainer.stop_signal = signum
+
+
+def run_training(cfg: Config | str | Path, overrides: list[str] | None = None) -> TrainResult:
+    """Trains this rank to the end, a preemption signal or a failure (see :class:`TrainResult`).
+
+    The process group comes from the launcher's environment (torchrun, deepspeed, srun,
+    submitit, ``avts train --nproc``); without one it is a single process.
+    """
+    cfg = resolve_config(cfg, overrides)
+    ctx = C.init_distributed(cfg.deepspeed.backend)
+    if ctx.rank != 0:
+        logging.getLogger("avts").setLevel(logging.WARNING)
+    box = _SignalBox()
+    previous: dict[int, Any] = {}
+    for sig in PREEMPT_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, box)
+        except ValueError:  # not the main thread (e.g. called from a worker thread)
+            pass
+    trainer = None
+    try:
+        trainer = Trainer(cfg, ctx)
+        box.trainer = trainer
+        if box.pending is not None:
+            trainer.stop_signal = box.pending
+        return trainer.train()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if trainer is not None:
+            trainer.close()
