@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -103,10 +104,8 @@ class TrainRun:
         """status: FINISHED, KILLED (preempted: the run continues on resume) or FAILED."""
         self.flush()
         if self._monitor is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._monitor.finish()
-            except Exception:
-                pass
             self._monitor = None
         self.client.set_terminated(self.run_id, status=status)
 

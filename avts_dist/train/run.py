@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -59,10 +60,9 @@ def run_training(cfg: Config | str | Path, overrides: list[str] | None = None) -
     box = _SignalBox()
     previous: dict[int, Any] = {}
     for sig in PREEMPT_SIGNALS:
-        try:
+        # signal.signal raises ValueError outside the main thread: then no handler.
+        with contextlib.suppress(ValueError):
             previous[sig] = signal.signal(sig, box)
-        except ValueError:  # not the main thread (e.g. called from a worker thread)
-            pass
     trainer = None
     try:
         trainer = Trainer(cfg, ctx)
