@@ -9,8 +9,12 @@ depends on (or changes) the process-global active run.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
+
+# MLflow 3 keeps the local file store (./mlruns, the default here) behind this switch.
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 __all__ = ["EvalRun", "resolve_tracking_uri"]
 

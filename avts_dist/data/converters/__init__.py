@@ -198,7 +198,9 @@ def prepare(
     bar.update(sum(len(chunks[i]) for i in manifests))
     args = [(f"part-{i:06d}", chunks[i], layout.audio_only, max_side, str(work)) for i in todo]
     if workers > 1 and len(todo) > 1:
-        ctx = mp.get_context("spawn")  # no forked copies of a parent's torch/av thread state
+        # fork: workers start at once (spawn would re-import torch via avts_dist.data); the
+        # workers only use PyAV, never a thread pool inherited from the parent.
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = {pool.submit(_convert_chunk, *a): i for i, a in zip(todo, args, strict=True)}
             for fut in as_completed(futures):
