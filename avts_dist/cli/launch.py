@@ -183,7 +183,7 @@ def _print_script(title: str, text: str) -> None:
 
 
 def _dry_run_pretrain(cfg, folder: str, note: str, suite: list[str], eval_launch) -> int:
-    from launch import executors
+    from launch import evaljobs, executors
 
     params = executors.slurm_parameters(cfg.launch, cfg.run.name)
     if cfg.launch.cluster == "slurm":
@@ -205,6 +205,9 @@ def _dry_run_pretrain(cfg, folder: str, note: str, suite: list[str], eval_launch
             p = executors.slurm_parameters(
                 eval_launch, f"{cfg.run.name}-eval-{name}", dependency="afterok:<export job id>"
             )
+            items = evaljobs.array_items(name, list(cfg.eval.splits))
+            if len(items) > 1:
+                p["map_count"] = len(items)  # one array task per split
             _print_script(f"sbatch script: eval {name}", executors.render_sbatch(p, folder))
     print("# ---- resolved config")
     print(config_to_yaml(cfg))

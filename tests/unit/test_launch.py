@@ -1,0 +1,197 @@
+"""The launch layer without a cluster: times, profiles, sbatch rendering, cluster checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from avts_dist.cli import main as avts_main
+from avts_dist.config import ConfigError, LaunchConfig
+from launch import executors
+from launch.evaljobs import array_items, eval_jobs_for, parse_suite
+from launch.profiles import load_profile, profile_overrides
+
+
+@pytest.mark.parametrize(
+    "text, minutes",
+    [
+        ("5", 5),
+        ("30:00", 30),
+        ("01:30:00", 90),
+        ("72:00:00", 4320),
+        ("1-00:00:00", 1440),
+        ("2-12", 3600),
+        ("00:00:30", 0.5),
+        ("UNLIMITED", None),
+    ],
+)
+def test_parse_slurm_time(text, minutes):
+    assert executors.parse_slurm_time(text) == minutes
+
+
+def test_time_minutes_rounds_up_and_refuses_zero():
+    assert executors.time_minutes("00:00:30") == 1
+    with pytest.raises(executors.LaunchError, match="impossible"):
+        executors.time_minutes("00:00:00")
+    with pytest.raises(executors.LaunchError, match="not a SLURM time"):
+        executors.time_minutes("ten minutes")
+
+
+def test_check_options_grace_and_tasks():
+    executors.check_options(LaunchConfig(time="00:10:00", grace_s=60))
+    with pytest.raises(executors.LaunchError, match="grace_s"):
+        executors.check_options(LaunchConfig(time="1", grace_s=60))
+    with pytest.raises(executors.LaunchError, match="one task per GPU"):
+        executors.check_options(LaunchConfig(gpus_per_node=8, tasks_per_node=4))
+    with pytest.raises(executors.LaunchError, match="launch.signal"):
+        executors.check_options(LaunchConfig(signal="KILL"))
+
+
+def _parts(**over):
+    part = executors.Partition(
+        name="gpu",
+        max_time_min=60.0,
+        total_nodes=4,
+        total_cpus=64,
+        state="UP",
+        default=True,
+        has_gpus=True,
+        raw={"MaxTime": "01:00:00"},
+    )
+    for k, v in over.items():
+        setattr(part, k, v)
+    return {"gpu": part}
+
+
+@pytest.mark.parametrize(
+    "launch, message",
+    [
+        (LaunchConfig(partition="cpu"), "unknown partition 'cpu'"),
+        (LaunchConfig(time="02:00:00"), "exceeds partition 'gpu'"),
+        (LaunchConfig(nodes=8), "8 nodes requested"),
+        (LaunchConfig(tasks_per_node=8, cpus_per_task=10), "CPUs requested"),
+    ],
+)
+def test_check_against_cluster_refuses(launch, message):
+    with pytest.raises(executors.LaunchError, match=message):
+        executors.check_against_cluster(launch, _parts())
+
+
+def test_check_against_cluster_gpu_on_cpu_partition_and_default():
+    with pytest.raises(executors.LaunchError, match="has no GPUs"):
+        executors.check_against_cluster(LaunchConfig(gpus_per_node=1), _parts(has_gpus=False))
+    part = executors.check_against_cluster(LaunchConfig(gpus_per_node=8, time="30"), _parts())
+    assert part.name == "gpu"  # the default partition when none is named
+
+
+def test_slurm_parameters_one_task_per_gpu_and_signal():
+    launch = LaunchConfig(
+        nodes=64, gpus_per_node=8, partition="gpu", time="72:00:00", mem="0", signal="USR1"
+    )
+    p = executors.slurm_parameters(launch, "big", dependency="afterok:7")
+    assert p["ntasks_per_node"] == 8 and p["gpus_per_node"] == 8 and p["nodes"] == 64
+    assert p["time"] == 4320
+    assert p["additional_parameters"] == {"signal": "USR1@120", "mem": "0"}
+    assert "export SUBMITIT_PREEMPT_SIGNAL=USR1" in p["setup"]
+    cpu = executors.slurm_parameters(LaunchConfig(tasks_per_node=4), "cpu")
+    assert cpu["ntasks_per_node"] == 4 and "gpus_per_node" not in cpu
+
+
+def test_dry_run_64_nodes_by_8_gpus(tmp_path, capsys, monkeypatch):
+    # No cluster: what is printed comes from the config and submitit's own sbatch renderer.
+    monkeypatch.setattr(executors, "slurm_available", lambda: False)
+    cfg = tmp_path / "big.yaml"
+    cfg.write_text(f"run:\n  name: big\n  dir: {tmp_path / 'big'}\n")
+    status = avts_main(
+        [
+            "launch",
+            "pretrain",
+            "--config",
+            str(cfg),
+            "--nodes",
+            "64",
+            "--gpus-per-node",
+            "8",
+            "--partition",
+            "gpu",
+            "--time",
+            "72:00:00",
+            "--account",
+            "vision",
+            "--exclusive",
+            "--eval-suite",
+            "sync,ucf101",
+            "--dry-run",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert status == 0
+    for line in (
+        "#SBATCH --nodes=64",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=vision",
+        "#SBATCH --exclusive",
+        "#SBATCH --time=4320",
+        "#SBATCH --signal=USR2@120",
+        "# WORLD_SIZE=512",
+        "# LOCAL_WORLD_SIZE=8",
+        "# backend=nccl",
+        "--kill-on-bad-exit=1",
+        "#SBATCH --dependency='afterok:<pretrain job id>'",
+        "#SBATCH --array=0-2%3",  # ucf101's three splits
+        "resume: auto",
+    ):
+        assert line in out, line
+    assert not (tmp_path / "big").exists(), "a dry run writes nothing"
+
+
+def test_profiles_load_and_layer(tmp_path):
+    local = load_profile("local")
+    assert local["partition"] == "debug" and local["gpus_per_node"] == 0
+    assert "launch.time=00:30:00" in profile_overrides("local")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("partitoin: gpu\n")
+    with pytest.raises(ConfigError, match="partitoin"):
+        load_profile(str(bad))
+    with pytest.raises(ConfigError, match="unknown cluster profile"):
+        load_profile("nosuch")
+
+
+def test_profile_then_flags_precedence(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(executors, "slurm_available", lambda: False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run:\n  name: c\n  dir: {tmp_path / 'c'}\nlaunch:\n  partition: fromyaml\n")
+    argv = ["launch", "pretrain", "--config", str(cfg), "--profile", "example_gpu_cluster"]
+    assert avts_main([*argv, "--nodes", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # profile beats the YAML, flags beat the profile
+    assert "#SBATCH --partition=gpu" in out and "#SBATCH --nodes=2" in out
+    assert "#SBATCH --cpus-per-task=10" in out
+
+
+def test_eval_suite_parsing_and_arrays():
+    assert parse_suite("sync, ucf101") == ["sync", "ucf101"]
+    with pytest.raises(ConfigError, match="unknown evaluation"):
+        parse_suite("sync,imagenet")
+    assert array_items("ucf101", [1, 2, 3]) == [1, 2, 3]
+    assert array_items("esc50", [1, 2, 3]) == [None]
+    jobs = eval_jobs_for(
+        ["sync", "hmdb51"], "/m.pt", splits=[1, 2], overrides=[], parent_run_id="abc"
+    )
+    assert len(jobs["sync"]) == 1 and len(jobs["hmdb51"]) == 2
+    argv = jobs["hmdb51"][1].argv("abc")
+    assert argv[:4] == ["eval", "hmdb51", "--checkpoint", "/m.pt"]
+    assert "--parent-run-id" in argv and "eval.splits=[2]" in argv
+
+
+def test_cli_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(executors, "slurm_available", lambda: False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("run:\n  name: c\n")
+    assert avts_main(["launch", "pretrain", "--config", str(cfg), "--time", "0", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "launch.time" in err and "Traceback" not in err
+    # Without a dry run and without SLURM: refused before anything is written.
+    assert avts_main(["launch", "pretrain", "--config", str(cfg)]) == 2
+    assert "no SLURM client" in capsys.readouterr().err
