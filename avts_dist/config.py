@@ -102,7 +102,9 @@ class DataConfig:
     mel_hop_ms: float = 10.0
     # Super-hard negatives are offset by at least this many seconds (and less than a clip).
     min_shift: float = 0.25
-    negative_mix: dict[str, float] = field(default_factory=lambda: {"easy": 1.0})
+    # Initial mix of the extra negative's kind; empty means {"easy": 1.0}. The default must be
+    # empty: OmegaConf merges a YAML mapping into a default one ({hard: 1} would gain easy: 1).
+    negative_mix: dict[str, float] = field(default_factory=dict)
     # Epochs over the split; 0 means infinite (the trainer stops at train.max_steps).
     epochs: int = 0
     drop_last: bool = True
@@ -125,7 +127,12 @@ class DataConfig:
                 "data.min_shift",
                 f"must be in (0, clip length {clip_s:.3f}s = num_frames/fps), got {self.min_shift}",
             )
-        _check_mix("data.negative_mix", dict(self.negative_mix))
+        if self.negative_mix:
+            _check_mix("data.negative_mix", dict(self.negative_mix))
+
+    @property
+    def initial_negative_mix(self) -> dict[str, float]:
+        return dict(self.negative_mix) or {"easy": 1.0}
 
     @property
     def clip_seconds(self) -> float:
