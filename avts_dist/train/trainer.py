@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from avts_dist.config import Config, config_to_dict, config_to_yaml, flatten_config, save_config
+from avts_dist.config import Config, config_to_dict, flatten_config, save_config
 from avts_dist.distributed import collectives as C
 from avts_dist.distributed.engine import build_ds_config, convert_to_universal, initialize_engine
+from avts_dist.storage import redact
 from avts_dist.train.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     COMPLETE,
@@ -341,6 +343,8 @@ class Trainer:
             it.close()
             if accs:
                 results[f"val/sync_acc_{kind}"] = sum(accs) / len(accs)
+                # The loss's own metric name too, for plateau triggers written against it.
+                results[f"val/acc/{kind}"] = results[f"val/sync_acc_{kind}"]
         self.engine.train()
         return results
 
@@ -357,14 +361,17 @@ class Trainer:
             line = {
                 "step": step,
                 "epoch": epoch,
-                "loss": loss,
+                # null, not NaN, for a skipped step: the file stays strict JSON.
+                "loss": loss if math.isfinite(loss) else None,
                 "lr": lr,
                 "samples_seen": step * self.cfg.data.global_batch_size,
             }
             line.update(extra)
             lines.append(line)
         self._pending_losses = []
-        self._last_loss = lines[-1]["loss"]
+        finite = [ln["loss"] for ln in lines if ln["loss"] is not None]
+        if finite:
+            self._last_loss = finite[-1]
         if not self.is_main:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
@@ -412,7 +419,9 @@ class Trainer:
                 )
                 self.mlflow_run_id = self.tracker.run_id
                 id_file.write_text(self.mlflow_run_id + "\n")
-                self.tracker.log_text(config_to_yaml(cfg), "config.yaml")
+                self.tracker.log_text(
+                    yaml.safe_dump(redact(config_to_dict(cfg)), sort_keys=False), "config.yaml"
+                )
                 if self.resumed_from:
                     self.tracker.set_tags({"avts.resumed_from": self.resumed_from})
         self.mlflow_run_id = C.broadcast_object(self.mlflow_run_id)

@@ -1,0 +1,258 @@
+"""Pretraining end to end: the real `avts train` CLI, real DeepSpeed with gloo processes, real
+MP4 corpus, real MLflow stores (local file store and a tracking server).
+
+One 2-process reference run is shared. The other runs resume from it or are compared to it:
+kill during a save + resume=auto (bitwise same losses), 2 -> 1 and 1 -> 2 processes through
+DeepSpeed's universal checkpoint, export without DeepSpeed, NaN injection on the MLflow server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from avts_dist.data.synthetic import synthesize
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "configs" / "pretrain" / "quickstart.yaml"
+SECRET = "SUPERSECRET-do-not-log"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def train_corpus(tmp_path_factory) -> str:
+    # Enough held-out clips for one full validation batch of 4 (synth_corpus has too few).
+    url = str(tmp_path_factory.mktemp("train_corpus") / "ds")
+    synthesize(
+        url, num_videos=24, seconds=4.0, fps=8.0, size=32, sample_rate=16000, num_classes=4,
+        shard_size=8, seed=3, val_fraction=0.34,
+    )  # fmt: skip
+    return url
+
+
+def _config(tmp: Path, corpus: str) -> Path:
+    """Quickstart with a 4-step easy stage (the test run crosses into the hard stage)."""
+    path = tmp / "test_train.yaml"
+    path.write_text(
+        f"base: {QUICKSTART}\n"
+        f"data: {{url: {corpus}, global_batch_size: 4, num_workers: 0}}\n"
+        "curriculum:\n"
+        "  stages:\n"
+        "    - {name: easy, negative_mix: {easy: 1.0}, until_step: 4}\n"
+        "    - {name: easy_hard, negative_mix: {easy: 0.5, hard: 0.5}}\n"
+        "train: {max_steps: 8, log_every: 1, val_every_steps: 4, val_batches: 1, progress: false}\n"
+        "checkpoint: {every_steps: 2, keep_last: 3}\n"
+        "optim: {warmup_steps: 2}\n"
+    )
+    return path
+
+
+def avts_train(cwd: Path, config: Path, *overrides: str, nproc: int = 1, env=None):
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
+    cmd = [sys.executable, "-m", "avts_dist", "train", "--config", str(config)]
+    cmd += ["--nproc", str(nproc), *overrides]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=400)
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [ln["step"] for ln in lines]
+    assert steps == sorted(set(steps)), f"steps repeated or out of order: {steps}"
+    return {ln["step"]: ln for ln in lines}
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (
+        f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+
+
+@pytest.fixture(scope="module")
+def ref_run(tmp_path_factory, train_corpus):
+    """The uninterrupted 2-process reference: 8 steps, checkpoints every 2 (keep 3)."""
+    work = tmp_path_factory.mktemp("ref")
+    cfg = _config(work, train_corpus)
+    proc = avts_train(
+        work, cfg, "run.name=ref", f"checkpoint.storage_options.secret_access_key={SECRET}",
+        nproc=2,
+    )  # fmt: skip
+    _ok(proc)
+    return {"work": work, "cfg": cfg, "run_dir": work / "runs" / "ref", "proc": proc}
+
+
+def test_two_process_training(ref_run):
+    run_dir = ref_run["run_dir"]
+    m = metrics(run_dir)
+    assert sorted(m) == list(range(1, 9))
+    for step, line in m.items():
+        assert line["samples_seen"] == 4 * step
+        assert {"epoch", "loss", "lr"} <= set(line)
+    assert m[8]["loss"] < m[1]["loss"]
+    # Validation at steps 4 and 8, and the curriculum moved to the hard stage at step 4.
+    assert "val/sync_acc_easy" in m[4] and "val/sync_acc_hard" in m[8]
+    assert m[4]["curriculum"][0]["to_stage"] == "easy_hard"
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == [
+        "step_000004", "step_000006", "step_000008",
+    ]  # fmt: skip
+    assert (ckpts / "latest").read_text() == "step_000008"
+    meta = json.loads((ckpts / "step_000008" / "COMPLETE").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 8
+    assert len(list((ckpts / "step_000008").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    assert (run_dir / "config.yaml").is_file()
+    # MLflow, local store: params from the resolved config, credentials redacted everywhere.
+    from mlflow import MlflowClient
+
+    from avts_dist.tracking import tracking_uri_for
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(tracking_uri_for(str(ref_run["work"] / "mlruns")))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.global_batch_size"] == "4"
+    assert run.data.params["checkpoint.storage_options.secret_access_key"] == "***"
+    assert SECRET not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+    assert SECRET not in ref_run["proc"].stdout + ref_run["proc"].stderr
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(h.step for h in history) == list(range(1, 9))
+    assert "val/sync_acc_easy" in run.data.metrics
+
+
+def test_kill_during_save_then_resume_is_bitwise_identical(ref_run, tmp_path):
+    cfg = ref_run["cfg"]
+    # SIGKILL on both ranks after the step-6 shards are written, before it is published.
+    killed = avts_train(
+        tmp_path, cfg, "run.name=kill", nproc=2, env={"AVTS_TEST_KILL_AT": "after_shards:6"}
+    )
+    assert killed.returncode != 0
+    run_dir = tmp_path / "runs" / "kill"
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / ".tmp-step_000006").is_dir()  # the half-written save
+    assert (ckpts / "latest").read_text() == "step_000004"
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+
+    resumed = avts_train(tmp_path, cfg, "run.name=kill", "resume=auto", nproc=2)
+    _ok(resumed)
+    assert not (ckpts / ".tmp-step_000006").exists()
+    ref, got = metrics(ref_run["run_dir"]), metrics(run_dir)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step]["loss"] == ref[step]["loss"], f"step {step} differs"
+        assert got[step]["lr"] == ref[step]["lr"]
+    assert got[8]["val/sync_acc_hard"] == ref[8]["val/sync_acc_hard"]
+    # The same MLflow run continues.
+    assert (run_dir / "mlflow_run_id").read_text().strip() == run_id
+    from mlflow import MlflowClient
+
+    from avts_dist.tracking import tracking_uri_for
+
+    client = MlflowClient(tracking_uri_for(str(tmp_path / "mlruns")))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert max(h.step for h in client.get_metric_history(run_id, "loss")) == 8
+    assert client.get_run(run_id).data.tags["avts.resumed_from"].endswith("step_000004")
+
+
+def test_elastic_resume_two_to_one_and_back(ref_run, tmp_path):
+    cfg = ref_run["cfg"]
+    src = tmp_path / "from_ref"
+    shutil.copytree(ref_run["run_dir"] / "checkpoints" / "step_000004", src / "step_000004")
+    # 2 -> 1 process: DeepSpeed's universal checkpoint, same global batch.
+    one = avts_train(tmp_path, cfg, "run.name=one", f"resume={src / 'step_000004'}", nproc=1)
+    _ok(one)
+    assert (src / "step_000004_universal" / "zero").is_dir()
+    ref, got = metrics(ref_run["run_dir"]), metrics(tmp_path / "runs" / "one")
+    assert sorted(got) == [5, 6, 7, 8]
+    for step in range(5, 9):
+        # Same samples, same global batch; only the reduction order differs.
+        assert got[step]["samples_seen"] == ref[step]["samples_seen"]
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=2e-3, abs=1e-5)
+    meta = json.loads((tmp_path / "runs/one/checkpoints/step_000008/COMPLETE").read_text())
+    assert meta["world_size"] == 1
+    run_id = (tmp_path / "runs/one/mlflow_run_id").read_text().strip()
+
+    # 1 -> 2 processes, continuing the 1-process run to step 10.
+    two = avts_train(tmp_path, cfg, "run.name=one", "resume=auto", "train.max_steps=10", nproc=2)
+    _ok(two)
+    got = metrics(tmp_path / "runs" / "one")
+    assert sorted(got) == list(range(5, 11))
+    assert got[10]["samples_seen"] == 40 and got[10]["loss"] is not None
+    assert (tmp_path / "runs/one/mlflow_run_id").read_text().strip() == run_id
+    meta = json.loads((tmp_path / "runs/one/checkpoints/step_000010/COMPLETE").read_text())
+    assert meta["world_size"] == 2
+
+
+def test_export_loads_without_deepspeed(ref_run, tmp_path):
+    from avts_dist.cli import main
+
+    out = tmp_path / "model.pt"
+    assert (
+        main(["export", "--checkpoint", str(ref_run["run_dir"] / "checkpoints"), "--out", str(out)])
+        == 0
+    )
+    code = (
+        "import sys, torch\n"
+        f"p = torch.load({str(out)!r}, weights_only=True)\n"
+        "assert 'deepspeed' not in sys.modules\n"
+        "from avts_dist.models import build_video_net_from_export, build_audio_net_from_export\n"
+        f"v = build_video_net_from_export({str(out)!r}); a = build_audio_net_from_export({str(out)!r})\n"
+        "assert 'deepspeed' not in sys.modules\n"
+        "print(p['step'], p['format_version'], sorted(p))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )  # fmt: skip
+    _ok(proc)
+    assert proc.stdout.startswith("8 1 ")
+    payload = torch.load(out, weights_only=True)
+    # The exported weights are the checkpoint's (consolidated from the 2 ZeRO shards).
+    from avts_dist.train.export import consolidated_state_dict
+
+    state, _ = consolidated_state_dict(ref_run["run_dir"] / "checkpoints", "step_000008")
+    for key, value in payload["video"].items():
+        assert torch.equal(value, state[f"video.{key}"]), key
+    for key, value in payload["heads"].items():
+        assert torch.equal(value, state[f"heads.{key}"]), key
+    assert all(v.dtype != torch.bfloat16 for v in payload["audio"].values())
+
+    bad = main(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(out)])
+    assert bad == 2
+
+
+def test_nan_injection_skips_then_stops_with_checkpoint(ref_run, tmp_path, mlflow_server):
+    cfg = ref_run["cfg"]
+    proc = avts_train(
+        tmp_path, cfg, "run.name=nan", f"tracking.uri={mlflow_server}",
+        "train.inject_nan_at_steps=[2,4,5,6]", "train.max_nonfinite_steps=3",
+        "checkpoint.every_steps=0",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "non-finite loss" in proc.stderr and "checkpoint saved at step 6" in proc.stderr
+    run_dir = tmp_path / "runs" / "nan"
+    m = metrics(run_dir)
+    assert sorted(m) == list(range(1, 7))
+    for step in (2, 4, 5, 6):
+        assert m[step]["skipped_step"] is True and m[step]["loss"] is None
+    assert m[3]["loss"] is not None and m[6]["num_skipped_steps"] == 4
+    complete = json.loads((run_dir / "checkpoints/step_000006/COMPLETE").read_text())
+    assert complete["step"] == 6
+    # The tracking server holds the run, marked failed, with metrics and redacted params.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.params["run.name"] == "nan"
+    assert {h.step for h in client.get_metric_history(run_id, "loss")} == {1, 3}
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert "config.yaml" in artifacts and "checkpoints" in artifacts
