@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.corpus",
     "tests.fixtures.slurm",
     "tests.fixtures.layouts",
+    "tests.fixtures.mlflow_server",
 ]
