@@ -93,6 +93,8 @@ class _PairDataset(torch.utils.data.Dataset):
             retry_backoff_s=cfg.retry_backoff_s,
             concurrency=cfg.prefetch,
         )
+        # task -> (plan, read futures) started ahead of the batch that needs them.
+        self._ahead: dict[tuple, tuple[PairPlan, tuple[Future, Future | None]]] = {}
 
     def __len__(self) -> int:
         return len(self.pool)
@@ -113,6 +115,11 @@ class _PairDataset(torch.utils.data.Dataset):
             mix,
             self.train,
         )
+
+    def _start(self, task: tuple) -> tuple[PairPlan, tuple[Future, Future | None]]:
+        epoch, pos, row, mix = task
+        plan = self._plan(epoch, pos, row, _mix_dict(mix), 0)
+        return plan, self._fetch(plan)
 
     def _fetch(self, plan: PairPlan) -> tuple[Future, Future | None]:
         pos = self.reader.submit(plan.row, MEDIA_EXT)
@@ -147,8 +154,21 @@ class _PairDataset(torch.utils.data.Dataset):
         t_start = time.perf_counter()
         keys = self.index.key
         labels = self.index.label
-        plans = [self._plan(epoch, pos, row, _mix_dict(mix), 0) for epoch, pos, row, mix in tasks]
-        pending = [self._fetch(p) for p in plans]
+        # Reads of this batch: started by the previous call (read-ahead) or now.
+        ahead, self._ahead = self._ahead, {}
+        plans, pending = [], []
+        for task in tasks:
+            plan, futures = ahead.pop(task, None) or self._start(task)
+            plans.append(plan)
+            pending.append(futures)
+        for _, futures in ahead.values():  # read ahead for a batch that never came
+            for f in futures:
+                if f is not None:
+                    f.cancel()
+        # Then the reads of this worker's next batch, queued behind ours: storage latency
+        # hides behind this batch's decoding.
+        for task in getattr(tasks, "ahead", ()):
+            self._ahead[task] = self._start(task)
         samples, failures, decode_s, fallbacks = [], [], 0.0, 0
         for i, (epoch, pos, _row, mix) in enumerate(tasks):
             plan, futures = plans[i], pending[i]
@@ -225,6 +245,12 @@ class _PairDataset(torch.utils.data.Dataset):
         return batch
 
 
+class _Tasks(list):
+    """One batch's tasks, plus ``ahead``: the tasks of the same worker's next batch."""
+
+    ahead: list = []
+
+
 class _StepSampler:
     """Batch sampler: for each global step from ``start`` (to ``end``, or forever), the tasks
     of this rank's slice. Runs in the main process; the schedule is a snapshot."""
@@ -237,21 +263,31 @@ class _StepSampler:
         world_size: int,
         start: int,
         end: int | None,
+        stride: int = 1,
     ) -> None:
         self.sampler = sampler
         self.schedule = MixSchedule(list(schedule.entries))
         self.rank, self.world_size = rank, world_size
         self.start, self.end = start, end
+        self.stride = max(1, stride)
+
+    def tasks(self, step: int) -> _Tasks:
+        epoch = self.sampler.epoch_of(step)
+        mix = _mix_tuple(self.schedule.at(step))
+        return _Tasks(
+            (epoch, p, self.sampler.row_at(epoch, p), mix)
+            for p in self.sampler.positions(step, self.rank, self.world_size)
+        )
 
     def __iter__(self):
         step = self.start
         while self.end is None or step < self.end:
-            epoch = self.sampler.epoch_of(step)
-            mix = _mix_tuple(self.schedule.at(step))
-            yield [
-                (epoch, p, self.sampler.row_at(epoch, p), mix)
-                for p in self.sampler.positions(step, self.rank, self.world_size)
-            ]
+            tasks = self.tasks(step)
+            # Workers take batches round-robin: this worker's next batch is num_workers on.
+            nxt = step + self.stride
+            if self.end is None or nxt < self.end:
+                tasks.ahead = list(self.tasks(nxt))
+            yield tasks
             step += 1
 
     def __len__(self) -> int:
@@ -291,7 +327,7 @@ class AVLoader:
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.num_epochs = None if infinite else (max(1, cfg.epochs) if train else 1)
         self.dataset = _PairDataset(cfg, index, self.sampler.pool, video_ids, train)
-        self.schedule = MixSchedule([(0, dict(cfg.negative_mix))])
+        self.schedule = MixSchedule([(0, cfg.initial_negative_mix)])
         self.global_step = 0
         self._iter = None
         self._dirty = True
@@ -328,6 +364,7 @@ class AVLoader:
             self.world_size,
             self.global_step,
             self.end_step,
+            stride=cfg.num_workers,
         )
         kwargs: dict[str, Any] = {}
         if cfg.num_workers > 0:
