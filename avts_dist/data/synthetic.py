@@ -16,6 +16,7 @@ import colorsys
 import hashlib
 import io
 import json
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -340,7 +341,7 @@ def synthesize(
     with writer:
         if num_workers > 1:
             pool = ProcessPoolExecutor(num_workers)
-            clips = pool.map(_make_clip_star, jobs, chunksize=4)
+            clips = _bounded_map(pool, jobs, window=8 * num_workers)
         else:
             pool = None
             clips = map(_make_clip_star, jobs)
@@ -362,6 +363,18 @@ def synthesize(
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
         return writer.close()
+
+
+def _bounded_map(pool: ProcessPoolExecutor, jobs: list[dict], window: int):
+    """``pool.map`` in index order with at most ``window`` clips in flight, so encoded clips
+    never pile up in memory when the writer (probe + upload) is the slower side."""
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.submit(_make_clip_star, job))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _check(**values: float) -> None:
