@@ -253,3 +253,15 @@ def test_telemetry_counts_reads_and_time(synth_corpus):
     assert tel["clips"] == 12 and tel["bytes_read"] > 0 and tel["decode_s"] > 0
     assert tel["clips_per_s"] > 0 and tel["wait_s"] > 0 and tel["skipped_total"] == 0
     assert tel["global_step"] == 2
+
+
+def test_finite_epochs_end_and_resume_mid_epoch(synth_corpus):
+    cfg = data_cfg(synth_corpus, epochs=1)
+    loader = build_loader(cfg)
+    assert not loader.infinite and len(loader) == loader.steps_per_epoch
+    full = [records(b) for b in loader]
+    assert len(full) == loader.steps_per_epoch
+    assert list(loader) == []  # exhausted: the global step is at the end
+    resumed = build_loader(cfg)
+    resumed.load_state_dict({**loader.state_dict(), "global_step": 1, "epoch": 0})
+    assert [records(b) for b in resumed] == full[1:]
