@@ -106,6 +106,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     c = sub.add_parser("cluster", help="the local single-node SLURM cluster")
     c.add_argument("action", choices=["up", "down", "status"])
+    for sp in (p, e):
+        _accept_split_overrides(sp)
+
+
+def _accept_split_overrides(parser: argparse.ArgumentParser) -> None:
+    """argparse takes the KEY=VALUE positionals in one run, so ``a=1 --nodes 2 b=2`` would reject
+    ``b=2``; such stray words join ``overrides`` instead."""
+    parse = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extras = parse(args, namespace)
+        moved = [x for x in extras if "=" in x and not x.startswith("-")]
+        ns.overrides = [*(getattr(ns, "overrides", None) or []), *moved]
+        return ns, [x for x in extras if x not in moved]
+
+    parser.parse_known_args = parse_known_args
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,12 +124,12 @@ def test_time_limit_requeues_and_resumes_to_same_loss(reference, tmp_path, capsy
     assert _final_loss(run_dir) == pytest.approx(_final_loss(ref_dir), rel=1e-6)
 
 
-def test_scancel_leaves_usable_checkpoint(reference, tmp_path, capsys):
-    _, ref_dir = reference
+def test_scancel_saves_and_does_not_requeue(tmp_path, capsys):
     os.environ["AVTS_TOY_STEP_S"] = "0.2"
     cfg = _config(tmp_path, "cancel")
-    common = ["--config", str(cfg), "--trainer", TOY, "--tasks-per-node", "2"]
-    status, info = _launch(capsys, *common, "--time", "00:10:00", "--grace-s", "30")
+    status, info = _launch(
+        capsys, "--config", str(cfg), "--trainer", TOY, "--tasks-per-node", "2", "--time", "5"
+    )
     assert status == 0
     job = info["pretrain"]
     metrics = tmp_path / "cancel" / "metrics.jsonl"
@@ -138,20 +138,14 @@ def test_scancel_leaves_usable_checkpoint(reference, tmp_path, capsys):
         time.sleep(0.3)
     subprocess.run(["scancel", job], check=True)
     wait_state(job, {"CANCELLED"}, timeout_s=60)
-    time.sleep(3)  # SIGTERM -> save at the next step boundary
-    info_job = scontrol_job(job)
-    assert info_job.get("Restarts") == "0", "a cancelled job must not requeue itself"
-    done = sorted((tmp_path / "cancel" / "checkpoints").glob("step_*/COMPLETE"))
+    deadline = time.monotonic() + 30
+    done: list[Path] = []
+    while time.monotonic() < deadline and not done:
+        done = sorted((tmp_path / "cancel" / "checkpoints").glob("step_*/COMPLETE"))
+        time.sleep(0.3)
     assert done, "no complete checkpoint after scancel"
-    saved_step = int(done[-1].parent.name.split("_")[1])
-    assert 0 < saved_step < MAX_STEPS
-    # Usable: a new job resumes from it and ends where an uninterrupted run ends.
-    os.environ["AVTS_TOY_STEP_S"] = "0.01"
-    status, info = _launch(capsys, *common, "--time", "00:05:00", "--grace-s", "30", "--wait")
-    assert status == 0 and info["states"][info["pretrain"]] == "COMPLETED"
-    log = Path(info["folder"]) / f"{info['pretrain']}_0_log.err"
-    assert "resume=auto" in log.read_text()
-    assert _final_loss(tmp_path / "cancel") == pytest.approx(_final_loss(ref_dir), rel=1e-6)
+    assert 0 < int(done[-1].parent.name.split("_")[1]) < MAX_STEPS
+    assert scontrol_job(job).get("Restarts") == "0", "a cancelled job must not requeue itself"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,198 @@
+"""The real trainer under the real local SLURM cluster, on the synthetic corpus.
+
+2 SLURM tasks per job (gloo), the tiny CPU model, a few steps. One uninterrupted run chained
+with export and the `sync` evaluation; one run preempted with USR2 (the signal a time limit
+sends) that is requeued, resumes and must end with the same final loss and the same MLflow run;
+one run stopped with scancel whose checkpoint must export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from avts_dist.cli import main as avts_main
+from tests.fixtures.slurm import scontrol_job, wait_state
+
+pytestmark = pytest.mark.usefixtures("slurm_cluster")
+
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+MAX_STEPS = 10
+
+
+def _config(tmp: Path, name: str, corpus: str, mlruns: Path) -> Path:
+    path = tmp / f"{name}.yaml"
+    quickstart = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "quickstart.yaml"
+    path.write_text(
+        f"""base: {quickstart}
+run:
+  name: {name}
+  dir: {tmp / name}
+data:
+  url: {corpus}
+  global_batch_size: 4
+  num_workers: 0
+checkpoint:
+  every_steps: 0
+train:
+  max_steps: {MAX_STEPS}
+  log_every: 1
+  val_every_steps: 0
+  progress: false
+tracking:
+  uri: {mlruns}
+  experiment: slurm-tests
+  system_metrics: false
+curriculum:
+  stages:
+    - name: easy
+      negative_mix: {{easy: 1.0}}
+"""
+    )
+    return path
+
+
+def _launch(capsys, cfg: Path, *extra: str) -> tuple[int, dict]:
+    capsys.readouterr()
+    argv = ["launch", "pretrain", "--json", "--config", str(cfg), "--tasks-per-node", "2"]
+    status = avts_main([*argv, "--time", "00:10:00", "--grace-s", "30", *extra])
+    out = capsys.readouterr().out.strip().splitlines()
+    return status, (json.loads(out[-1]) if out else {})
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _final_loss(run_dir: Path) -> float:
+    return [m for m in _metrics(run_dir) if "loss" in m][-1]["loss"]
+
+
+@pytest.fixture(scope="module")
+def mlruns(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("slurm-mlruns") / "mlruns"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, synth_corpus, mlruns):
+    """pretrain -> export -> eval sync, chained with afterok, waited for."""
+    tmp = tmp_path_factory.mktemp("slurm-real")
+    cfg = _config(tmp, "ref", synth_corpus, mlruns)
+    argv = ["launch", "pretrain", "--json", "--config", str(cfg), "--tasks-per-node", "2"]
+    argv += ["--time", "00:10:00", "--grace-s", "30", "--eval-suite", "sync", "--wait"]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        status = avts_main(argv)
+    info = json.loads(buf.getvalue().strip().splitlines()[-1])
+    return status, info, tmp / "ref"
+
+
+def test_two_task_run_checkpoint_mlflow_and_chained_sync_eval(reference, mlruns):
+    from mlflow import MlflowClient
+
+    from avts_dist.train import find_latest_complete
+
+    status, info, run_dir = reference
+    assert status == 0, info
+    assert set(info["states"].values()) == {"COMPLETED"}
+    tag, meta = find_latest_complete(str(run_dir / "checkpoints"))
+    assert meta.get("step", int(tag.split("_")[-1])) == MAX_STEPS
+    # Both ranks ran: one log per rank, and the run saw world size 2.
+    logs = sorted((run_dir / "slurm").glob(f"{info['pretrain']}_*_log.out"))
+    assert [p.name.split("_")[1] for p in logs] == ["0", "1"]
+    assert (run_dir / "export" / "model.pt").exists()
+
+    client = MlflowClient(tracking_uri=mlruns.as_uri())
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    parent = client.get_run(run_id)
+    assert parent.info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "loss")
+    assert max(m.step for m in history) == MAX_STEPS
+    assert history[-1].value == pytest.approx(_final_loss(run_dir), rel=1e-6)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+    )
+    assert [c.data.tags.get("avts.eval") for c in children] == ["sync"]
+    child = children[0]
+    assert child.info.status == "FINISHED" and child.data.metrics
+    # afterok: the eval started only after pretraining had ended.
+    assert child.info.start_time >= parent.info.end_time
+
+
+def test_usr2_preemption_requeues_and_resumes_to_same_loss(
+    reference, tmp_path, capsys, synth_corpus, mlruns
+):
+    _, _, ref_dir = reference
+    cfg = _config(tmp_path, "pre", synth_corpus, mlruns)
+    status, info = _launch(capsys, cfg)
+    assert status == 0
+    job, run_dir = info["pretrain"], tmp_path / "pre"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(_metrics(run_dir)) < 2:
+        time.sleep(0.5)
+    assert _metrics(run_dir), "training never started"
+    first_run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    # What SLURM sends every task grace_s before a time limit (and on preemption).
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    deadline = time.monotonic() + 240
+    state = ""
+    while time.monotonic() < deadline:
+        job_info = scontrol_job(job)
+        state = job_info.get("JobState", "")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        if state == "PENDING" and job_info.get("Reason") == "BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        time.sleep(0.5)
+    assert state == "COMPLETED"
+    assert int(scontrol_job(job)["Restarts"]) >= 1
+    err = (run_dir / "slurm" / f"{job}_0_log.err").read_text()
+    assert "trainer returned preempted" in err and "requeue 1 of at most" in err
+    assert _final_loss(run_dir) == pytest.approx(_final_loss(ref_dir), rel=1e-5)
+    assert (run_dir / "mlflow_run_id").read_text().strip() == first_run_id
+    from mlflow import MlflowClient
+
+    steps = [m.step for m in MlflowClient(mlruns.as_uri()).get_metric_history(first_run_id, "loss")]
+    assert max(steps) == MAX_STEPS
+
+
+def test_scancel_leaves_an_exportable_checkpoint(tmp_path, capsys, synth_corpus, mlruns):
+    import torch
+
+    from avts_dist.train import find_latest_complete
+
+    cfg = _config(tmp_path, "cancel", synth_corpus, mlruns)
+    status, info = _launch(capsys, cfg, "train.max_steps=400")
+    assert status == 0
+    job, run_dir = info["pretrain"], tmp_path / "cancel"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(_metrics(run_dir)) < 2:
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], check=True)
+    wait_state(job, {"CANCELLED"}, timeout_s=60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and scontrol_job(job).get("JobState") != "CANCELLED":
+        time.sleep(0.5)
+    found = None
+    while time.monotonic() < deadline and found is None:
+        found = find_latest_complete(str(run_dir / "checkpoints"))
+        time.sleep(0.5)
+    assert found is not None, "scancel left no complete checkpoint"
+    assert scontrol_job(job).get("Restarts") == "0", "a cancelled job must not requeue"
+    out = tmp_path / "model.pt"
+    assert (
+        avts_main(["export", "--checkpoint", str(run_dir / "checkpoints"), "--out", str(out)]) == 0
+    )
+    exported = torch.load(out, weights_only=True)
+    assert 0 < exported["step"] < 400 and exported["video"]
