@@ -9,6 +9,7 @@ at bytes that were not uploaded.
 
 from __future__ import annotations
 
+import array
 import io
 import json
 import os
@@ -23,7 +24,7 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from avts_dist.data.probe import probe_media
+from avts_dist.data.probe import MediaInfo, probe_media
 from avts_dist.storage import StorageError, get_fs, join
 
 __all__ = [
@@ -300,9 +301,7 @@ class DatasetIndex:
     def load(cls, url: str, storage_options: dict[str, Any] | None = None) -> DatasetIndex:
         fs, root = open_dataset_fs(url, storage_options)
         path = join(root, INDEX_NAME)
-        if "://" not in url:
-            # Member URLs stay valid if a worker process runs in another directory.
-            url = os.path.abspath(url)
+        url = _canonical_url(url)
         try:
             if isinstance(fs, LocalFileSystem):
                 # np.load on a path reads member by member, no whole-file copy in memory.
@@ -329,6 +328,27 @@ def read_member(fs: fsspec.AbstractFileSystem, idx: DatasetIndex, row: int, ext:
     return fs.cat_file(path, start=offset, end=offset + size)
 
 
+# Per-clip numeric columns the writer accumulates, as compact typed arrays (array module codes):
+# a writer for AudioSet's 2M clips must not hold 2M Python dicts.
+_WRITER_COLUMNS = {
+    "shard": "i",
+    "label": "i",
+    "split": "b",
+    "duration": "f",
+    "fps": "f",
+    "num_frames": "i",
+    "has_video": "b",
+    "has_audio": "b",
+    "sample_rate": "i",
+    "status": "b",
+}
+
+
+def _canonical_url(url: str) -> str:
+    # Local paths become absolute so member URLs stay valid in processes with another cwd.
+    return url.rstrip("/") if "://" in url else os.path.abspath(url)
+
+
 class ShardWriter:
     """Writes clips into tar shards of ``shard_size`` clips, then commits the index on close.
 
@@ -352,7 +372,7 @@ class ShardWriter:
     ) -> None:
         if shard_size <= 0:
             raise DatasetError(f"shard_size must be > 0, got {shard_size}")
-        self.url = url.rstrip("/")
+        self.url = _canonical_url(url)
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = open_dataset_fs(url, storage_options)
         self.shard_size = shard_size
@@ -361,17 +381,25 @@ class ShardWriter:
         self.need_audio = need_audio
         self.min_duration = min_duration
         self.metadata = dict(metadata or {})
-        self._rows: list[dict[str, Any]] = []
+        self._keys: list[bytes] = []
+        self._key_set: set[bytes] = set()
+        self._cols = {name: array.array(code) for name, code in _WRITER_COLUMNS.items()}
+        # Filled per shard when it is flushed (rows are flushed in order): [row * members + j].
+        self._offset = array.array("q")
+        self._size = array.array("q")
+        self._extras: dict[str, list] = {}
         self._extra_kinds: dict[str, str] = {}
-        self._keys: set[str] = set()
         self._splits: list[str] = []
         self._statuses: list[str] = ["ok"]
         self._shards: list[str] = []
-        self._tmpdir = tempfile.mkdtemp(prefix="avts-shard-")
         self._tar: tarfile.TarFile | None = None
-        self._tar_rows: list[int] = []
+        self._tar_rows: list[tuple[str, tuple[bool, ...]]] = []
         self._closed = False
         self._prepare_destination()
+        self._tmpdir = tempfile.mkdtemp(prefix="avts-shard-")
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
     def _prepare_destination(self) -> None:
         index_path = join(self.root, INDEX_NAME)
@@ -394,19 +422,21 @@ class ShardWriter:
         split: str,
         **extra_scalar_columns: Any,
     ) -> dict[str, Any]:
-        """Adds one clip; returns its index row (probe results included)."""
+        """Adds one clip; returns its probe results (duration, fps, ..., status)."""
         if self._closed:
             raise DatasetError("ShardWriter is closed")
         if not _KEY_RE.match(key):
             raise DatasetError(f"clip key {key!r} must match {_KEY_RE.pattern} (webdataset keys)")
-        if key in self._keys:
+        key_bytes = key.encode("utf-8")
+        if key_bytes in self._key_set:
             raise DatasetError(f"duplicate clip key {key!r}")
         unknown = set(files) - set(self.members)
         if unknown:
             raise DatasetError(f"clip {key!r}: members {sorted(unknown)} not in {self.members}")
         # Everything that can reject the clip runs before it touches the shard.
-        for name, value in extra_scalar_columns.items():
-            self._note_extra(name, value)
+        kinds = {
+            name: self._extra_kind(name, value) for name, value in extra_scalar_columns.items()
+        }
         media = [ext for ext in MEDIA_EXTS if ext in files]
         if media:
             info = probe_media(
@@ -416,7 +446,7 @@ class ShardWriter:
                 min_duration=self.min_duration,
             ).as_dict()
         else:
-            info = {"status": "no_media"}
+            info = {**MediaInfo().as_dict(), "status": "no_media"}
         if self._tar is None:
             self._open_shard()
         assert self._tar is not None
@@ -428,27 +458,39 @@ class ShardWriter:
                 # Fixed metadata so the same clips give the same shard bytes.
                 tinfo.mtime, tinfo.mode, tinfo.uid, tinfo.gid = 0, 0o644, 0, 0
                 self._tar.addfile(tinfo, io.BytesIO(data))
+        self._record(key_bytes, int(label), split, info, extra_scalar_columns, kinds)
+        self._tar_rows.append((key, tuple(ext in files for ext in self.members)))
+        if len(self._tar_rows) >= self.shard_size:
+            self._flush_shard()
+        return info
+
+    def _record(self, key_bytes, label, split, info, extras, kinds) -> None:
         if split not in self._splits:
             self._splits.append(split)
         if info["status"] not in self._statuses:
             self._statuses.append(info["status"])
-        row = {
-            "key": key,
+        values = {
+            **{name: info[name] for name in _WRITER_COLUMNS if name in info},
             "shard": len(self._shards),
-            "label": int(label),
-            "split": split,
-            "present": [ext in files for ext in self.members],
-            "extra": extra_scalar_columns,
-            **info,
+            "label": label,
+            "split": self._splits.index(split),
+            "status": self._statuses.index(info["status"]),
         }
-        self._keys.add(key)
-        self._tar_rows.append(len(self._rows))
-        self._rows.append(row)
-        if len(self._tar_rows) >= self.shard_size:
-            self._flush_shard()
-        return row
+        for name, column in self._cols.items():
+            column.append(values[name])
+        row = len(self._keys)
+        for name, kind in kinds.items():
+            if name not in self._extras:
+                self._extras[name] = [None] * row
+            old = self._extra_kinds.setdefault(name, kind)
+            if old != kind:  # int and float mix into float; _extra_kind rejected the rest
+                self._extra_kinds[name] = "float"
+        for name, column in self._extras.items():
+            column.append(extras.get(name))
+        self._keys.append(key_bytes)
+        self._key_set.add(key_bytes)
 
-    def _note_extra(self, name: str, value: Any) -> None:
+    def _extra_kind(self, name: str, value: Any) -> str:
         if name in _CORE_COLUMNS or not name.isidentifier():
             raise DatasetError(f"extra column name {name!r} is reserved or not an identifier")
         if isinstance(value, (bool, np.bool_)):
@@ -463,11 +505,10 @@ class ShardWriter:
             raise DatasetError(
                 f"extra column {name!r}: scalar expected, got {type(value).__name__}"
             )
-        old = self._extra_kinds.setdefault(name, kind)
+        old = self._extra_kinds.get(name, kind)
         if old != kind and {old, kind} != {"int", "float"}:
             raise DatasetError(f"extra column {name!r} mixes {old} and {kind} values")
-        if {old, kind} == {"int", "float"}:
-            self._extra_kinds[name] = "float"
+        return kind
 
     def _open_shard(self) -> None:
         local = os.path.join(self._tmpdir, "shard.tar")
@@ -483,14 +524,11 @@ class ShardWriter:
         # Offsets as tarfile reads them back, so they match what any tar reader sees.
         with tarfile.open(local, mode="r") as tf:
             where = {m.name: (m.offset_data, m.size) for m in tf.getmembers()}
-        for i in self._tar_rows:
-            row = self._rows[i]
-            offsets, sizes = [], []
-            for ext, present in zip(self.members, row["present"], strict=True):
-                off, size = where[f"{row['key']}.{ext}"] if present else (-1, -1)
-                offsets.append(off)
-                sizes.append(size)
-            row["offset"], row["size"] = offsets, sizes
+        for key, present in self._tar_rows:
+            for ext, there in zip(self.members, present, strict=True):
+                off, size = where[f"{key}.{ext}"] if there else (-1, -1)
+                self._offset.append(off)
+                self._size.append(size)
         name = shard_name(len(self._shards))
         try:
             self.fs.put_file(local, join(self.root, name))
@@ -501,25 +539,17 @@ class ShardWriter:
         self._tar_rows = []
 
     def _columns(self) -> dict[str, np.ndarray]:
-        rows = self._rows
-        max_key = max((len(r["key"].encode()) for r in rows), default=1)
+        num_rows, num_members = len(self._keys), len(self.members)
+        max_key = max((len(k) for k in self._keys), default=1)
         cols: dict[str, np.ndarray] = {
-            "key": np.array([r["key"].encode() for r in rows], dtype=f"S{max_key}"),
-            "offset": np.array([r["offset"] for r in rows], dtype=np.int64).reshape(
-                len(rows), len(self.members)
-            ),
-            "size": np.array([r["size"] for r in rows], dtype=np.int64).reshape(
-                len(rows), len(self.members)
-            ),
-            "split": np.array([self._splits.index(r["split"]) for r in rows], dtype=np.int8),
-            "status": np.array([self._statuses.index(r["status"]) for r in rows], dtype=np.int8),
+            "key": np.array(self._keys, dtype=f"S{max_key}"),
+            "offset": np.frombuffer(self._offset, np.int64).reshape(num_rows, num_members).copy(),
+            "size": np.frombuffer(self._size, np.int64).reshape(num_rows, num_members).copy(),
         }
-        for name in ("shard", "label", "duration", "fps", "num_frames", "has_video"):
-            cols[name] = np.array([r.get(name, 0) for r in rows], dtype=_CORE_COLUMNS[name])
-        for name in ("has_audio", "sample_rate"):
-            cols[name] = np.array([r.get(name, 0) for r in rows], dtype=_CORE_COLUMNS[name])
+        for name, column in self._cols.items():
+            cols[name] = np.frombuffer(column, dtype=column.typecode).astype(_CORE_COLUMNS[name])
         for name, kind in self._extra_kinds.items():
-            values = [r["extra"].get(name) for r in rows]
+            values = self._extras[name]
             if kind == "str":
                 enc = [(v or "").encode() for v in values]
                 cols[f"x_{name}"] = np.array(enc, dtype=f"S{max(1, *(len(e) for e in enc))}")
@@ -542,7 +572,7 @@ class ShardWriter:
             "splits": self._splits,
             "statuses": self._statuses,
             "members": self.members,
-            "num_clips": len(self._rows),
+            "num_clips": len(self._keys),
             "extra_columns": dict(self._extra_kinds),
             "metadata": self.metadata,
         }

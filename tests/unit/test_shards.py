@@ -149,7 +149,7 @@ def test_writer_rejects_bad_keys_and_columns(tmp_path):
         w.add("c", {"wav": _wav(0.5)}, label=0, split="train", duration=1.0)
     with pytest.raises(DatasetError, match="scalar expected"):
         w.add("c", {"wav": _wav(0.5)}, label=0, split="train", label_name=None)
-    assert len(w._rows) == 1 and len(w._tar.getmembers()) == 1  # rejected clips left no trace
+    assert len(w) == 1 and len(w._tar.getmembers()) == 1  # rejected clips left no trace
     w.abort()
 
 
