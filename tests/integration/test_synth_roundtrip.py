@@ -160,3 +160,18 @@ def test_broken_clips_are_reported(broken_corpus, capsys):
     assert "broken    4 (no_audio 1, too_short 1, unreadable 2)" in capsys.readouterr().out
     # Healthy rows only, by default.
     assert sorted(idx.rows(status="ok").tolist()) == [r for r in range(8) if not declared[r]]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--num-videos", "0"], "num_videos must be > 0"),
+        (["--size", "33"], "size must be even"),
+        (["--broken-fraction", "1.5"], "broken_fraction must be in [0, 1]"),
+    ],
+)
+def test_synth_rejects_bad_arguments_in_one_line(tmp_path, capsys, argv, message):
+    assert main(["synth", "--out", str(tmp_path / "ds"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "ds").exists()  # nothing touched before the arguments were checked
