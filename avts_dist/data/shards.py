@@ -395,6 +395,7 @@ class ShardWriter:
         self._tar: tarfile.TarFile | None = None
         self._tar_rows: list[tuple[str, tuple[bool, ...]]] = []
         self._closed = False
+        self._index: DatasetIndex | None = None
         self._prepare_destination()
         self._tmpdir = tempfile.mkdtemp(prefix="avts-shard-")
 
@@ -560,9 +561,12 @@ class ShardWriter:
         return cols
 
     def close(self) -> DatasetIndex:
-        """Uploads the last shard, then commits the index (atomically) and returns it."""
+        """Uploads the last shard, then commits the index (atomically) and returns it; a second
+        call returns the same index."""
+        if self._index is not None:
+            return self._index
         if self._closed:
-            raise DatasetError("ShardWriter is already closed")
+            raise DatasetError("ShardWriter was aborted; nothing was committed")
         self._flush_shard()
         self._closed = True
         header = {
@@ -579,6 +583,7 @@ class ShardWriter:
         index = DatasetIndex(self._columns(), header, self.url, self.storage_options)
         _commit(self.fs, join(self.root, INDEX_NAME), index.to_bytes())
         shutil.rmtree(self._tmpdir, ignore_errors=True)
+        self._index = index
         return index
 
     def abort(self) -> None:

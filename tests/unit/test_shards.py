@@ -51,7 +51,7 @@ def _write(url: str, num_clips: int = 5, shard_size: int = 2) -> DatasetIndex:
                 tag=f"t{i}",
                 w=i / 2,
             )
-        return w.close()
+    return w.close()  # after the with block: the same committed index
 
 
 @pytest.mark.parametrize("scheme", ["local", "memory"])
@@ -128,6 +128,8 @@ def test_crashed_write_leaves_no_index(tmp_path):
         w.add("x", {"wav": _wav(0.5)}, label=0, split="train")
         w.add("y", {"wav": _wav(0.5)}, label=0, split="train")
         raise RuntimeError("boom")
+    with pytest.raises(DatasetError, match="aborted"):
+        w.close()
     shards = sorted(os.listdir(tmp_path / "ds" / "shards"))
     assert shards == ["shard-000000.tar", "shard-000001.tar"]  # the old third shard is gone
     with pytest.raises(DatasetError, match="never committed"):
