@@ -105,3 +105,23 @@ def test_compare_errors(store, capsys):
     assert "experiment 'nope' not found" in capsys.readouterr().err
     assert main(["compare", "--runs", "0" * 32, "--tracking-uri", store["uri"]]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_compare_and_eval_runs_on_a_tracking_server(mlflow_server, capsys):
+    """The same path against a real `mlflow server` over HTTP (session fixture)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.create_experiment("cmp-server")
+    parent = client.create_run(exp, tags={"mlflow.runName": "pretrain-srv"}).info.run_id
+    child = EvalRun("esc50", tracking_uri=mlflow_server, parent_run_id=parent)
+    child.log_metrics({"esc50/acc": 0.75})
+    child.end()
+    assert client.get_run(child.run_id).info.experiment_id == exp
+    assert main(["compare", "--experiment", "cmp-server", "--tracking-uri", mlflow_server]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # MLflow itself prints "View run at ..." lines for server runs: the table starts above "---".
+    start = next(i for i, line in enumerate(lines) if line.startswith("---")) - 1
+    lines = lines[start:]
+    assert lines[0].split() == ["pretrain-srv"]
+    assert any(line.split()[:2] == ["esc50/acc", "0.7500"] for line in lines)
