@@ -208,12 +208,141 @@ cmd_status() {
     return $rc
 }
 
+# ---------------------------------------------------------------------------------------------
+# Two SLURM nodes on this machine, each slurmd in its own network namespace (avts-n1, avts-n2)
+# joined by one veth pair: a 2-node job's torch.distributed traffic crosses a real interface.
+# The addresses (10.77.0.1, 10.77.0.2) exist only inside those namespaces. The controller runs
+# in avts-n1 (entered with nsenter --net, which keeps /sys and its cgroup mount, unlike
+# `ip netns exec`); clients run there too: `local_slurm.sh mn-exec sbatch ...`.
+
+MN="${AVTS_SLURM_MN_DIR:-/tmp/avts-slurm-mn}"
+MN_CONF="$MN/slurm.conf"
+NS1=avts-n1
+NS2=avts-n2
+IFACE=avts0
+
+mn_net_up() {
+    ip netns list | grep -qw "$NS1" && return
+    ip netns add "$NS1"
+    ip netns add "$NS2"
+    ip link add "$IFACE" type veth peer name "${IFACE}b"
+    ip link set "$IFACE" netns "$NS1"
+    ip link set "${IFACE}b" netns "$NS2"
+    ip -n "$NS2" link set "${IFACE}b" name "$IFACE"
+    ip -n "$NS1" addr add 10.77.0.1/24 dev "$IFACE"
+    ip -n "$NS2" addr add 10.77.0.2/24 dev "$IFACE"
+    for ns in "$NS1" "$NS2"; do
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set "$IFACE" up
+    done
+    echo created >"$MN/pids/netns.started"
+}
+
+mn_write_conf() {
+    mkdir -p "$MN"/{ctld,log,pids}
+    local cpus mem
+    # Half of the machine per node.
+    cpus=$(($(nproc --all) / 2))
+    [ "$cpus" -ge 1 ] || cpus=1
+    mem=$(($(mem_mb) / 2))
+    cat >"$MN_CONF.tmp" <<EOF
+# Written by launch/local_slurm.sh mn-up: two nodes in network namespaces $NS1/$NS2.
+ClusterName=avtsmn
+SlurmctldHost=$HOST(10.77.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+SlurmctldPort=6817
+SlurmdPort=6818
+StateSaveLocation=$MN/ctld
+SlurmdSpoolDir=$MN/spool-%n
+SlurmctldPidFile=$MN/pids/slurmctld.pid
+SlurmdPidFile=$MN/pids/slurmd-%n.pid
+SlurmctldLogFile=$MN/log/slurmctld.log
+SlurmdLogFile=$MN/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+SlurmctldTimeout=30
+SlurmdTimeout=30
+KillWait=30
+InactiveLimit=0
+MinJobAge=600
+JobRequeue=1
+SlurmctldParameters=preempt_send_user_signal
+NodeName=n1 NodeAddr=10.77.0.1 NodeHostname=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=n2 NodeAddr=10.77.0.2 NodeHostname=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=$PARTITION Nodes=n1,n2 Default=YES MaxTime=$MAX_TIME State=UP
+EOF
+    mv "$MN_CONF.tmp" "$MN_CONF"
+}
+
+mn_exec() { SLURM_CONF="$MN_CONF" nsenter --net=/run/netns/"$NS1" "$@"; }
+
+cmd_mn_up() {
+    need_root
+    install_packages
+    command -v ip >/dev/null || apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
+    mkdir -p "$MN/pids" "$STATE/pids"
+    mn_net_up
+    alive "$MN/pids/slurmctld.pid" || mn_write_conf
+    start_munge
+    local saved="$STATE"
+    STATE="$MN" # start_daemon records what it started under $STATE/pids
+    start_daemon slurmctld "$MN/pids/slurmctld.pid" \
+        nsenter --net=/run/netns/"$NS1" /usr/sbin/slurmctld -f "$MN_CONF" -c
+    start_daemon slurmd-n1 "$MN/pids/slurmd-n1.pid" \
+        nsenter --net=/run/netns/"$NS1" /usr/sbin/slurmd -f "$MN_CONF" -N n1
+    start_daemon slurmd-n2 "$MN/pids/slurmd-n2.pid" \
+        nsenter --net=/run/netns/"$NS2" /usr/sbin/slurmd -f "$MN_CONF" -N n2
+    STATE="$saved"
+    for _ in $(seq 120); do
+        local idle
+        idle="$(mn_exec sinfo -h -t idle -o '%D' 2>/dev/null | awk '{s += $1} END {print s + 0}')"
+        if [ "$idle" = 2 ]; then
+            log "mn-up: nodes n1 (10.77.0.1, $NS1) and n2 (10.77.0.2, $NS2), partition '$PARTITION'"
+            echo "export SLURM_CONF=$MN_CONF  # run clients with: $0 mn-exec CMD"
+            return 0
+        fi
+        sleep 0.5
+    done
+    die "the 2 nodes did not become idle: $(mn_exec sinfo 2>&1 | tail -n +2)"
+}
+
+cmd_mn_down() {
+    need_root
+    stop_pid slurmd-n2 "$MN/pids/slurmd-n2.started"
+    stop_pid slurmd-n1 "$MN/pids/slurmd-n1.started"
+    stop_pid slurmctld "$MN/pids/slurmctld.started"
+    if [ -f "$MN/pids/netns.started" ]; then
+        ip netns del "$NS1" 2>/dev/null || true
+        ip netns del "$NS2" 2>/dev/null || true
+        rm -f "$MN/pids/netns.started"
+    fi
+    log "mn-down"
+}
+
 case "${1:-}" in
 up) cmd_up ;;
 down) cmd_down ;;
 status) cmd_status ;;
+mn-up) cmd_mn_up ;;
+mn-down) cmd_mn_down ;;
+mn-status) mn_exec sinfo ;;
+mn-exec)
+    shift
+    mn_exec "$@"
+    ;;
 *)
-    echo "usage: $0 up|down|status" >&2
+    echo "usage: $0 up|down|status | mn-up|mn-down|mn-status|mn-exec CMD..." >&2
     exit 2
     ;;
 esac

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,12 +55,33 @@ def export_distributed_env() -> dict[str, int]:
     dist_env = submitit.helpers.TorchDistributedEnvironment()
     # One GPU per task: CUDA_VISIBLE_DEVICES = local rank. On a CPU partition leave it alone.
     dist_env.export(set_cuda_visible_devices=has_gpu, overwrite=True)
+    os.environ["MASTER_ADDR"] = _reachable_address(dist_env.master_addr)
     return {
         "rank": dist_env.rank,
         "world_size": dist_env.world_size,
         "local_rank": dist_env.local_rank,
         "job_id": env.job_id,
     }
+
+
+def _reachable_address(node: str) -> str:
+    """The master node's address: its name when it resolves, else SLURM's NodeAddr for it.
+
+    Node names need not be host names (several slurmd on one machine, clusters without DNS for
+    node names); SLURM itself reaches the node by NodeAddr.
+    """
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except OSError:
+        pass
+    out = subprocess.run(
+        ["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=30
+    )
+    for tok in out.stdout.split():
+        if tok.startswith("NodeAddr="):
+            return tok.split("=", 1)[1]
+    return node
 
 
 def _signal_from_env() -> signal.Signals:
