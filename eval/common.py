@@ -7,8 +7,10 @@ one small vector per clip, and nothing holds a decoded video longer than its bat
 
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +144,9 @@ def load_pretrained(checkpoint: str) -> Pretrained:
     if local and not path.exists():
         raise EvalError(f"checkpoint not found: {checkpoint}")
     if local and path.is_dir():
-        export_path = str(_export_checkpoint_dir(path, Path(tempfile.mkdtemp(prefix="avts-eval-"))))
+        tmp = tempfile.mkdtemp(prefix="avts-eval-")
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        export_path = str(_export_checkpoint_dir(path, Path(tmp)))
     else:
         export_path = checkpoint
     try:
