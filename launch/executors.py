@@ -325,8 +325,8 @@ def dist_env_summary(launch: LaunchConfig) -> dict[str, str]:
 # Job state
 
 
-def job_state(job_id: str, timeout_s: float = 15.0) -> dict[str, str]:
-    """``scontrol show job -o`` as a dict (JobState, ExitCode, Restarts, ...); {} if unknown."""
+def job_states(job_id: str, timeout_s: float = 15.0) -> list[dict[str, str]]:
+    """``scontrol show job -o`` as dicts, one per job (an array id gives one per task)."""
     try:
         out = subprocess.run(
             ["scontrol", "show", "job", "-o", str(job_id)],
@@ -335,11 +335,28 @@ def job_state(job_id: str, timeout_s: float = 15.0) -> dict[str, str]:
             timeout=timeout_s,
         )
     except subprocess.TimeoutExpired:
-        return {}
+        return []
     if out.returncode != 0:
-        return {}
-    line = out.stdout.strip().splitlines()[0] if out.stdout.strip() else ""
-    return dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+        return []
+    return [
+        dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
+        for line in out.stdout.splitlines()
+        if line.strip()
+    ]
+
+
+def job_state(job_id: str, timeout_s: float = 15.0) -> dict[str, str]:
+    """The job's ``scontrol show job`` fields (JobState, Restarts, Reason, ...); {} if unknown."""
+    states = job_states(job_id, timeout_s)
+    return states[0] if states else {}
+
+
+def _combined_state(infos: list[dict[str, str]]) -> str:
+    """An array is done when every task is; it completed only if every task did."""
+    states = [i.get("JobState", "UNKNOWN") for i in infos] or ["UNKNOWN"]
+    if not all(s in TERMINAL_STATES for s in states):
+        return next(s for s in states if s not in TERMINAL_STATES)
+    return next((s for s in states if s != "COMPLETED"), "COMPLETED")
 
 
 def wait_for_jobs(
@@ -357,8 +374,9 @@ def wait_for_jobs(
         for jid in job_ids:
             if jid in final:
                 continue
-            info = job_state(jid)
-            state = info.get("JobState", "UNKNOWN")
+            infos = job_states(jid)
+            info = infos[0] if infos else {}
+            state = _combined_state(infos)
             if state != last.get(jid):
                 restarts = info.get("Restarts", "0")
                 echo(

@@ -49,12 +49,13 @@ def resolve_callable(target: str):
 def export_distributed_env() -> dict[str, int]:
     """torch.distributed env (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) from submitit."""
     env = submitit.JobEnvironment()
-    has_gpu = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) and os.environ.get(
-        "CUDA_VISIBLE_DEVICES"
-    ) not in ("", "-1", "NoDevFiles")
     dist_env = submitit.helpers.TorchDistributedEnvironment()
-    # One GPU per task: CUDA_VISIBLE_DEVICES = local rank. On a CPU partition leave it alone.
-    dist_env.export(set_cuda_visible_devices=has_gpu, overwrite=True)
+    dist_env.export(set_cuda_visible_devices=False, overwrite=True)
+    # One GPU per task: the local rank's entry of what SLURM made visible (the ids need not be
+    # 0..N-1 without device cgroups). On a CPU partition there is nothing to narrow.
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if visible and visible[0] not in ("-1", "NoDevFiles") and len(visible) > dist_env.local_rank:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[dist_env.local_rank]
     os.environ["MASTER_ADDR"] = _reachable_address(dist_env.master_addr)
     return {
         "rank": dist_env.rank,

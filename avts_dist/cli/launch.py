@@ -105,7 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _cluster_flags(e)
 
     c = sub.add_parser("cluster", help="the local single-node SLURM cluster")
-    c.add_argument("action", choices=["up", "down", "status"])
+    c.add_argument(
+        "action",
+        choices=["up", "down", "status", "mn-up", "mn-down", "mn-status"],
+        help="mn-*: the two-node cluster in network namespaces",
+    )
     for sp in (p, e):
         _accept_split_overrides(sp)
 
@@ -278,7 +282,7 @@ def _finish(summary: dict[str, Any], args, wait_ids: list[str], local_jobs: list
             states = {}
             for job in local_jobs:
                 try:
-                    job.result()
+                    job.results()  # every task's; raises the first failure
                     states[job.job_id] = "COMPLETED"
                 except Exception as exc:  # the job's own traceback is in its log
                     states[job.job_id] = "FAILED"
@@ -407,7 +411,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    if os.geteuid() != 0 and args.action != "status":
+    if os.geteuid() != 0 and not args.action.endswith("status"):
         raise CLIError("the local SLURM cluster needs root (it installs packages, starts daemons)")
     return subprocess.run(["bash", str(LOCAL_SLURM), args.action], check=False).returncode
 

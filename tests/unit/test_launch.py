@@ -195,3 +195,26 @@ def test_cli_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch):
     # Without a dry run and without SLURM: refused before anything is written.
     assert avts_main(["launch", "pretrain", "--config", str(cfg)]) == 2
     assert "no SLURM client" in capsys.readouterr().err
+
+
+def test_array_state_is_done_only_when_every_task_is():
+    combined = executors._combined_state
+    assert combined([{"JobState": "COMPLETED"}, {"JobState": "RUNNING"}]) == "RUNNING"
+    assert combined([{"JobState": "COMPLETED"}, {"JobState": "FAILED"}]) == "FAILED"
+    assert combined([{"JobState": "COMPLETED"}, {"JobState": "COMPLETED"}]) == "COMPLETED"
+    assert combined([]) == "UNKNOWN"
+
+
+def test_local_cluster_runs_two_tasks(tmp_path, capsys, monkeypatch):
+    """--cluster local: submitit's local executor, 2 processes, gloo, no SLURM."""
+    monkeypatch.setenv("AVTS_TOY_STEP_S", "0.0")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run:\n  name: loc\n  dir: {tmp_path / 'loc'}\ntrain:\n  max_steps: 5\n")
+    status = avts_main(
+        ["launch", "pretrain", "--config", str(cfg), "--cluster", "local", "--tasks-per-node", "2"]
+        + ["--trainer", "tests.fixtures.slurm:toy_run_training", "--time", "5", "--wait"]
+    )
+    assert status == 0
+    ckpt = tmp_path / "loc" / "checkpoints" / "step_000005"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["COMPLETE", "rank0.json", "rank1.json"]
