@@ -190,7 +190,17 @@ cmd_down() {
 
 cmd_status() {
     local rc=0
-    for name in munged slurmctld slurmd; do
+    if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+        if alive "$STATE/pids/munged.started"; then
+            echo "munged: running (pid $(cat "$STATE/pids/munged.started"))"
+        else
+            echo "munged: running (not started by local_slurm.sh; down leaves it)"
+        fi
+    else
+        echo "munged: not answering"
+        rc=1
+    fi
+    for name in slurmctld slurmd; do
         local f="$STATE/pids/$name.started"
         if alive "$f"; then
             echo "$name: running (pid $(cat "$f"))"
