@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -20,6 +21,8 @@ from typing import Any
 from avts_dist.storage import redact
 
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+log = logging.getLogger("avts.tracking")
 
 __all__ = ["TrainRun", "start_child_run", "start_or_resume_run", "tracking_uri_for"]
 
@@ -123,19 +126,26 @@ def start_or_resume_run(
 
     uri = tracking_uri_for(tracking_cfg.uri)
     client = MlflowClient(tracking_uri=uri)
+    previous = ""
     if run_id:
         try:
             client.get_run(run_id)
-        except Exception as exc:
-            raise RuntimeError(
-                f"MLflow run {run_id!r} (from the checkpoint) not found at {uri}: "
-                f"{str(exc).splitlines()[0]}"
-            ) from None
-        client.update_run(run_id, status="RUNNING")
-    else:
+        except Exception as exc:  # MlflowException: e.g. a checkpoint copied from elsewhere
+            log.warning(
+                "MLflow run %s (from the checkpoint) is not in %s (%s): starting a new run",
+                run_id,
+                uri,
+                str(exc).splitlines()[0],
+            )
+            previous, run_id = run_id, ""
+        else:
+            client.update_run(run_id, status="RUNNING")
+    if not run_id:
         exp = client.get_experiment_by_name(tracking_cfg.experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(tracking_cfg.experiment)
         all_tags = {"mlflow.runName": run_name, "avts.kind": "pretrain"}
+        if previous:
+            all_tags["avts.previous_run_id"] = previous
         all_tags.update(tags or {})
         run_id = client.create_run(exp_id, tags=redact(all_tags), run_name=run_name).info.run_id
     run = TrainRun(run_id, uri, tracking_cfg.system_metrics)

@@ -172,9 +172,12 @@ def test_elastic_resume_two_to_one_and_back(ref_run, tmp_path):
     ref, got = metrics(ref_run["run_dir"]), metrics(tmp_path / "runs" / "one")
     assert sorted(got) == [5, 6, 7, 8]
     for step in range(5, 9):
-        # Same samples, same global batch; only the reduction order differs.
+        # Same samples, same global batch, same LR schedule position. The loss is close, not
+        # equal: BatchNorm normalises each rank's half-batch separately at 2 processes (and
+        # reductions run in another order). Fresh weights would give ~1.8 here.
         assert got[step]["samples_seen"] == ref[step]["samples_seen"]
-        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=2e-3, abs=1e-5)
+        assert got[step]["lr"] == ref[step]["lr"]
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=5e-2)
     meta = json.loads((tmp_path / "runs/one/checkpoints/step_000008/COMPLETE").read_text())
     assert meta["world_size"] == 1
     run_id = (tmp_path / "runs/one/mlflow_run_id").read_text().strip()
