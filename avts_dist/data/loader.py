@@ -137,11 +137,21 @@ class _PairDataset(torch.utils.data.Dataset):
         video = decode_video(
             pos_bytes, plan.video_start, cfg.num_frames, cfg.fps, cfg.size, self.train, aug
         )
-        wave = decode_audio(pos_bytes, cfg.sample_rate)
-        audio = self._audio(wave, plan.video_start)
+        # Only the audio spans needed are decoded: one span covering the positive and a
+        # same-clip negative, or the positive's and the other clip's windows.
+        lo, hi = plan.video_start, plan.video_start + self.clip_s
+        if neg_bytes is None:
+            lo, hi = min(lo, plan.neg_start), max(hi, plan.neg_start + self.clip_s)
+        wave = decode_audio(pos_bytes, cfg.sample_rate, lo, hi)
+        audio = self._audio(wave, plan.video_start - lo)
         try:
-            neg_wave = wave if neg_bytes is None else decode_audio(neg_bytes, cfg.sample_rate)
-            neg_audio = self._audio(neg_wave, plan.neg_start)
+            if neg_bytes is None:
+                neg_audio = self._audio(wave, plan.neg_start - lo)
+            else:
+                neg_wave = decode_audio(
+                    neg_bytes, cfg.sample_rate, plan.neg_start, plan.neg_start + self.clip_s
+                )
+                neg_audio = self._audio(neg_wave, 0.0)
         except DecodeError as exc:
             exc.neg = True  # the negative's clip failed: its key is the one to report
             raise
