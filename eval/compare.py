@@ -208,7 +208,9 @@ def _write_outputs(comp: Comparison, client, out: Path, curves: list[str]) -> No
             )
     comp.files["csv"] = str(out / "compare.csv")
 
-    # Training curves of the pretraining runs.
+    # Training curves of the pretraining runs (only metrics some run has: no empty panels).
+    logged = {k for r in comp.rows for k in r["_run"].data.metrics}
+    curves = [c for c in curves if c in logged] or curves[:1]
     fig, axes = plt.subplots(
         1, max(1, len(curves)), figsize=(4.2 * max(1, len(curves)), 3.2), squeeze=False
     )
