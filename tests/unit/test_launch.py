@@ -218,3 +218,16 @@ def test_local_cluster_runs_two_tasks(tmp_path, capsys, monkeypatch):
     assert status == 0
     ckpt = tmp_path / "loc" / "checkpoints" / "step_000005"
     assert sorted(p.name for p in ckpt.iterdir()) == ["COMPLETE", "rank0.json", "rank1.json"]
+
+
+def test_launch_eval_dry_run_dependency_and_arrays(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(executors, "slurm_available", lambda: False)
+    argv = ["launch", "eval", "--checkpoint", str(tmp_path / "model.pt")]
+    argv += ["--suite", "sync,ucf101", "--after", "123", "--partition", "gpu", "--dry-run"]
+    assert avts_main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("#SBATCH --dependency=afterok:123") == 2
+    assert "#SBATCH --job-name=eval-ucf101" in out and "#SBATCH --array=0-2%3" in out
+    assert "#SBATCH --ntasks-per-node=1" in out
+    assert avts_main([*argv[:4], "--suite", "sync,nope", "--dry-run"]) == 2
+    assert "unknown evaluation" in capsys.readouterr().err
