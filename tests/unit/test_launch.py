@@ -231,3 +231,13 @@ def test_launch_eval_dry_run_dependency_and_arrays(tmp_path, capsys, monkeypatch
     assert "#SBATCH --ntasks-per-node=1" in out
     assert avts_main([*argv[:4], "--suite", "sync,nope", "--dry-run"]) == 2
     assert "unknown evaluation" in capsys.readouterr().err
+
+
+def test_pretrain_job_checkpoint_counts_requeues_and_resumes():
+    from launch.pretrain import PretrainJob
+
+    job = PretrainJob({"resume": "none"}, max_requeues=2, num_requeues=1)
+    nxt = job.checkpoint()
+    assert nxt.function.num_requeues == 2 and nxt.function.config["resume"] == "auto"
+    assert job.config["resume"] == "none"  # the running job's own state is left alone
+    assert nxt.function.checkpoint() is None  # the bound is reached: no more requeues
