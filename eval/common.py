@@ -8,9 +8,11 @@ one small vector per clip, and nothing holds a decoded video longer than its bat
 from __future__ import annotations
 
 import atexit
+import contextlib
 import csv
 import dataclasses
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +115,9 @@ def _export_checkpoint_dir(ckpt: Path, out: Path) -> Path:
     from avts_dist.cli import main as avts_main
 
     target = out / "model.pt"
-    rc = avts_main(["export", "--checkpoint", str(ckpt), "--out", str(target)])
+    # Its messages go to stderr: stdout belongs to `avts eval` (e.g. --json).
+    with contextlib.redirect_stdout(sys.stderr):
+        rc = avts_main(["export", "--checkpoint", str(ckpt), "--out", str(target)])
     if rc != 0 or not target.exists():
         raise EvalError(f"cannot export checkpoint dir {ckpt} (avts export exit status {rc})")
     return target

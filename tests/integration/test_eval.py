@@ -251,3 +251,62 @@ def test_clear_errors(pretrained, prepared_datasets, tmp_path):
         )
     assert rc == 2 and "does not match the model config" in errbuf.getvalue()
     assert "Traceback" not in errbuf.getvalue()
+
+
+def test_sync_on_a_real_training_checkpoint_dir(synth_corpus, tmp_path):
+    """Real chain: `avts train` (subprocess, 4 steps) -> checkpoint dir -> `avts eval sync`,
+    exported on the fly, nested under the training run's MLflow run."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "run"
+    uri = (tmp_path / "mlruns").as_uri()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "avts_dist",
+            "train",
+            "--config",
+            "configs/pretrain/quickstart.yaml",
+            f"data.url={synth_corpus}",
+            f"run.dir={run_dir}",
+            f"tracking.uri={uri}",
+            "train.max_steps=4",
+            "train.val_every_steps=0",
+            "data.global_batch_size=4",
+            "tracking.system_metrics=false",
+            "train.progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert train.returncode == 0, train.stderr[-2000:]
+    parent = (run_dir / "mlflow_run_id").read_text().strip()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(
+            [
+                "eval",
+                "sync",
+                "--checkpoint",
+                str(run_dir / "checkpoints"),
+                "--json",
+                "eval.sync_split=train",
+                "eval.sync_max_clips=4",
+                "eval.progress=false",
+            ]
+        )
+    assert rc == 0
+    res = json.loads(out.getvalue())  # stdout is the JSON alone (export talks on stderr)
+    assert res["parent_run_id"] == parent and res["metrics"]["num_clips"] == 4
+    child = MlflowClient(tracking_uri=uri).get_run(res["run_id"])
+    assert child.data.tags["mlflow.parentRunId"] == parent
+    assert Path(res["out_dir"]) == run_dir / "eval" / "sync"
