@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from avts_dist.cli import main as avts_main
 from tests.fixtures.slurm import LOCAL_SLURM, STATE
+
+pytestmark = pytest.mark.slurm
 
 
 def _started() -> dict[str, str]:

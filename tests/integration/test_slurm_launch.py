@@ -17,7 +17,7 @@ import pytest
 from avts_dist.cli import main as avts_main
 from tests.fixtures.slurm import scontrol_job, wait_state
 
-pytestmark = pytest.mark.usefixtures("slurm_cluster")
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 TOY = "tests.fixtures.slurm:toy_run_training"
 MAX_STEPS = 60

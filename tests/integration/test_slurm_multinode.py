@@ -17,6 +17,8 @@ from tests.fixtures.slurm import LOCAL_SLURM
 
 REPO = LOCAL_SLURM.parent.parent
 
+pytestmark = pytest.mark.slurm
+
 
 @pytest.fixture(scope="module")
 def two_node_cluster():

@@ -19,7 +19,7 @@ import pytest
 from avts_dist.cli import main as avts_main
 from tests.fixtures.slurm import scontrol_job, wait_state
 
-pytestmark = pytest.mark.usefixtures("slurm_cluster")
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 MAX_STEPS = 10
