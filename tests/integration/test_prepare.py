@@ -173,3 +173,21 @@ def test_bad_source_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "meta").mkdir()
     assert main(["prepare", "esc50", "--src", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "meta/esc50.csv not found" in capsys.readouterr().err
+
+
+def test_folder_with_split_dirs_and_nested_hmdb(tmp_path):
+    from avts_dist.data.converters import prepare
+    from tests.fixtures.layouts import make_folder, make_hmdb51
+
+    make_folder(tmp_path / "f" / "train", clips=1)
+    make_folder(tmp_path / "f" / "val", clips=1)
+    prepare("folder", tmp_path / "f", str(tmp_path / "fo"), progress=False)
+    idx = DatasetIndex.load(str(tmp_path / "fo"))
+    assert sorted(idx.split.tolist()) == ["train", "train", "val", "val"]
+    # HMDB51 as extracted from its rar: videos one level deeper than the split folder.
+    made = make_hmdb51(tmp_path / "h" / "hmdb51_org", clips=2)
+    (tmp_path / "h" / "hmdb51_org" / "testTrainMulti_7030_splits").rename(
+        tmp_path / "h" / "testTrainMulti_7030_splits"
+    )
+    prepare("hmdb51", tmp_path / "h", str(tmp_path / "ho"), progress=False)
+    assert len(DatasetIndex.load(str(tmp_path / "ho"))) == made["num_videos"]

@@ -138,7 +138,8 @@ def parse_hmdb51(src: Path) -> Layout:
     classes = sorted(classes_set)
     cls_index = {c: i for i, c in enumerate(classes)}
     items, skipped = [], []
-    for path in sorted(src.glob("*/*")):
+    # Videos may sit at <src>/<class>/ or one level deeper (e.g. hmdb51_org/<class>/).
+    for path in sorted([*src.glob("*/*"), *src.glob("*/*/*")]):
         if path.suffix.lower() not in VIDEO_EXTS or path.parent == splits_dir:
             continue
         cls = path.parent.name
