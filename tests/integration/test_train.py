@@ -231,12 +231,15 @@ def test_export_loads_without_deepspeed(ref_run, tmp_path):
     assert bad == 2
 
 
-def test_nan_injection_skips_then_stops_with_checkpoint(ref_run, tmp_path, mlflow_server):
+def test_nan_injection_then_resume_from_s3(ref_run, tmp_path, mlflow_server, s3_bucket):
+    """NaN steps are skipped, 3 in a row stop the run after a checkpoint (uploaded to S3, moto
+    server), logged to a real MLflow server; the run then resumes from S3 and finishes."""
     cfg = ref_run["cfg"]
+    remote = f"s3://{s3_bucket}/ckpt"
+    common = ("run.name=nan", f"tracking.uri={mlflow_server}", f"checkpoint.dir={remote}")
     proc = avts_train(
-        tmp_path, cfg, "run.name=nan", f"tracking.uri={mlflow_server}",
-        "train.inject_nan_at_steps=[2,4,5,6]", "train.max_nonfinite_steps=3",
-        "checkpoint.every_steps=0",
+        tmp_path, cfg, *common, "train.inject_nan_at_steps=[2,4,5,6]",
+        "train.max_nonfinite_steps=3", "checkpoint.every_steps=0",
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "non-finite loss" in proc.stderr and "checkpoint saved at step 6" in proc.stderr
@@ -246,8 +249,12 @@ def test_nan_injection_skips_then_stops_with_checkpoint(ref_run, tmp_path, mlflo
     for step in (2, 4, 5, 6):
         assert m[step]["skipped_step"] is True and m[step]["loss"] is None
     assert m[3]["loss"] is not None and m[6]["num_skipped_steps"] == 4
-    complete = json.loads((run_dir / "checkpoints/step_000006/COMPLETE").read_text())
-    assert complete["step"] == 6
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    meta = json.loads(fs.cat_file(f"{s3_bucket}/ckpt/step_000006/COMPLETE"))
+    assert meta["step"] == 6 and fs.cat_file(f"{s3_bucket}/ckpt/latest") == b"step_000006"
+    assert fs.exists(f"{s3_bucket}/ckpt/step_000006/mp_rank_00_model_states.pt")
     # The tracking server holds the run, marked failed, with metrics and redacted params.
     from mlflow import MlflowClient
 
@@ -259,3 +266,18 @@ def test_nan_injection_skips_then_stops_with_checkpoint(ref_run, tmp_path, mlflo
     assert {h.step for h in client.get_metric_history(run_id, "loss")} == {1, 3}
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert "config.yaml" in artifacts and "checkpoints" in artifacts
+
+    # Resume from S3 alone: the local staging copy is gone, so it must be downloaded.
+    shutil.rmtree(run_dir / "checkpoint_staging")
+    resumed = avts_train(tmp_path, cfg, *common, "resume=auto")
+    _ok(resumed)
+    m = metrics(run_dir)
+    assert sorted(m) == list(range(1, 9)) and m[8]["loss"] is not None
+    assert fs.cat_file(f"{s3_bucket}/ckpt/latest") == b"step_000008"
+    assert client.get_run(run_id).info.status == "FINISHED"
+    # Export reads the checkpoint straight from S3.
+    from avts_dist.cli import main
+
+    out = tmp_path / "from_s3.pt"
+    assert main(["export", "--checkpoint", remote, "--out", str(out)]) == 0
+    assert torch.load(out, weights_only=True)["step"] == 8
