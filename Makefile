@@ -5,7 +5,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PIP := $(BIN)/pip -q --disable-pip-version-check
-DEMO_DIR ?= demo
 PYTEST_ARGS ?=
 
 .PHONY: install demo test lint format bench clean
@@ -22,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python -m avts_dist.demo --out $(DEMO_DIR)
+	$(BIN)/python -m avts_dist.demo
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
