@@ -281,3 +281,38 @@ def test_nan_injection_then_resume_from_s3(ref_run, tmp_path, mlflow_server, s3_
     out = tmp_path / "from_s3.pt"
     assert main(["export", "--checkpoint", remote, "--out", str(out)]) == 0
     assert torch.load(out, weights_only=True)["step"] == 8
+
+
+def test_preemption_signal_saves_and_exits_75(ref_run, tmp_path):
+    """SIGUSR2 (SLURM's warning signal) to `avts train`: every rank stops at the next step
+    boundary after a checkpoint; exit status 75, MLflow run marked KILLED."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "avts_dist", "train", "--config", str(ref_run["cfg"])]
+    cmd += ["run.name=pre", "train.max_steps=500", "checkpoint.every_steps=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics_file = tmp_path / "runs" / "pre" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 75, err[-3000:]
+    assert "preempted by signal" in err
+    last = max(metrics(tmp_path / "runs" / "pre"))
+    assert 3 <= last < 500
+    ckpts = tmp_path / "runs" / "pre" / "checkpoints"
+    assert (ckpts / "latest").read_text() == f"step_{last:06d}"
+    assert json.loads((ckpts / f"step_{last:06d}" / "COMPLETE").read_text())["step"] == last
+    from mlflow import MlflowClient
+
+    from avts_dist.tracking import tracking_uri_for
+
+    run_id = (tmp_path / "runs" / "pre" / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(tracking_uri_for(str(tmp_path / "mlruns")))
+    assert client.get_run(run_id).info.status == "KILLED"
