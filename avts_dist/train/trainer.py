@@ -460,7 +460,8 @@ class Trainer:
         status, message = "completed", ""
         data_iter = iter(self.loader)
         wait_s = compute_s = 0.0
-        last_saved = -1
+        # A resumed run already has its starting step on disk.
+        last_saved = self.step if self.resumed_from else -1
         try:
             while self.step < self.max_steps:
                 t0 = time.perf_counter()
