@@ -34,7 +34,9 @@ def avts(*args: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--data", default="data/synth", help="where the synthetic corpus goes")
     parser.add_argument("--runs", default="runs", help="parent folder of the run directories")
     parser.add_argument("--nproc", type=int, default=1, help="training processes per run")
