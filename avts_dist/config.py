@@ -151,6 +151,10 @@ class ModelConfig:
     embed_dim: int = 128
     # Hidden width of the embedding / fusion MLPs; 0 means the input width.
     head_hidden_dim: int = 0
+    # Time bins the embedding heads see: 1 pools each stream globally (AVTS); N > 1 pools the
+    # last stage over space (video) or frequency (audio) only, then over time into N bins, so the
+    # embedding keeps *when* events happen inside a clip (what hard negatives test).
+    temporal_bins: int = 1
     fusion_head: bool = False
     activation_checkpointing: bool = False
     channels_last_3d: bool = False
@@ -167,6 +171,8 @@ class ModelConfig:
                 _fail(f"model.{name}", "must be > 0")
         if self.head_hidden_dim < 0:
             _fail("model.head_hidden_dim", "must be >= 0 (0 = input width)")
+        if self.temporal_bins < 1:
+            _fail("model.temporal_bins", "must be >= 1 (1 = global pooling)")
 
 
 @dataclass

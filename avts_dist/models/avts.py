@@ -81,9 +81,14 @@ class AVTSModel(nn.Module):
         self.config = cfg
         self.video = build_video_net(cfg)
         self.audio = build_audio_net(cfg)
+        bins = cfg.temporal_bins
         heads: dict[str, nn.Module] = {
-            "video": EmbeddingHead(self.video.feature_dim, cfg.embed_dim, cfg.head_hidden_dim),
-            "audio": EmbeddingHead(self.audio.feature_dim, cfg.embed_dim, cfg.head_hidden_dim),
+            "video": EmbeddingHead(
+                bins * self.video.feature_dim, cfg.embed_dim, cfg.head_hidden_dim
+            ),
+            "audio": EmbeddingHead(
+                bins * self.audio.feature_dim, cfg.embed_dim, cfg.head_hidden_dim
+            ),
         }
         if cfg.fusion_head:
             heads["fusion"] = FusionHead(cfg.embed_dim, cfg.head_hidden_dim)
@@ -95,10 +100,18 @@ class AVTSModel(nn.Module):
         return self.config.embed_dim
 
     def encode_video(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
-        return self.heads["video"](self.video.features(video_BCTHW, layer="pool"))
+        if self.config.temporal_bins == 1:
+            return self.heads["video"](self.video.features(video_BCTHW, layer="pool"))
+        feats_BCTHW = self.video.features(video_BCTHW, layer="layer4", pooled=False)
+        return self.heads["video"](
+            _time_bins(feats_BCTHW.mean(dim=(3, 4)), self.config.temporal_bins)
+        )
 
     def encode_audio(self, logmel_B1FT: torch.Tensor) -> torch.Tensor:
-        return self.heads["audio"](self.audio.features(logmel_B1FT, layer="pool"))
+        if self.config.temporal_bins == 1:
+            return self.heads["audio"](self.audio.features(logmel_B1FT, layer="pool"))
+        feats_BCFT = self.audio.features(logmel_B1FT, layer="layer4", pooled=False)
+        return self.heads["audio"](_time_bins(feats_BCFT.mean(dim=2), self.config.temporal_bins))
 
     def forward(
         self,
@@ -136,6 +149,11 @@ class AVTSModel(nn.Module):
             if neg_audio_emb is not None:
                 out["neg_sync_logit"] = self.heads["fusion"](video_emb, neg_audio_emb)
         return out
+
+
+def _time_bins(feats_BCT: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """[B, C, T] -> [B, C * num_bins]: average over time within each of ``num_bins`` bins."""
+    return nn.functional.adaptive_avg_pool1d(feats_BCT, num_bins).flatten(1)
 
 
 def build_model(cfg: ModelConfig) -> AVTSModel:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from avts_dist.config import ModelConfig, load_config
+from avts_dist.config import ConfigError, ModelConfig, load_config
 from avts_dist.models import (
     AudioClassifier,
     AudioVGG,
@@ -423,3 +423,32 @@ def test_export_roundtrip_on_s3(exported, s3_bucket):
     anet = build_audio_net_from_export(url).eval()
     logmel = torch.randn(2, 1, 40, 80)
     torch.testing.assert_close(anet(logmel), model.audio(logmel))
+
+
+def test_temporal_bins_keep_event_times_in_the_embedding():
+    from avts_dist.models.avts import _time_bins
+
+    feats_BCT = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 8)
+    binned = _time_bins(feats_BCT, 4)
+    assert binned.shape == (2, 12)
+    # Bin j of channel c averages frames 2j and 2j+1.
+    assert torch.equal(binned.reshape(2, 3, 4), feats_BCT.reshape(2, 3, 4, 2).mean(-1))
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(video_arch="mc3_18", temporal_bins=4)).eval()
+    assert model.heads["video"][0].in_features == 4 * model.video.feature_dim
+    assert model.heads["audio"][0].in_features == 4 * model.audio.feature_dim
+    video, logmel = torch.randn(2, 3, 8, 32, 32), torch.randn(2, 1, 40, 101)
+    with torch.no_grad():
+        # The heads see layer-4 features pooled over space/frequency only, then into time bins.
+        v_BCT = model.video.features(video, layer="layer4", pooled=False).mean(dim=(3, 4))
+        a_BCT = model.audio.features(logmel, layer="layer4", pooled=False).mean(dim=2)
+        assert v_BCT.shape[2] == 8  # MC3 keeps every frame, so the bins hold distinct times
+        torch.testing.assert_close(
+            model.encode_video(video), model.heads["video"](_time_bins(v_BCT, 4))
+        )
+        torch.testing.assert_close(
+            model.encode_audio(logmel), model.heads["audio"](_time_bins(a_BCT, 4))
+        )
+    with pytest.raises(ConfigError, match="model.temporal_bins"):
+        load_config(None, ["model.temporal_bins=0"])
