@@ -58,7 +58,11 @@ class TrainRun:
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-                self._monitor = SystemMetricsMonitor(run_id, sampling_interval=10)
+                # tracking_uri must be explicit: otherwise the monitor logs to MLflow's global
+                # default store (./mlflow.db), where this run does not exist.
+                self._monitor = SystemMetricsMonitor(
+                    run_id, sampling_interval=10, resume_logging=True, tracking_uri=tracking_uri
+                )
                 self._monitor.start()
             except Exception:  # psutil missing or an MLflow version without it: not fatal
                 self._monitor = None
