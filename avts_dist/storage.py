@@ -35,7 +35,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def get_fs(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """Returns ``(filesystem, path)`` for a local path, ``file://``, ``s3://`` or ``memory://`` URL."""
     if not url:
         raise StorageError("empty storage URL")

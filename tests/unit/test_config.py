@@ -48,7 +48,10 @@ def test_layers_merge_in_order(tmp_path):
         (["data.min_shift=9"], "data.min_shift"),
         (["deepspeed.zero_stage=5"], "deepspeed.zero_stage"),
         (["data.negative_mix={easy: 0.5, medium: 0.5}"], "data.negative_mix"),
-        (["data.global_batch_size=6", "deepspeed.grad_accum_steps=4"], "deepspeed.grad_accum_steps"),
+        (
+            ["data.global_batch_size=6", "deepspeed.grad_accum_steps=4"],
+            "deepspeed.grad_accum_steps",
+        ),
         (["launch.time=forever"], "launch.time"),
         (["nonsense=1"], "nonsense"),
     ],
@@ -78,7 +81,9 @@ def test_yaml_errors_name_the_file(tmp_path):
 
 
 def test_save_and_reload_round_trip(tmp_path):
-    cfg = load_config(overrides=["data.fps=5", "curriculum.stages=[{name: e, until_step: 3}, {name: h}]"])
+    cfg = load_config(
+        overrides=["data.fps=5", "curriculum.stages=[{name: e, until_step: 3}, {name: h}]"]
+    )
     path = save_config(cfg, tmp_path / "config.yaml")
     again = load_config(path)
     assert config_to_dict(again) == config_to_dict(cfg)
