@@ -84,8 +84,10 @@ def test_two_task_job_completes_with_checkpoint(reference):
 
 def test_time_limit_requeues_and_resumes_to_same_loss(reference, tmp_path, capsys):
     _, ref_dir = reference
-    os.environ["AVTS_TOY_STEP_S"] = "0.25"
-    # 60 steps x 0.25 s outlast the first USR2 (time limit 1 min, signal 30 s before it).
+    os.environ["AVTS_TOY_STEP_S"] = "0.75"
+    # 60 steps x 0.75 s = 45 s of work: longer than the 30 s before the first USR2 (time limit
+    # 1 min, signal 30 s before it; slurmctld may send it earlier still), so the job is always
+    # signalled, however idle the machine; each resumed run is signalled again until it fits.
     status, info = _launch(
         capsys,
         "--config",
