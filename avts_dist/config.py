@@ -458,8 +458,6 @@ class Config:
     resume: str = "none"
 
     def __post_init__(self) -> None:
-        if self.deepspeed.precision == "fp16" and self.deepspeed.zero_stage == 0:
-            pass  # allowed: DeepSpeed's fp16 optimizer works without ZeRO.
         if self.data.global_batch_size % self.deepspeed.grad_accum_steps:
             _fail(
                 "deepspeed.grad_accum_steps",

@@ -94,14 +94,7 @@ def run_action(job: str, cfg, pre, idx, out_dir: Path, log) -> dict[str, float]:
     """Fine-tune per split (+ scratch baseline); returns the metrics it logged."""
     device = pick_device(cfg.eval.device)
     ev = cfg.eval
-    plans = split_plans(
-        idx,
-        ev.splits,
-        ev.max_train_videos,
-        ev.max_test_videos,
-        ev.seed,
-        usable=idx.has_video.astype(bool),
-    )
+    plans = split_plans(idx, ev, usable=idx.has_video.astype(bool))
     metrics: dict[str, float] = {}
     variants = [("pretrained", True)] + ([("scratch", False)] if ev.scratch_baseline else [])
     for variant, pretrained in variants:

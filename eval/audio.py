@@ -34,14 +34,7 @@ def run_audio(job: str, cfg, pre, idx, out_dir: Path, log) -> dict[str, float]:
             f"eval.feature_layer={ev.feature_layer!r} is not a layer of the audio net "
             f"(choose from {net.stage_names})"
         )
-    plans = split_plans(
-        idx,
-        ev.splits,
-        ev.max_train_videos,
-        ev.max_test_videos,
-        ev.seed,
-        usable=idx.has_audio.astype(bool),
-    )
+    plans = split_plans(idx, ev, usable=idx.has_audio.astype(bool))
     # Each clip's features are computed once, whatever number of folds use it.
     needed = np.unique(np.concatenate([np.r_[p.train_rows, p.test_rows] for p in plans]))
     feats = audio_features(

@@ -194,16 +194,13 @@ def _cap(rows: np.ndarray, n: int, seed: int) -> np.ndarray:
     return rows
 
 
-def split_plans(
-    idx,
-    splits: list[int],
-    max_train: int = 0,
-    max_test: int = 0,
-    seed: int = 0,
-    usable: np.ndarray | None = None,
-) -> list[SplitPlan]:
+def split_plans(idx, ev, usable: np.ndarray | None = None) -> list[SplitPlan]:
     """Per-split (UCF101/HMDB51 ``split<k>``), per-fold (ESC-50 ``fold``, DCASE ``fold<k>``)
-    or single train/test plan (the index ``split``: ``train`` vs ``test``, else ``val``)."""
+    or single train/test plan (the index ``split``: ``train`` vs ``test``, else ``val``).
+
+    ``ev`` is the ``EvalConfig``: its ``splits``, ``max_train_videos``, ``max_test_videos`` and
+    ``seed`` choose and cap the plans."""
+    splits, max_train, max_test, seed = ev.splits, ev.max_train_videos, ev.max_test_videos, ev.seed
     ok = np.zeros(len(idx), dtype=bool)
     ok[idx.rows(status="ok")] = True
     if usable is not None:

@@ -28,14 +28,7 @@ __all__ = ["run_multimodal"]
 def run_multimodal(job: str, cfg, pre, idx, out_dir: Path, log) -> dict[str, float]:
     ev = cfg.eval
     device = pick_device(ev.device)
-    plans = split_plans(
-        idx,
-        ev.splits,
-        ev.max_train_videos,
-        ev.max_test_videos,
-        ev.seed,
-        usable=idx.has_video.astype(bool),
-    )
+    plans = split_plans(idx, ev, usable=idx.has_video.astype(bool))
     has_audio = idx.has_audio.astype(bool)
     labels = idx.label.astype(np.int64)
     num_classes = len(idx.classes)

@@ -38,6 +38,32 @@ alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 mem_mb() { awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo; }
 
+# The settings both clusters share (single node, and two nodes in network namespaces).
+common_conf() {
+    cat <<'EOF'
+# No cgroups in a container, no accounting daemon: the lightest plugins that still run real jobs.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+SlurmctldTimeout=30
+SlurmdTimeout=30
+# Time between SIGTERM and SIGKILL on scancel/time limit: the trainer saves in that window.
+KillWait=30
+InactiveLimit=0
+MinJobAge=600
+JobRequeue=1
+# Let preemption deliver the job's --signal (USR2) before SIGTERM, as on a production cluster.
+SlurmctldParameters=preempt_send_user_signal
+EOF
+}
+
 write_conf() {
     mkdir -p "$STATE"/{ctld,spool,log,pids}
     local cpus mem
@@ -61,26 +87,7 @@ SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-# No cgroups in a container, no accounting daemon: the lightest plugins that still run real jobs.
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-ReturnToService=2
-SlurmctldTimeout=30
-SlurmdTimeout=30
-# Time between SIGTERM and SIGKILL on scancel/time limit: the trainer saves in that window.
-KillWait=30
-InactiveLimit=0
-MinJobAge=600
-JobRequeue=1
-# Let preemption deliver the job's --signal (USR2) before SIGTERM, as on a production cluster.
-SlurmctldParameters=preempt_send_user_signal
+$(common_conf)
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=$PARTITION Nodes=$HOST Default=YES MaxTime=$MAX_TIME State=UP
 EOF
@@ -271,23 +278,7 @@ SlurmctldPidFile=$MN/pids/slurmctld.pid
 SlurmdPidFile=$MN/pids/slurmd-%n.pid
 SlurmctldLogFile=$MN/log/slurmctld.log
 SlurmdLogFile=$MN/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-MpiDefault=none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-ReturnToService=2
-SlurmctldTimeout=30
-SlurmdTimeout=30
-KillWait=30
-InactiveLimit=0
-MinJobAge=600
-JobRequeue=1
-SlurmctldParameters=preempt_send_user_signal
+$(common_conf)
 NodeName=n1 NodeAddr=10.77.0.1 NodeHostname=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
 NodeName=n2 NodeAddr=10.77.0.2 NodeHostname=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=$PARTITION Nodes=n1,n2 Default=YES MaxTime=$MAX_TIME State=UP
