@@ -232,7 +232,10 @@ def split_plans(idx, ev, usable: np.ndarray | None = None) -> list[SplitPlan]:
     else:
         split = idx.split
         test_name = "test" if "test" in idx.splits else "val"
-        add("main", split == "train", split == test_name)
+        if "eval_train" in idx.splits:  # the synthetic corpus's labelled pool, never pretrained on
+            add("main", split == "eval_train", split == "eval_test")
+        else:
+            add("main", split == "train", split == test_name)
     for plan in plans:
         if plan.train_rows.size == 0 or plan.test_rows.size == 0:
             raise EvalError(

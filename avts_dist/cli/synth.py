@@ -1,10 +1,14 @@
 """avts synth: write the synthetic audio-visual corpus (H.264 + AAC MP4 clips in tar shards).
 
-Each video shows a class-specific object appearing at random event times, with a tone burst
-of a class-specific pitch and timbre at exactly those times, so audio-visual sync is learnable.
-The same --seed gives the same bytes. Example:
+Each video shows an object appearing at audio-visual events, with a tone burst at exactly those
+times, so audio-visual sync is learnable. Two label sets per clip, independent of each other:
+the rhythm of the events (even, swing, gallop: what sync has to learn) and the appearance
+(shape and colour, pitch and timbre; --num-classes of them). --label-set picks the one in the
+index's `label` column; both are recorded. Splits: train (pretraining), val (sync validation),
+test, and the labelled evaluation pool eval_train / eval_test, disjoint from the others.
+The same --seed gives the same bytes, on any storage. Example:
 
-  avts synth --out data/synth --num-videos 64 --seconds 4 --fps 8 --size 32 \\
+  avts synth --out data/synth --num-videos 96 --seconds 4 --fps 8 --size 32 \\
       --sample-rate 16000 --num-classes 4 --shard-size 16 --seed 0
 """
 
@@ -37,8 +41,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="share of clips broken on purpose (truncated, no_audio, too_short, garbage in turn)",
     )
-    parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--test-fraction", type=float, default=0.0)
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="sync validation clips")
+    parser.add_argument("--test-fraction", type=float, default=0.0, help="held-out sync clips")
+    parser.add_argument(
+        "--eval-train-fraction",
+        type=float,
+        default=0.15,
+        help="labelled clips to fine-tune / probe on (split eval_train, never pretrained on)",
+    )
+    parser.add_argument(
+        "--eval-test-fraction",
+        type=float,
+        default=0.15,
+        help="labelled clips to test on (split eval_test, never pretrained on)",
+    )
+    parser.add_argument(
+        "--label-set",
+        choices=["rhythm", "appearance"],
+        default="rhythm",
+        help="which labels fill the index's label column (both are recorded)",
+    )
     parser.add_argument(
         "--num-workers",
         type=int,
@@ -66,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
             broken_fraction=args.broken_fraction,
             val_fraction=args.val_fraction,
             test_fraction=args.test_fraction,
+            eval_train_fraction=args.eval_train_fraction,
+            eval_test_fraction=args.eval_test_fraction,
+            label_set=args.label_set,
             storage_options=args.storage_options,
             num_workers=max(1, args.num_workers),
             progress=sys.stderr.isatty(),

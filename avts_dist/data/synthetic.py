@@ -1,13 +1,26 @@
 """The embedded synthetic audio-visual corpus, where audio-visual sync is learnable.
 
-Every video shows, at random event times, an object appearing (and fading), and its audio has a
-sharp onset (a decaying tone burst) at exactly those times. Each class has one identity: a shape
-and colour on screen, a pitch and timbre in the audio. So easy negatives (another video), hard
-negatives (another time of the same video) and class labels are all meaningful.
+Every video shows audio-visual events: at each event an object appears (and fades) on screen and
+the audio has a sharp onset (a decaying tone burst) at exactly that time. Each event has a
+strength that sets both the object's size and the burst's loudness, so a pair of windows is in
+sync only if both the times and the strengths line up.
+
+Two label sets per clip, drawn independently of each other (see :func:`label_plan`):
+
+- ``rhythm`` (the default ``label``): the temporal pattern of the events, what synchronization
+  has to learn. Two events per one-second bar, bars back to back from a random phase; the second
+  event follows the first by 0.5 s (``even``), 0.375 s (``swing``) or 0.25 s (``gallop``). Any
+  one-second window holds exactly two events and, at 8 fps, exactly four frames with the object,
+  whatever the class: a single frame or the window's colour histogram tells nothing about it.
+- ``appearance``: an identity per class, a shape and colour on screen, a pitch and timbre in the
+  audio. For the rhythm labels it is a nuisance factor, and the rhythm is one for these.
+
+Splits are deterministic by key: ``train`` (pretraining, labels never read), ``val`` (sync
+validation), ``test`` (held-out sync clips) and the labelled evaluation pool ``eval_train`` /
+``eval_test``, disjoint from all of them.
 
 Clips are real MP4 files (H.264 yuv420p + AAC mono) encoded in memory with PyAV, deterministic
-for a seed: one numpy Generator per video seeded from ``(seed, video index)``, single-threaded
-x264 and bit-exact muxing.
+for a seed on any storage, serial or parallel (see :func:`encode_mp4` for what that takes).
 """
 
 from __future__ import annotations
@@ -16,7 +29,8 @@ import colorsys
 import hashlib
 import io
 import json
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
@@ -29,22 +43,32 @@ from avts_dist.data.shards import DatasetIndex, ShardWriter
 
 __all__ = [
     "BROKEN_KINDS",
+    "LABEL_SETS",
+    "RHYTHMS",
     "ClassIdentity",
     "class_identity",
     "encode_mp4",
-    "event_times",
+    "label_plan",
     "make_clip",
+    "rgb_to_yuv420p",
+    "rhythm_events",
     "split_of",
     "synthesize",
+    "use_label_set",
 ]
 
 BROKEN_KINDS = ("truncated", "no_audio", "too_short", "garbage")
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross", "hbar", "vbar")
+LABEL_SETS = ("rhythm", "appearance")
+# Rhythm class -> delay (s) of the second event after the first, within each bar.
+RHYTHMS: dict[str, float] = {"even": 0.5, "swing": 0.375, "gallop": 0.25}
+BAR_SECONDS = 1.0
 TOO_SHORT_SECONDS = 0.4
 # Shorter media is indexed with status "too_short" (below any sensible training clip).
 MIN_DURATION = 0.5
-# Visual event: the object is drawn from the event frame on, fading over this long.
-FLASH_SECONDS = 0.3
+# Visual event: the object is drawn from the event frame on, fading over this long. No longer
+# than the shortest gap between events (gallop: 0.25 s), so two flashes never overlap.
+FLASH_SECONDS = 0.25
 # Audio event: tone burst with a 2 ms attack (the onset) and an exponential decay.
 ATTACK_SECONDS = 0.002
 DECAY_SECONDS = 0.06
@@ -62,6 +86,7 @@ class ClassIdentity:
 
 
 def class_identity(label: int, num_classes: int, sample_rate: int = 16000) -> ClassIdentity:
+    """The appearance class ``label``: shape and colour on screen, pitch and timbre in the audio."""
     shape = SHAPES[label % len(SHAPES)]
     hue = (label / max(num_classes, 1) + 0.37 * (label // len(SHAPES))) % 1.0
     r, g, b = colorsys.hsv_to_rgb(hue, 0.9, 1.0)
@@ -79,26 +104,94 @@ def class_identity(label: int, num_classes: int, sample_rate: int = 16000) -> Cl
     )
 
 
-def event_times(rng: np.random.Generator, seconds: float, fps: float) -> list[float]:
-    """Event times on the frame grid (so the visual and audio events coincide exactly),
-    0.6-1.2 s apart, away from the clip ends."""
+def label_names(label_set: str, num_classes: int) -> list[str]:
+    """Class names of ``label_set`` (``num_classes`` counts the appearance identities)."""
+    if label_set == "rhythm":
+        return list(RHYTHMS)
+    if label_set == "appearance":
+        return [class_identity(c, num_classes).name for c in range(num_classes)]
+    raise ValueError(f"label_set must be one of {list(LABEL_SETS)}, got {label_set!r}")
+
+
+def rhythm_events(
+    rng: np.random.Generator, rhythm: int, seconds: float, fps: float
+) -> tuple[list[float], list[float]]:
+    """Event times (s, on the frame grid) and strengths in [0, 1] of rhythm class ``rhythm``.
+
+    Two events per bar of ``BAR_SECONDS``, the second ``RHYTHMS[name]`` after the first, bars
+    back to back from a random phase. The list starts one bar before 0 (times < 0): those events
+    are never seen, but their fading objects and decaying bursts reach into the clip, which keeps
+    every window of the clip statistically alike (no quiet start that gives the phase away).
+    """
+    delay = list(RHYTHMS.values())[rhythm]
+    bar_frames = max(1, round(BAR_SECONDS * fps))
+    phase = int(rng.integers(bar_frames)) / fps
     times: list[float] = []
-    t = float(rng.uniform(0.2, 0.6))
-    while t < seconds - 0.2:
-        frame = round(t * fps)
-        times.append(round(frame / fps, 6))
-        t += float(rng.uniform(0.6, 1.2))
-    return times
+    bar = -1
+    while phase + bar * BAR_SECONDS < seconds:
+        for offset in (0.0, delay):
+            frame = round((phase + bar * BAR_SECONDS + offset) * fps)
+            if frame / fps < seconds:
+                times.append(round(frame / fps, 6))
+        bar += 1
+    strengths = [round(float(s), 4) for s in rng.uniform(0.0, 1.0, size=len(times))]
+    return times, strengths
 
 
-def split_of(key: str, val_fraction: float, test_fraction: float = 0.0) -> str:
+def split_of(
+    key: str,
+    val_fraction: float,
+    test_fraction: float = 0.0,
+    eval_train_fraction: float = 0.0,
+    eval_test_fraction: float = 0.0,
+) -> str:
     """Deterministic by key alone, so a clip keeps its split whatever else is in the corpus."""
     u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
-    if u < val_fraction:
-        return "val"
-    if u < val_fraction + test_fraction:
-        return "test"
+    for split, fraction in (
+        ("val", val_fraction),
+        ("test", test_fraction),
+        ("eval_train", eval_train_fraction),
+        ("eval_test", eval_test_fraction),
+    ):
+        if u < fraction:
+            return split
+        u -= fraction
     return "train"
+
+
+def _stable_id(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big")
+
+
+def _balanced(seed: int, group: tuple[int, ...], position: int, num_classes: int) -> int:
+    """Class of the ``position``-th member of ``group``: every block of ``num_classes`` members
+    is a seeded permutation of all classes, so counts within a group differ by one at most."""
+    block, slot = divmod(position, num_classes)
+    return int(np.random.default_rng([seed, *group, block]).permutation(num_classes)[slot])
+
+
+def label_plan(
+    splits: Sequence[str], num_appearances: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rhythm and appearance class of every clip (in index order), from its split alone.
+
+    Rhythms are balanced within each split, and appearances within each (split, rhythm) group:
+    the two label sets are independent by construction, not only in expectation, and neither is
+    confounded with the split. Prefix-stable: clip ``i``'s labels depend on clips ``< i`` only,
+    so a larger corpus with the same seed extends a smaller one.
+    """
+    num_rhythms = len(RHYTHMS)
+    rhythm = np.zeros(len(splits), dtype=np.int64)
+    appearance = np.zeros(len(splits), dtype=np.int64)
+    seen: Counter = Counter()
+    for i, split in enumerate(splits):
+        sid = _stable_id(split)
+        rhythm[i] = _balanced(seed, (1, sid), seen[split], num_rhythms)
+        seen[split] += 1
+        group = (split, int(rhythm[i]))
+        appearance[i] = _balanced(seed, (2, sid, group[1]), seen[group], num_appearances)
+        seen[group] += 1
+    return rhythm, appearance
 
 
 def _shape_mask(shape: str, size: int, radius: float, cx: float, cy: float) -> np.ndarray:
@@ -127,27 +220,30 @@ def _shape_mask(shape: str, size: int, radius: float, cx: float, cy: float) -> n
 def render_video(
     rng: np.random.Generator,
     ident: ClassIdentity,
-    events: list[float],
+    events: Sequence[float],
+    strengths: Sequence[float],
     num_frames: int,
     fps: float,
     size: int,
 ) -> np.ndarray:
-    """uint8 frames [T, H, W, 3]: a per-video background, the class object at each event."""
+    """uint8 frames [T, H, W, 3]: a per-video background, the class object at each event (at a
+    random place, its size set by the event's strength)."""
     base = rng.uniform(10, 60, size=3)
     ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)[None, :, None]
     background = base[None, None, :] * (0.7 + 0.3 * ramp)
     frames_THWC = np.broadcast_to(background, (num_frames, size, size, 3)).astype(np.float32)
     color = np.asarray(ident.rgb, dtype=np.float32)
-    flash_frames = max(1, round(FLASH_SECONDS * fps))
-    radius = size / 6
-    for t in events:
+    # Whole frames, rounded down: a flash never reaches the next event (see FLASH_SECONDS).
+    flash_frames = max(1, int(FLASH_SECONDS * fps + 1e-6))
+    max_radius = size / 6
+    for t, strength in zip(events, strengths, strict=True):
         start = round(t * fps)
-        cx, cy = rng.uniform(radius + 1, size - radius - 1, size=2)
-        mask = _shape_mask(ident.shape, size, radius, cx, cy)
+        cx, cy = rng.uniform(max_radius + 1, size - max_radius - 1, size=2)
+        mask = _shape_mask(ident.shape, size, max_radius * (0.7 + 0.3 * strength), cx, cy)
         for k in range(flash_frames):
             f = start + k
-            if f >= num_frames:
-                break
+            if not 0 <= f < num_frames:
+                continue
             alpha = 1.0 - 0.6 * k / flash_frames
             frames_THWC[f][mask] = (1 - alpha) * frames_THWC[f][mask] + alpha * color
     return np.clip(frames_THWC, 0, 255).astype(np.uint8)
@@ -156,11 +252,13 @@ def render_video(
 def render_audio(
     rng: np.random.Generator,
     ident: ClassIdentity,
-    events: list[float],
+    events: Sequence[float],
+    strengths: Sequence[float],
     num_samples: int,
     sample_rate: int,
 ) -> np.ndarray:
-    """float32 mono waveform: low noise floor plus one tone burst starting at each event."""
+    """float32 mono waveform: low noise floor plus one tone burst starting at each event, its
+    loudness set by the event's strength."""
     wave = (0.003 * rng.standard_normal(num_samples)).astype(np.float32)
     n = int(BURST_SECONDS * sample_rate)
     t = np.arange(n, dtype=np.float32) / sample_rate
@@ -170,10 +268,11 @@ def render_audio(
     tone = tone / sum(ident.harmonics)
     envelope = np.minimum(t / ATTACK_SECONDS, 1.0) * np.exp(-t / DECAY_SECONDS)
     burst = (0.6 * tone * envelope).astype(np.float32)
-    for ev in events:
+    for ev, strength in zip(events, strengths, strict=True):
         start = round(ev * sample_rate)
-        end = min(num_samples, start + n)
-        wave[start:end] += burst[: end - start]
+        lo, hi = max(0, start), min(num_samples, start + n)
+        if lo < hi:
+            wave[lo:hi] += np.float32(0.5 + 0.5 * strength) * burst[lo - start : hi - start]
     return np.clip(wave, -1.0, 1.0)
 
 
@@ -186,6 +285,39 @@ AAC_OPTIONS = {"aac_coder": "fast"}
 def aac_bit_rate(sample_rate: int) -> int:
     """Two bits per sample, 48 kbit/s at least: enough that coding noise stays below onsets."""
     return max(48_000, 2 * sample_rate)
+
+
+# libx264 options. Same input, same bytes takes two of them beyond one thread:
+# - mbtree=0: x264's macroblock-tree rate control reads uninitialised memory in its AVX-512 code
+#   at small frame sizes (measured at 16-64 px), so the bytes depended on what the process had
+#   allocated before (an S3 client's threads, a process pool); its float code also gives other
+#   bytes at other SIMD levels. Without it the bitstream is identical from SSSE3 to AVX-512.
+# - input already in yuv420p (rgb_to_yuv420p), so no SIMD colour conversion is involved.
+X264_OPTIONS = {
+    "preset": "veryfast",
+    "crf": "20",
+    "threads": "1",
+    "g": "16",
+    "x264-params": "mbtree=0",
+}
+
+
+def rgb_to_yuv420p(frame_HWC: np.ndarray) -> np.ndarray:
+    """BT.601 limited-range yuv420p planes stacked as ``[H * 3 / 2, W]`` uint8 (PyAV's layout).
+
+    Integer arithmetic with fixed rounding, chroma from the mean of each 2x2 block: the same
+    bytes on every machine, which swscale's SIMD paths do not promise.
+    """
+    rgb = frame_HWC.astype(np.int64)
+    height, width = rgb.shape[:2]
+    quad = rgb.reshape(height // 2, 2, width // 2, 2, 3).sum(axis=(1, 3))
+    rgb_2x2 = (quad + 2) >> 2
+    # BT.601 coefficients (Y: 65.481, 128.553, 24.966 over 255, ...) in 16-bit fixed point.
+    y = ((rgb @ np.array([16829, 33039, 6416]) + 32768) >> 16) + 16
+    u = ((rgb_2x2 @ np.array([-9714, -19070, 28784]) + 32768) >> 16) + 128
+    v = ((rgb_2x2 @ np.array([28784, -24103, -4681]) + 32768) >> 16) + 128
+    planes = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).clip(0, 255).astype(np.uint8)
+    return planes.reshape(height * 3 // 2, width)
 
 
 def encode_mp4(
@@ -201,7 +333,7 @@ def encode_mp4(
             vstream = container.add_stream(
                 "libx264",
                 rate=Fraction(fps).limit_denominator(1001),
-                options={"preset": "veryfast", "crf": "20", "threads": "1", "g": "16"},
+                options=dict(X264_OPTIONS),
             )
             vstream.width = frames_THWC.shape[2]
             vstream.height = frames_THWC.shape[1]
@@ -214,7 +346,7 @@ def encode_mp4(
             astream.codec_context.thread_count = 1
         if vstream is not None:
             for i, frame_HWC in enumerate(frames_THWC):
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame_HWC), format="rgb24")
+                frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame_HWC), format="yuv420p")
                 frame.pts = i
                 container.mux(vstream.encode(frame))
             container.mux(vstream.encode(None))
@@ -245,36 +377,66 @@ def make_clip(
     broken: str | None = None,
     val_fraction: float = 0.2,
     test_fraction: float = 0.0,
+    eval_train_fraction: float = 0.0,
+    eval_test_fraction: float = 0.0,
+    rhythm: int | None = None,
+    appearance: int | None = None,
+    label_set: str = "rhythm",
 ) -> tuple[str, dict[str, bytes], dict[str, Any]]:
-    """One clip: ``(key, {"mp4": ..., "json": ...}, meta)``; a pure function of its arguments."""
-    rng = np.random.default_rng([seed, index])
+    """One clip: ``(key, {"mp4": ..., "json": ...}, meta)``; a pure function of its arguments.
+
+    ``rhythm`` / ``appearance`` come from :func:`label_plan` in a corpus; left out, they are
+    drawn for this clip alone. ``label_set`` names which of them ``meta["label"]`` holds.
+    """
     key = f"synth_{index:07d}"
-    label = int(rng.integers(num_classes))
-    ident = class_identity(label, num_classes, sample_rate)
+    if label_set not in LABEL_SETS:
+        raise ValueError(f"label_set must be one of {list(LABEL_SETS)}, got {label_set!r}")
+    if rhythm is None or appearance is None:
+        draw = np.random.default_rng([seed, index, 1])
+        rhythm = int(draw.integers(len(RHYTHMS))) if rhythm is None else rhythm
+        appearance = int(draw.integers(num_classes)) if appearance is None else appearance
+    if not (0 <= rhythm < len(RHYTHMS) and 0 <= appearance < num_classes):
+        raise ValueError(f"clip {key}: rhythm {rhythm} or appearance {appearance} out of range")
+    # Content draws come from their own stream: they do not depend on how labels were chosen.
+    rng = np.random.default_rng([seed, index])
+    ident = class_identity(appearance, num_classes, sample_rate)
     duration = TOO_SHORT_SECONDS if broken == "too_short" else float(seconds)
     num_frames = max(1, round(duration * fps))
     duration = num_frames / fps
-    events = event_times(rng, duration, fps)
-    frames = render_video(rng, ident, events, num_frames, fps, size)
+    times, strengths = rhythm_events(rng, rhythm, duration, fps)
+    frames = render_video(rng, ident, times, strengths, num_frames, fps, size)
     waveform = None
     if broken != "no_audio":
-        waveform = render_audio(rng, ident, events, round(duration * sample_rate), sample_rate)
+        num_samples = round(duration * sample_rate)
+        waveform = render_audio(rng, ident, times, strengths, num_samples, sample_rate)
     mp4 = encode_mp4(frames, fps, waveform, sample_rate)
     if broken == "truncated":
         mp4 = mp4[: len(mp4) * 3 // 5]
     elif broken == "garbage":
         mp4 = rng.integers(0, 256, size=len(mp4), dtype=np.uint8).tobytes()
+    rhythm_name = list(RHYTHMS)[rhythm]
+    label, class_name = (rhythm, rhythm_name) if label_set == "rhythm" else (appearance, ident.name)
+    visible = [i for i, t in enumerate(times) if t >= 0]
     meta = {
         "key": key,
         "label": label,
-        "class_name": ident.name,
-        "split": split_of(key, val_fraction, test_fraction),
+        "class_name": class_name,
+        "label_set": label_set,
+        "rhythm": rhythm,
+        "rhythm_name": rhythm_name,
+        "appearance": appearance,
+        "appearance_name": ident.name,
+        "split": split_of(
+            key, val_fraction, test_fraction, eval_train_fraction, eval_test_fraction
+        ),
         "duration": duration,
         "fps": fps,
         "num_frames": num_frames,
         "size": size,
         "sample_rate": sample_rate,
-        "events": events,
+        # Events inside the clip (those of the bar before t = 0 only reach in as fading tails).
+        "events": [times[i] for i in visible],
+        "event_strengths": [strengths[i] for i in visible],
         "broken": broken,
         "seed": seed,
     }
@@ -312,29 +474,50 @@ def synthesize(
     storage_options: dict[str, Any] | None = None,
     *,
     test_fraction: float = 0.0,
+    eval_train_fraction: float = 0.0,
+    eval_test_fraction: float = 0.0,
+    label_set: str = "rhythm",
     num_workers: int = 1,
     progress: bool = False,
 ) -> DatasetIndex:
-    """Writes the corpus to ``url`` (any fsspec URL) and returns its committed index."""
+    """Writes the corpus to ``url`` (any fsspec URL) and returns its committed index.
+
+    ``label`` / ``classes`` hold ``label_set``; both label sets are also the index columns
+    ``label_rhythm`` and ``label_appearance``, their names in ``metadata.label_sets`` (see
+    :func:`use_label_set`).
+    """
     _check(num_videos=num_videos, seconds=seconds, fps=fps, size=size)
     _check(sample_rate=sample_rate, num_classes=num_classes, shard_size=shard_size)
     if size % 2:
         raise ValueError(f"size must be even (yuv420p), got {size}")
-    if not 0.0 <= val_fraction + test_fraction <= 1.0:
-        raise ValueError("val_fraction + test_fraction must be in [0, 1]")
+    fractions = dict(
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        eval_train_fraction=eval_train_fraction,
+        eval_test_fraction=eval_test_fraction,
+    )
+    if min(fractions.values()) < 0 or sum(fractions.values()) > 1:
+        raise ValueError(f"split fractions must be >= 0 and sum to <= 1, got {fractions}")
+    if label_set not in LABEL_SETS:
+        raise ValueError(f"label_set must be one of {list(LABEL_SETS)}, got {label_set!r}")
     plan = broken_plan(num_videos, broken_fraction, seed)
+    splits = [split_of(f"synth_{i:07d}", *fractions.values()) for i in range(num_videos)]
+    rhythms, appearances = label_plan(splits, num_classes, seed)
     common = dict(seconds=seconds, fps=fps, size=size, sample_rate=sample_rate)
-    common |= dict(num_classes=num_classes, seed=seed, val_fraction=val_fraction)
-    common |= dict(test_fraction=test_fraction)
-    jobs = [dict(index=i, broken=plan[i], **common) for i in range(num_videos)]
-    classes = [class_identity(c, num_classes, sample_rate).name for c in range(num_classes)]
+    common |= dict(num_classes=num_classes, seed=seed, label_set=label_set, **fractions)
+    jobs = [
+        dict(index=i, broken=plan[i], rhythm=int(rhythms[i]), appearance=int(appearances[i]))
+        | common
+        for i in range(num_videos)
+    ]
+    label_sets = {name: label_names(name, num_classes) for name in LABEL_SETS}
     metadata = {"generator": "avts_dist.data.synthetic", "seed": seed, **common}
-    metadata.update(num_videos=num_videos, broken_fraction=broken_fraction)
+    metadata.update(num_videos=num_videos, broken_fraction=broken_fraction, label_sets=label_sets)
     writer = ShardWriter(
         url,
         shard_size=shard_size,
         storage_options=storage_options,
-        classes=classes,
+        classes=label_sets[label_set],
         min_duration=MIN_DURATION,
         metadata=metadata,
     )
@@ -358,11 +541,28 @@ def synthesize(
                     label=meta["label"],
                     split=meta["split"],
                     broken=meta["broken"] or "",
+                    label_rhythm=meta["rhythm"],
+                    label_appearance=meta["appearance"],
                 )
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
         return writer.close()
+
+
+def use_label_set(idx: DatasetIndex, label_set: str) -> DatasetIndex:
+    """The same index with ``label`` / ``classes`` taken from another recorded label set (the
+    ``label_<name>`` column and ``metadata.label_sets[name]``); rows and bytes are unchanged."""
+    recorded = idx.header.get("metadata", {}).get("label_sets", {})
+    if label_set not in recorded or f"label_{label_set}" not in idx.extra_columns:
+        raise ValueError(
+            f"{idx.url}: no label set {label_set!r} recorded (it has {sorted(recorded) or 'none'})"
+        )
+    columns = dict(idx._columns)  # the stored arrays are shared, not copied
+    columns["label"] = idx.column(f"label_{label_set}").astype(np.int32)
+    header = {**idx.header, "classes": list(recorded[label_set])}
+    header["metadata"] = {**header.get("metadata", {}), "label_set": label_set}
+    return DatasetIndex(columns, header, idx.url, idx.storage_options)
 
 
 def _bounded_map(pool: ProcessPoolExecutor, jobs: list[dict], window: int):

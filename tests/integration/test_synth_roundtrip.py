@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 
 import decord
 import numpy as np
@@ -23,7 +24,7 @@ from tests.fixtures.corpus import SYNTH_CORPUS, audio_onsets, visual_onset_frame
 CLI_ARGS = [
     "--num-videos", str(SYNTH_CORPUS["num_videos"]), "--seconds", "4", "--fps", "8", "--size", "32",
     "--sample-rate", "16000", "--num-classes", "4", "--shard-size", "8", "--seed", "0",
-    "--num-workers", "1",
+    "--num-workers", "1", "--eval-train-fraction", "0", "--eval-test-fraction", "0",
 ]  # fmt: skip
 
 
@@ -40,16 +41,22 @@ def _check_clips_decode(idx: DatasetIndex, rows) -> None:
         assert len(vr) == idx.num_frames[row] == meta["num_frames"]
         frames = vr.get_batch(list(range(len(vr)))).asnumpy()
         assert frames.shape[1:] == (meta["size"], meta["size"], 3)
-        assert visual_onset_frames(frames) == [round(t * meta["fps"]) for t in meta["events"]]
+        frame_ids = [round(t * meta["fps"]) for t in meta["events"]]
+        assert visual_onset_frames(frames) == [f for f in frame_ids if f >= 1]
         sr = int(idx.sample_rate[row])
         wave = decord.AudioReader(io.BytesIO(mp4), sample_rate=sr, mono=True)[:].asnumpy()[0]
         assert 0 <= len(wave) - meta["duration"] * sr < 1024
-        np.testing.assert_allclose(audio_onsets(wave, sr), meta["events"], atol=1.0 / meta["fps"])
+        # From 20 ms on: before, the burst of an event before t = 0 may still be decaying.
+        onsets = [t for t in audio_onsets(wave, sr, hold_s=0.2) if t >= 0.02]
+        events = [t for t in meta["events"] if t >= 0.02]
+        np.testing.assert_allclose(onsets, events, atol=1.0 / meta["fps"])
 
 
 def test_local_round_trip(synth_corpus):
     idx = DatasetIndex.load(synth_corpus)
-    assert len(idx) == 16 and len(idx.shards) == 2 and len(idx.classes) == 4
+    assert len(idx) == 16 and len(idx.shards) == 2 and idx.classes == ["even", "swing", "gallop"]
+    label_sets = idx.header["metadata"]["label_sets"]
+    assert label_sets["rhythm"] == idx.classes and len(label_sets["appearance"]) == 4
     assert set(idx.split) <= {"train", "val"} and (idx.status == "ok").all()
     assert idx.has_video.all() and idx.has_audio.all()
     # Shards are plain tar files in webdataset naming, clips in index order.
@@ -61,7 +68,67 @@ def test_local_round_trip(synth_corpus):
     _check_clips_decode(idx, range(len(idx)))
 
 
-def test_parallel_synthesis_writes_the_same_bytes(tmp_path):
+def _next_second() -> None:
+    """Sleeps into the next wall-clock second, so two writes never share a timestamp."""
+    time.sleep(1.05 - time.time() % 1.0)
+
+
+def _shard_members(read, shards: list[str]) -> list[tuple[str, int, bytes]]:
+    """(name, mtime, bytes) of every member, in order, shard after shard."""
+    members = []
+    for shard in shards:
+        with tarfile.open(fileobj=io.BytesIO(read(shard))) as tf:
+            members += [(m.name, m.mtime, tf.extractfile(m).read()) for m in tf.getmembers()]
+    return members
+
+
+def _assert_same_dataset(ref: DatasetIndex, ref_read, other: DatasetIndex, other_read, what: str):
+    """Same shard bytes (member by member, for a message that names the clip) and the same index
+    columns and header; index.npz's own bytes are the index writer's concern."""
+    assert other.shards == ref.shards, what
+    ref_members = _shard_members(ref_read, ref.shards)
+    other_members = _shard_members(other_read, other.shards)
+    assert [m[:2] for m in other_members] == [m[:2] for m in ref_members], what
+    for (name, _, a), (_, _, b) in zip(ref_members, other_members, strict=True):
+        assert a == b, f"{what}: {name} differs ({len(a)} vs {len(b)} bytes)"
+    for shard in ref.shards:
+        assert other_read(shard) == ref_read(shard), f"{what}: {shard}"
+    assert other.header == ref.header, what
+    for name in ref.column_names():
+        np.testing.assert_array_equal(other.column(name), ref.column(name), err_msg=what)
+
+
+@pytest.mark.s3
+def test_same_seed_same_bytes_on_any_storage_at_any_time_serial_or_parallel(
+    s3_bucket, tmp_path, capsys
+):
+    """The issue-11 case (seed 4, 16 clips, 32 px, shards of 8): local, S3 through the CLI,
+    a process pool and a later local write, each in its own second, give the same dataset."""
+    params = dict(SYNTH_CORPUS, seed=4, eval_train_fraction=0.2, eval_test_fraction=0.2)
+    ref = synthesize(str(tmp_path / "first"), **params)
+
+    def local(root: str):
+        return lambda rel: (tmp_path / root / rel).read_bytes()
+
+    _next_second()
+    url = f"s3://{s3_bucket}/seed4"
+    argv = ["synth", "--out", url, *CLI_ARGS, "--seed", "4"]
+    argv += ["--eval-train-fraction", "0.2", "--eval-test-fraction", "0.2"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    fs, root = get_fs(url)
+    _assert_same_dataset(
+        ref, local("first"), DatasetIndex.load(url), lambda rel: fs.cat_file(f"{root}/{rel}"), "s3"
+    )
+    _next_second()
+    parallel = synthesize(str(tmp_path / "parallel"), num_workers=2, **params)
+    _assert_same_dataset(ref, local("first"), parallel, local("parallel"), "parallel")
+    _next_second()
+    again = synthesize(str(tmp_path / "again"), **params)
+    _assert_same_dataset(ref, local("first"), again, local("again"), "later")
+
+
+def test_parallel_synthesis_with_broken_clips_writes_the_same_bytes(tmp_path):
     params = dict(
         num_videos=5,
         seconds=1.0,
@@ -71,13 +138,17 @@ def test_parallel_synthesis_writes_the_same_bytes(tmp_path):
         num_classes=2,
         shard_size=2,
         seed=3,
+        broken_fraction=0.4,
     )
-    synthesize(str(tmp_path / "serial"), broken_fraction=0.4, **params)
-    synthesize(str(tmp_path / "parallel"), broken_fraction=0.4, num_workers=2, **params)
-    for rel in [INDEX_NAME, *(f"shards/shard-{i:06d}.tar" for i in range(3))]:
-        assert (tmp_path / "serial" / rel).read_bytes() == (
-            tmp_path / "parallel" / rel
-        ).read_bytes(), rel
+    serial = synthesize(str(tmp_path / "serial"), **params)
+    parallel = synthesize(str(tmp_path / "parallel"), num_workers=2, **params)
+    _assert_same_dataset(
+        serial,
+        lambda rel: (tmp_path / "serial" / rel).read_bytes(),
+        parallel,
+        lambda rel: (tmp_path / "parallel" / rel).read_bytes(),
+        "parallel",
+    )
 
 
 @pytest.mark.s3
@@ -88,7 +159,7 @@ def test_s3_cli_round_trip(s3_bucket, synth_corpus, capsys):
     assert main(["inspect", url, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     local = DatasetIndex.load(synth_corpus)
-    assert summary["clips"] == 16 and summary["shards"] == 2 and summary["classes"] == 4
+    assert summary["clips"] == 16 and summary["shards"] == 2 and summary["classes"] == 3
     assert summary["hours"] == pytest.approx(16 * 4 / 3600, abs=1e-3)
     assert summary["audio_share"] == 1.0 and summary["broken_clips"] == 0
     assert summary["splits"]["train"]["clips"] == int((local.split == "train").sum())
@@ -101,9 +172,13 @@ def test_s3_cli_round_trip(s3_bucket, synth_corpus, capsys):
     assert idx.verify() == []
     # Same seed, same bytes, whichever storage it went to.
     fs, root = get_fs(url)
-    for rel in [INDEX_NAME, *idx.shards]:
-        with open(os.path.join(synth_corpus, rel), "rb") as f:
-            assert fs.cat_file(f"{root}/{rel}") == f.read(), rel
+    _assert_same_dataset(
+        local,
+        lambda rel: open(os.path.join(synth_corpus, rel), "rb").read(),  # noqa: SIM115
+        idx,
+        lambda rel: fs.cat_file(f"{root}/{rel}"),
+        "s3",
+    )
 
 
 @pytest.mark.s3
