@@ -141,6 +141,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # two_stream (AVTS: separate video and audio nets, usable alone) | early_fusion (one
+    # audio-visual net: audio joins the video stream after video stage `fusion_stage`).
+    arch: str = "two_stream"
     # r2plus1d_18 | mc3_18 | r3d_18 (torchvision-compatible) ; widths/depths shrink them for CPU.
     video_arch: str = "r2plus1d_18"
     video_width: int = 64
@@ -156,10 +159,17 @@ class ModelConfig:
     # embedding keeps *when* events happen inside a clip (what hard negatives test).
     temporal_bins: int = 1
     fusion_head: bool = False
+    # early_fusion: the video stage (1-3) after which audio features are added; the audio net
+    # runs as many stages first, the video net's later stages are shared.
+    fusion_stage: int = 1
     activation_checkpointing: bool = False
     channels_last_3d: bool = False
 
     def __post_init__(self) -> None:
+        if self.arch not in ("two_stream", "early_fusion"):
+            _fail("model.arch", f"must be two_stream or early_fusion, got {self.arch!r}")
+        if self.fusion_stage not in (1, 2, 3):
+            _fail("model.fusion_stage", f"must be 1, 2 or 3, got {self.fusion_stage}")
         if self.video_arch not in ("r2plus1d_18", "mc3_18", "r3d_18"):
             _fail("model.video_arch", f"unknown video architecture {self.video_arch!r}")
         if self.audio_arch not in ("vgg", "tiny"):

@@ -9,6 +9,12 @@ Pairs and negatives, for a rank holding ``b`` samples of a global batch of ``B =
 - extra: ``(v_i, n_i)``, the loader's extra negative audio of kind ``neg_kind[i]``
   (0 easy: another video, 1 hard: same video, no overlap, 2 super-hard: overlapping but shifted).
 
+A model without per-modality embeddings (``model.arch=early_fusion``) passes ``video_emb`` and
+``audio_emb`` as None and scores pairs itself: the loss is then the binary cross-entropy of its
+sync logits alone (in sync -> 1, negatives -> 0), each negative weighted by its kind. Its logits
+``neg_sync_logit`` may have several columns per anchor: column 0 the loader's negative, the
+others in-batch easy negatives the model formed within its local batch (nothing is gathered).
+
 Normalisation (why N ranks equal one process): every term is a sum over this rank's anchors
 divided by the *local* batch ``b``. Gradients flow into other ranks' embeddings through the exact
 gather (sum over ranks, no scaling). DeepSpeed/DDP then average gradients over ranks (sum / N),
@@ -182,21 +188,89 @@ class _AVTSLossBase(nn.Module):
         out["num/neg"] = num_all
 
     def _head_term(self, sync_logit, neg_sync_logit, neg_kind, w, b):
-        """BCE of the fusion head: in-sync pairs -> 1, extra negatives -> 0 (weighted by kind)."""
+        """BCE of the fusion head: in-sync pairs -> 1, negatives -> 0 (weighted by kind)."""
         if sync_logit is None:
             return None
-        pos = F.binary_cross_entropy_with_logits(
-            sync_logit.reshape(b).float(), torch.ones(b, device=sync_logit.device), reduction="sum"
+        pos, per_kind, _ = _bce_terms(sync_logit, neg_sync_logit, neg_kind, b)
+        return (pos.sum() + sum(w[k] * per_kind[k][0] for k in NEGATIVE_KINDS)) / b
+
+    def forward(
+        self,
+        video_emb: torch.Tensor | None,
+        audio_emb: torch.Tensor | None,
+        neg_audio_emb: torch.Tensor | None = None,
+        neg_kind: torch.Tensor | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: dict[str, float] | None = None,
+        sync_logit: torch.Tensor | None = None,
+        neg_sync_logit: torch.Tensor | None = None,
+        step: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if video_emb is None and audio_emb is None:
+            if not 0 <= rank < world_size:
+                raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+            return self._logit_loss(sync_logit, neg_sync_logit, neg_kind, self._weights(weights))
+        if video_emb is None or audio_emb is None:
+            raise ValueError("video_emb and audio_emb must both be given, or both be None")
+        prepared = self._prepare(
+            video_emb, audio_emb, neg_audio_emb, neg_kind, rank, world_size, step
         )
-        if neg_sync_logit is not None:
-            kind_w = torch.tensor([w[k] for k in NEGATIVE_KINDS], device=neg_sync_logit.device)
-            per = F.binary_cross_entropy_with_logits(
-                neg_sync_logit.reshape(b).float(),
-                torch.zeros(b, device=neg_sync_logit.device),
-                reduction="none",
+        return self._embedding_loss(self._weights(weights), prepared, sync_logit, neg_sync_logit)
+
+    def _logit_loss(self, sync_logit, neg_sync_logit, neg_kind, w) -> dict[str, torch.Tensor]:
+        """The BCE-only mode (no embeddings): ``loss/pos`` and ``loss/<kind>`` are BCE sums over
+        this rank's anchors divided by the local batch, like every term of the embedding losses,
+        so N ranks equal one process without any gather."""
+        if sync_logit is None:
+            raise ValueError("the loss needs embeddings (video_emb, audio_emb) or sync_logit")
+        b = sync_logit.reshape(-1).shape[0]
+        if neg_kind is not None and neg_kind.shape != (b,):
+            raise ValueError(f"neg_kind must be [b]={b}, got {tuple(neg_kind.shape)}")
+        pos, per_kind, pos_ok = _bce_terms(sync_logit, neg_sync_logit, neg_kind, b)
+        f32 = dict(dtype=torch.float32, device=pos.device)
+        loss_pos = pos.sum() / b
+        terms = {k: per_kind[k][0] / b for k in NEGATIVE_KINDS}
+        loss = self.cfg.pos_weight * loss_pos + sum(w[k] * terms[k] for k in NEGATIVE_KINDS)
+        out: dict[str, torch.Tensor] = {"loss/pos": loss_pos.detach()}
+        out |= {f"loss/{k}": terms[k].detach() for k in NEGATIVE_KINDS}
+        out["loss/head"] = (loss_pos + sum(terms.values())).detach()
+        out["loss"] = loss
+        out["acc/pos"] = pos_ok.float().mean()
+        out["num/pos"] = torch.tensor(float(b), **f32)
+        for kind in NEGATIVE_KINDS:
+            _, correct, count = per_kind[kind]
+            out[f"acc/neg_{kind}"] = correct / count.clamp_min(1.0)
+            out[f"num/neg_{kind}"] = count
+            out[f"acc/{kind}"] = 0.5 * (out["acc/pos"] + out[f"acc/neg_{kind}"])
+        return out
+
+
+def _bce_terms(sync_logit, neg_sync_logit, neg_kind, b):
+    """Per-pair BCE of sync logits: positives ``[b]``; per negative kind ``(bce sum, correct,
+    count)``; and which positives are scored in sync. Column 0 of ``neg_sync_logit`` is the
+    loader's negative (of kind ``neg_kind``, easy when None), further columns easy negatives."""
+    sync = sync_logit.reshape(b).float()
+    pos = F.binary_cross_entropy_with_logits(sync, torch.ones_like(sync), reduction="none")
+    zero = torch.zeros((), dtype=torch.float32, device=sync.device)
+    per_kind = {k: (zero, zero, zero) for k in NEGATIVE_KINDS}
+    if neg_sync_logit is not None:
+        cols_bK = neg_sync_logit.reshape(b, -1).float()
+        per_bK = F.binary_cross_entropy_with_logits(
+            cols_bK, torch.zeros_like(cols_bK), reduction="none"
+        )
+        kinds_bK = torch.zeros_like(cols_bK, dtype=torch.long)
+        if neg_kind is not None:
+            kinds_bK[:, 0] = neg_kind.to(cols_bK.device).long()
+        for k_id, kind in enumerate(NEGATIVE_KINDS):
+            sel = (kinds_bK == k_id).float()
+            per_kind[kind] = (
+                (per_bK * sel).sum(),
+                ((cols_bK <= 0).float() * sel).sum(),
+                sel.sum(),
             )
-            pos = pos + (per * kind_w[neg_kind]).sum()
-        return pos / b
+    return pos, per_kind, sync > 0
 
 
 class AVTSContrastiveLoss(_AVTSLossBase):
@@ -210,24 +284,8 @@ class AVTSContrastiveLoss(_AVTSLossBase):
     it is of kind easy; ``loss/hard``/``loss/superhard`` hold the extra negatives of those kinds.
     """
 
-    def forward(
-        self,
-        video_emb: torch.Tensor,
-        audio_emb: torch.Tensor,
-        neg_audio_emb: torch.Tensor | None = None,
-        neg_kind: torch.Tensor | None = None,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        weights: dict[str, float] | None = None,
-        sync_logit: torch.Tensor | None = None,
-        neg_sync_logit: torch.Tensor | None = None,
-        step: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        w = self._weights(weights)
-        v_all, a_all, n_loc, neg_kind, lo, b, pos_cols, rand = self._prepare(
-            video_emb, audio_emb, neg_audio_emb, neg_kind, rank, world_size, step
-        )
+    def _embedding_loss(self, w, prepared, sync_logit, neg_sync_logit) -> dict[str, torch.Tensor]:
+        v_all, a_all, n_loc, neg_kind, lo, b, pos_cols, rand = prepared
         v_loc, a_loc = v_all[lo : lo + b], a_all[lo : lo + b]
         eta = self.cfg.margin
         rows = torch.arange(b, device=v_all.device)
@@ -289,24 +347,8 @@ class AVTSInfoNCELoss(_AVTSLossBase):
     rows (audio vs all videos) are averaged in.
     """
 
-    def forward(
-        self,
-        video_emb: torch.Tensor,
-        audio_emb: torch.Tensor,
-        neg_audio_emb: torch.Tensor | None = None,
-        neg_kind: torch.Tensor | None = None,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        weights: dict[str, float] | None = None,
-        sync_logit: torch.Tensor | None = None,
-        neg_sync_logit: torch.Tensor | None = None,
-        step: int | None = None,
-    ) -> dict[str, torch.Tensor]:
-        w = self._weights(weights)
-        v_all, a_all, n_loc, neg_kind, lo, b, pos_cols, rand = self._prepare(
-            video_emb, audio_emb, neg_audio_emb, neg_kind, rank, world_size, step
-        )
+    def _embedding_loss(self, w, prepared, sync_logit, neg_sync_logit) -> dict[str, torch.Tensor]:
+        v_all, a_all, n_loc, neg_kind, lo, b, pos_cols, rand = prepared
         v_loc, a_loc = v_all[lo : lo + b], a_all[lo : lo + b]
         rows = torch.arange(b, device=v_all.device)
         temp = self.cfg.temperature

@@ -1,9 +1,11 @@
-"""avts_dist.models: the video and audio subnetworks and the two-stream AVTS model.
+"""avts_dist.models: the video and audio subnetworks, the two-stream AVTS model and the early
+fusion network (``model.arch``).
 
 Pure ``torch.nn`` (no ``torch.distributed``): parallelism is applied from outside.
 
 - ``r2plus1d_18()``, ``mc3_18()``, ``r3d_18()``: torchvision state_dict-compatible video nets.
-- ``build_video_net(cfg.model)``, ``build_audio_net(cfg.model)``, ``build_model(cfg.model)``.
+- ``build_video_net(cfg.model)``, ``build_audio_net(cfg.model)``, ``build_model(cfg.model)``
+  (``AVTSModel`` or ``EarlyFusionModel``).
 - ``VideoClassifier`` / ``AudioClassifier``: a subnetwork alone, with a classification head.
 - ``load_exported(path)``, ``build_{video,audio}_net_from_export(path)``: pretrained weights.
 """
@@ -20,6 +22,7 @@ from avts_dist.models.avts import (
     build_model,
     build_video_net,
 )
+from avts_dist.models.early_fusion import EarlyFusionModel, batch_partner, silent_logmel
 from avts_dist.models.export import (
     EXPORT_FORMAT_VERSION,
     ExportError,
@@ -47,6 +50,7 @@ __all__ = [
     "AVTSModel",
     "AudioClassifier",
     "AudioVGG",
+    "EarlyFusionModel",
     "EmbeddingHead",
     "ExportError",
     "FusionHead",
@@ -54,6 +58,7 @@ __all__ = [
     "VideoClassifier",
     "VideoResNet",
     "audio_vgg",
+    "batch_partner",
     "build_audio_net",
     "build_audio_net_from_export",
     "build_model",
@@ -68,4 +73,5 @@ __all__ = [
     "r2plus1d_18",
     "r3d_18",
     "save_exported",
+    "silent_logmel",
 ]

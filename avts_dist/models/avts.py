@@ -156,7 +156,12 @@ def _time_bins(feats_BCT: torch.Tensor, num_bins: int) -> torch.Tensor:
     return nn.functional.adaptive_avg_pool1d(feats_BCT, num_bins).flatten(1)
 
 
-def build_model(cfg: ModelConfig) -> AVTSModel:
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """``AVTSModel`` (``model.arch=two_stream``) or ``EarlyFusionModel`` (``early_fusion``)."""
+    if cfg.arch == "early_fusion":
+        from avts_dist.models.early_fusion import EarlyFusionModel  # it imports this module
+
+        return EarlyFusionModel(cfg)
     return AVTSModel(cfg)
 
 

@@ -215,3 +215,73 @@ def test_collectives_without_and_with_a_group_of_one():
     assert distributed.is_dist() == pre_existing
     with pytest.raises(ValueError, match="backend"):
         distributed.init_distributed("mpi")
+
+
+def _bce(logit: float, target: float) -> float:
+    p = 1 / (1 + math.exp(-logit))
+    return -(target * math.log(p) + (1 - target) * math.log(1 - p))
+
+
+def test_logit_only_mode_is_the_weighted_bce_written_out():
+    """Early fusion has no embeddings: each pair's BCE, negatives weighted by kind."""
+    sync = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    neg = torch.tensor([[-1.0, -2.0], [0.5, -0.5], [-3.0, 1.0], [2.0, -4.0]])  # loader, in-batch
+    kind = torch.tensor([0, 1, 1, 2])
+    w = {"easy": 0.5, "hard": 2.0, "superhard": 3.0}
+    out = build_loss(LossConfig(weights=w, pos_weight=1.5))(
+        None, None, None, kind, sync_logit=sync, neg_sync_logit=neg
+    )
+    b = 4
+    pos = sum(_bce(x, 1) for x in sync.tolist()) / b
+    kinds = ("easy", "hard", "superhard")
+    terms = {k: 0.0 for k in kinds}
+    for i in range(b):
+        terms[kinds[kind[i]]] += _bce(neg[i, 0].item(), 0) / b
+        terms["easy"] += _bce(neg[i, 1].item(), 0) / b
+    expected = 1.5 * pos + sum(w[k] * terms[k] for k in kinds)
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert out["loss/pos"].item() == pytest.approx(pos, rel=1e-6)
+    for k in kinds:
+        assert out[f"loss/{k}"].item() == pytest.approx(terms[k], rel=1e-6)
+    assert out["acc/pos"].item() == 0.75
+    # easy: loader col of clip 0 (rejected) + 4 in-batch (3 rejected); hard: clips 1, 2 (1 of 2).
+    counts = {k: (out[f"num/neg_{k}"].item(), out[f"acc/neg_{k}"].item()) for k in kinds}
+    assert counts == {"easy": (5, pytest.approx(0.8)), "hard": (2, 0.5), "superhard": (1, 0.0)}
+    reduced = reduce_metrics(out, world_size=1)
+    assert reduced["acc/easy"] == pytest.approx(0.5 * (0.75 + 0.8))
+    assert "dist/pos" not in reduced
+
+
+def test_logit_only_mode_on_n_ranks_equals_one_process():
+    """Local sums over the local batch: the mean over ranks is the global loss, and gradients
+    averaged over ranks are the global gradients (no gather is involved)."""
+    gen = torch.Generator().manual_seed(0)
+    sync = torch.randn(8, generator=gen, requires_grad=True)
+    neg = torch.randn(8, 2, generator=gen, requires_grad=True)
+    kind = torch.tensor([0, 1, 2, 0, 1, 1, 0, 2])
+    loss_fn = build_loss(LossConfig(weights={"hard": 2.0}))
+    whole = loss_fn(None, None, None, kind, sync_logit=sync, neg_sync_logit=neg)["loss"]
+    (g_sync, g_neg) = torch.autograd.grad(whole, (sync, neg))
+    halves = [
+        loss_fn(
+            None, None, None, kind[sl], rank=r, world_size=2, sync_logit=sync[sl],
+            neg_sync_logit=neg[sl],
+        )["loss"]
+        for r, sl in enumerate((slice(0, 4), slice(4, 8)))
+    ]  # fmt: skip
+    assert (halves[0] + halves[1]).item() / 2 == pytest.approx(whole.item(), rel=1e-6)
+    h_sync, h_neg = torch.autograd.grad((halves[0] + halves[1]) / 2, (sync, neg))
+    torch.testing.assert_close(h_sync, g_sync)
+    torch.testing.assert_close(h_neg, g_neg)
+
+
+def test_logit_only_mode_errors_are_named():
+    loss_fn = build_loss(LossConfig())
+    with pytest.raises(ValueError, match="embeddings .* or sync_logit"):
+        loss_fn(None, None)
+    with pytest.raises(ValueError, match="both be given, or both be None"):
+        loss_fn(torch.randn(2, 4), None, sync_logit=torch.zeros(2))
+    with pytest.raises(ValueError, match="neg_kind"):
+        loss_fn(None, None, None, torch.zeros(3, dtype=torch.long), sync_logit=torch.zeros(2))
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        loss_fn(None, None, rank=2, world_size=2, sync_logit=torch.zeros(2))

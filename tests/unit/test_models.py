@@ -21,8 +21,10 @@ from avts_dist.models import (
     AudioClassifier,
     AudioVGG,
     AVTSModel,
+    EarlyFusionModel,
     ExportError,
     VideoClassifier,
+    batch_partner,
     build_audio_net_from_export,
     build_model,
     build_model_from_export,
@@ -35,6 +37,7 @@ from avts_dist.models import (
     r2plus1d_18,
     r3d_18,
     save_exported,
+    silent_logmel,
 )
 
 ARCHS = {"r3d_18": r3d_18, "mc3_18": mc3_18, "r2plus1d_18": r2plus1d_18}
@@ -330,6 +333,94 @@ def test_fusion_head_and_gradients_reach_every_parameter():
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
     assert not missing
     assert set(model.heads) == {"video", "audio", "fusion"}
+
+
+# -- early fusion --------------------------------------------------------------------------------
+
+
+def test_early_fusion_forward_contract():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(arch="early_fusion", temporal_bins=4)).eval()
+    assert isinstance(model, EarlyFusionModel)
+    video = torch.randn(4, 3, 8, 32, 32)
+    logmel, neg = torch.randn(4, 1, 40, 80), torch.randn(4, 1, 40, 80)
+    out = model(video, logmel, neg)
+    assert out["video_emb"] is None and out["audio_emb"] is None and out["neg_audio_emb"] is None
+    assert out["sync_logit"].shape == (4,) and out["neg_sync_logit"].shape == (4, 2)
+    # Column 0 scores the loader's negative, column 1 the partner clip's audio.
+    torch.testing.assert_close(out["sync_logit"], model.sync_logit(video, logmel))
+    torch.testing.assert_close(out["neg_sync_logit"][:, 0], model.sync_logit(video, neg))
+    partner = logmel[torch.tensor([1, 0, 3, 2])]
+    torch.testing.assert_close(out["neg_sync_logit"][:, 1], model.sync_logit(video, partner))
+    assert model(video, logmel)["neg_sync_logit"].shape == (4, 1)
+    assert model(video[:1], logmel[:1])["neg_sync_logit"] is None
+    with pytest.raises(ValueError, match="negative audio shape"):
+        model(video, logmel, neg[:2])
+    with pytest.raises(ValueError, match="log-mel"):
+        model(video, logmel[:, 0])
+
+
+def test_early_fusion_uses_audio_and_trains_every_parameter():
+    torch.manual_seed(0)
+    for stage in (1, 2, 3):
+        model = build_model(tiny_model_config(arch="early_fusion", fusion_stage=stage)).train()
+        video, logmel = torch.randn(4, 3, 8, 32, 32), torch.randn(4, 1, 40, 80)
+        out = model(video, logmel, torch.randn(4, 1, 40, 80))
+        (out["sync_logit"].sum() - out["neg_sync_logit"].sum()).backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+        assert not missing, (stage, missing)
+        assert len(model.audio) == stage  # no audio stage without a gradient
+    model.eval()
+    with torch.no_grad():
+        a = model.sync_logit(video, logmel)
+        b = model.sync_logit(video, silent_logmel(logmel))
+    assert not torch.allclose(a, b)
+
+
+def test_batch_partner_pairs_never_cross_ranks():
+    assert batch_partner(1) is None
+    assert batch_partner(4).tolist() == [1, 0, 3, 2]
+    assert batch_partner(3).tolist() == [1, 2, 0]
+    # A global batch of 8 on 1 rank and on 2 ranks of 4: the same partner for every clip.
+    whole = batch_partner(8).tolist()
+    halves = [g + 4 * r for r in range(2) for g in batch_partner(4).tolist()]
+    assert whole == halves
+
+
+def test_silent_logmel_is_the_loaders_log_mel_of_silence():
+    import numpy as np
+
+    from avts_dist.data.decode import logmel
+
+    silence = logmel(np.zeros(16000, dtype=np.float32), 16000, 40)[None]
+    torch.testing.assert_close(silent_logmel(silence), silence)
+
+
+def test_early_fusion_video_weights_load_into_a_plain_video_net_without_the_audio():
+    """The mechanism of its single-modality failure: the export's ``video`` part loads into a
+    plain video net, whose later stages then run without the audio they were trained with."""
+    torch.manual_seed(0)
+    cfg = tiny_model_config(arch="early_fusion")
+    model = build_model(cfg).eval()
+    net = build_video_net(cfg).eval()
+    net.load_state_dict(model.video.state_dict(), strict=True)
+    video, logmel = torch.randn(2, 3, 8, 32, 32), torch.randn(2, 1, 40, 80)
+    with torch.no_grad():
+        fused = model.encode_video(video) + model.encode_audio(logmel, 8)[..., None, None]
+        trunk_with_audio = model._video_stages(fused, 2, 4).mean(dim=(2, 3, 4))
+        alone = net.features(video, layer="pool")
+    assert not torch.allclose(alone, trunk_with_audio, atol=1e-3)
+    payload = export_payload(model, cfg)
+    assert set(payload["video"]) == set(net.state_dict())
+    with pytest.raises(RuntimeError):  # there is no audio net to take the audio part
+        build_model(tiny_model_config()).audio.load_state_dict(payload["audio"], strict=True)
+
+
+def test_model_arch_keys_are_checked():
+    with pytest.raises(ConfigError, match="model.arch"):
+        load_config(None, ["model.arch=late_fusion"])
+    with pytest.raises(ConfigError, match="model.fusion_stage"):
+        load_config(None, ["model.fusion_stage=4"])
 
 
 # -- classification heads ------------------------------------------------------------------------
