@@ -13,22 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from avts_dist.data.synthetic import synthesize
-
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "pretrain" / "quickstart.yaml"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    url = str(tmp_path_factory.mktemp("ef_corpus") / "ds")
-    synthesize(
-        url, num_videos=24, seconds=4.0, fps=8.0, size=32, sample_rate=16000, num_classes=4,
-        shard_size=8, seed=3, val_fraction=0.34,
-    )  # fmt: skip
-    return url
 
 
 def _train(cwd: Path, corpus: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -60,7 +48,10 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
     return {ln["step"]: ln for ln in lines}
 
 
-def test_early_fusion_trains_on_the_sync_objective_and_resumes_exactly(corpus, tmp_path):
+def test_early_fusion_trains_on_the_sync_objective_and_resumes_exactly(
+    train_corpus_shared, tmp_path
+):
+    corpus = train_corpus_shared
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
     _train(ref_dir, corpus, "run.name=ef")
