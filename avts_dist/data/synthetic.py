@@ -239,7 +239,7 @@ def render_video(
     for t, strength in zip(events, strengths, strict=True):
         start = round(t * fps)
         cx, cy = rng.uniform(max_radius + 1, size - max_radius - 1, size=2)
-        mask = _shape_mask(ident.shape, size, max_radius * (0.7 + 0.3 * strength), cx, cy)
+        mask = _shape_mask(ident.shape, size, max_radius * (0.5 + 0.5 * strength), cx, cy)
         for k in range(flash_frames):
             f = start + k
             if not 0 <= f < num_frames:
@@ -267,12 +267,12 @@ def render_audio(
     )
     tone = tone / sum(ident.harmonics)
     envelope = np.minimum(t / ATTACK_SECONDS, 1.0) * np.exp(-t / DECAY_SECONDS)
-    burst = (0.6 * tone * envelope).astype(np.float32)
+    burst = (0.8 * tone * envelope).astype(np.float32)
     for ev, strength in zip(events, strengths, strict=True):
         start = round(ev * sample_rate)
         lo, hi = max(0, start), min(num_samples, start + n)
         if lo < hi:
-            wave[lo:hi] += np.float32(0.5 + 0.5 * strength) * burst[lo - start : hi - start]
+            wave[lo:hi] += np.float32(0.35 + 0.65 * strength) * burst[lo - start : hi - start]
     return np.clip(wave, -1.0, 1.0)
 
 

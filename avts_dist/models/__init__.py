@@ -22,7 +22,12 @@ from avts_dist.models.avts import (
     build_model,
     build_video_net,
 )
-from avts_dist.models.early_fusion import EarlyFusionModel, batch_partner, silent_logmel
+from avts_dist.models.early_fusion import (
+    EarlyFusionModel,
+    FusedClassifier,
+    batch_partner,
+    silent_logmel,
+)
 from avts_dist.models.export import (
     EXPORT_FORMAT_VERSION,
     ExportError,
@@ -53,6 +58,7 @@ __all__ = [
     "EarlyFusionModel",
     "EmbeddingHead",
     "ExportError",
+    "FusedClassifier",
     "FusionHead",
     "StreamClassifier",
     "VideoClassifier",

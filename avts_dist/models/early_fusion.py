@@ -32,7 +32,7 @@ from avts_dist.config import ModelConfig
 from avts_dist.models.audio import AudioVGG
 from avts_dist.models.video import VideoResNet
 
-__all__ = ["EarlyFusionModel", "batch_partner", "silent_logmel"]
+__all__ = ["EarlyFusionModel", "FusedClassifier", "batch_partner", "silent_logmel"]
 
 
 def batch_partner(batch: int, device: torch.device | None = None) -> torch.Tensor | None:
@@ -105,11 +105,20 @@ class EarlyFusionModel(nn.Module):
         feats_BCT = self.audio(logmel_B1FT).mean(dim=2)
         return self.heads["fuse"](F.adaptive_avg_pool1d(feats_BCT, num_steps))
 
+    def _trunk(self, video_feats: torch.Tensor, audio_BCT: torch.Tensor) -> torch.Tensor:
+        x = video_feats + audio_BCT[:, :, :, None, None]
+        return self._video_stages(x, self.config.fusion_stage + 1, 4)
+
     def fuse_and_score(self, video_feats: torch.Tensor, audio_BCT: torch.Tensor) -> torch.Tensor:
         """Sync logits ``[B]`` of video features at the fusion point plus projected audio."""
-        x = video_feats + audio_BCT[:, :, :, None, None]
-        x = self._video_stages(x, self.config.fusion_stage + 1, 4)
+        x = self._trunk(video_feats, audio_BCT)
         return self.heads["sync"](_time_bins(x.mean(dim=(3, 4)), self.config.temporal_bins))
+
+    def features(self, video_BCTHW: torch.Tensor, logmel_B1FT: torch.Tensor) -> torch.Tensor:
+        """Pooled audio-visual features ``[B, C]`` of the shared trunk (for downstream heads)."""
+        video_feats = self.encode_video(video_BCTHW)
+        audio = self.encode_audio(logmel_B1FT, video_feats.shape[2])
+        return self._trunk(video_feats, audio).mean(dim=(2, 3, 4))
 
     def sync_logit(
         self, video_BCTHW: torch.Tensor, logmel_B1FT: torch.Tensor | None
@@ -163,3 +172,22 @@ class EarlyFusionModel(nn.Module):
 
 def _time_bins(feats_BCT: torch.Tensor, num_bins: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(feats_BCT, num_bins).flatten(1)
+
+
+class FusedClassifier(nn.Module):
+    """The early-fusion trunk with a new linear head: ``(video, log-mel) -> class logits``.
+
+    Fine-tunes the whole network (the sync head is not used). Video-only use has to decide what
+    the audio branch gets: ``silent_logmel(...)`` is the honest choice for a clip without audio.
+    """
+
+    def __init__(self, model: EarlyFusionModel, num_classes: int, dropout: float = 0.5) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.model = model
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(model.video.feature_dim, num_classes)
+
+    def forward(self, video_BCTHW: torch.Tensor, logmel_B1FT: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.model.features(video_BCTHW, logmel_B1FT)))

@@ -23,6 +23,7 @@ from avts_dist.models import (
     AVTSModel,
     EarlyFusionModel,
     ExportError,
+    FusedClassifier,
     VideoClassifier,
     batch_partner,
     build_audio_net_from_export,
@@ -414,6 +415,21 @@ def test_early_fusion_video_weights_load_into_a_plain_video_net_without_the_audi
     assert set(payload["video"]) == set(net.state_dict())
     with pytest.raises(RuntimeError):  # there is no audio net to take the audio part
         build_model(tiny_model_config()).audio.load_state_dict(payload["audio"], strict=True)
+
+
+def test_fused_classifier_fine_tunes_the_whole_trunk():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(arch="early_fusion"))
+    clf = FusedClassifier(model, num_classes=3).train()
+    video, logmel = torch.randn(4, 3, 8, 32, 32), torch.randn(4, 1, 40, 80)
+    logits = clf(video, logmel)
+    assert logits.shape == (4, 3)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 0])).backward()
+    trained = {n for n, p in clf.named_parameters() if p.grad is not None and p.grad.any()}
+    assert "fc.weight" in trained and "model.audio.0.0.weight" in trained
+    assert not any(n.startswith("model.heads.sync") for n in trained)  # not used downstream
+    with pytest.raises(ValueError, match="num_classes"):
+        FusedClassifier(model, num_classes=0)
 
 
 def test_model_arch_keys_are_checked():
