@@ -437,6 +437,8 @@ def make_clip(
         # Events inside the clip (those of the bar before t = 0 only reach in as fading tails).
         "events": [times[i] for i in visible],
         "event_strengths": [strengths[i] for i in visible],
+        # Start of the first bar in the clip (s): a nuisance factor, uniform whatever the rhythm.
+        "phase": round(times[0] + BAR_SECONDS, 6),
         "broken": broken,
         "seed": seed,
     }

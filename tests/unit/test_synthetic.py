@@ -188,7 +188,7 @@ def test_nuisance_factors_are_independent_of_the_rhythm(rhythm_corpus):
     nuisances = {
         "appearance": np.array([m["appearance"] for m in metas]),
         "mean strength": np.array([np.mean(m["event_strengths"]) for m in metas]),
-        "first event": np.array([m["events"][0] for m in metas]),
+        "phase": np.array([m["phase"] for m in metas]),
         "num events": np.array([len(m["events"]) for m in metas]),
     }
     frames = [
