@@ -226,8 +226,9 @@ def render_video(
     fps: float,
     size: int,
 ) -> np.ndarray:
-    """uint8 frames [T, H, W, 3]: a per-video background, the class object at each event (at a
-    random place, its size set by the event's strength)."""
+    """uint8 frames [T, H, W, 3]: a per-video background, the class object at each event, its
+    size set by the event's strength. The object stays at one (random) place in a video, as a
+    drum does: a net sees the rhythm with local detectors, without relating distant pixels."""
     base = rng.uniform(10, 60, size=3)
     ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)[None, :, None]
     background = base[None, None, :] * (0.7 + 0.3 * ramp)
@@ -236,15 +237,15 @@ def render_video(
     # Whole frames, rounded down: a flash never reaches the next event (see FLASH_SECONDS).
     flash_frames = max(1, int(FLASH_SECONDS * fps + 1e-6))
     max_radius = size / 6
+    cx, cy = rng.uniform(max_radius + 1, size - max_radius - 1, size=2)
     for t, strength in zip(events, strengths, strict=True):
         start = round(t * fps)
-        cx, cy = rng.uniform(max_radius + 1, size - max_radius - 1, size=2)
         mask = _shape_mask(ident.shape, size, max_radius * (0.5 + 0.5 * strength), cx, cy)
         for k in range(flash_frames):
             f = start + k
             if not 0 <= f < num_frames:
                 continue
-            alpha = 1.0 - 0.6 * k / flash_frames
+            alpha = 1.0 - k / flash_frames
             frames_THWC[f][mask] = (1 - alpha) * frames_THWC[f][mask] + alpha * color
     return np.clip(frames_THWC, 0, 255).astype(np.uint8)
 

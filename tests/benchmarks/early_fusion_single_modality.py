@@ -78,8 +78,9 @@ class Clips(torch.utils.data.Dataset):
         return video, mel, int(self.idx.label[row]), pos
 
 
-def finetune(model, audio_mode: str, idx, plan, data, args, seed: int) -> float:
-    """Fixed-step fine-tuning on every train clip; clip accuracy on the test clips."""
+def finetune(model, audio_mode: str, idx, plan, data, args, seed: int) -> tuple[float, float]:
+    """Fixed-step fine-tuning on every train clip: (clip accuracy on the test clips, mean
+    training loss over the last 10 steps)."""
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
@@ -94,10 +95,12 @@ def finetune(model, audio_mode: str, idx, plan, data, args, seed: int) -> float:
         return model(video, silent_logmel(mel) if audio_mode == "silence" else mel)
 
     model.train()
+    losses = []
     for step, (video, mel, label, _) in enumerate(loader):
         if step == args.steps:
             break
         loss = F.cross_entropy(logits(video, mel), label)
+        losses.append(float(loss.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -108,7 +111,8 @@ def finetune(model, audio_mode: str, idx, plan, data, args, seed: int) -> float:
     with torch.no_grad():
         for video, mel, _, pos in torch.utils.data.DataLoader(test, args.batch_size):
             np.add.at(probs, pos.numpy(), F.softmax(logits(video, mel), dim=1).numpy())
-    return float((probs.argmax(1) == idx.label[plan["test"]]).mean())
+    acc = float((probs.argmax(1) == idx.label[plan["test"]]).mean())
+    return acc, float(np.mean(losses[-10:]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--test-windows", type=int, default=3)
+    parser.add_argument("--only", nargs="*", help="a subset of the variants, by name")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -164,18 +169,24 @@ def main(argv: list[str] | None = None) -> int:
         "variants": {},
     }
     for name, (build, audio_mode) in variants.items():
+        if args.only and name not in args.only:
+            continue
         start = time.perf_counter()
-        accs = []
+        accs, losses = [], []
         for seed in range(args.seeds):
             torch.manual_seed(seed)
-            accs.append(finetune(build(), audio_mode, idx, plan, data, args, seed))
+            acc, loss = finetune(build(), audio_mode, idx, plan, data, args, seed)
+            accs.append(acc)
+            losses.append(loss)
         ci = t_interval(accs)
         report["variants"][name] = {
             "acc": accs,
+            "final_train_loss": losses,
             **ci.as_dict(),
             "seconds_per_finetune": (time.perf_counter() - start) / args.seeds,
         }
-        print(f"{name:32s} {ci}  ({report['variants'][name]['seconds_per_finetune']:.0f} s each)")
+        seconds = report["variants"][name]["seconds_per_finetune"]
+        print(f"{name:32s} {ci}  train loss {np.mean(losses):.3f}  ({seconds:.0f} s each)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
