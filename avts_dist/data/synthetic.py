@@ -227,7 +227,7 @@ def render_video(
     size: int,
 ) -> np.ndarray:
     """uint8 frames [T, H, W, 3]: a per-video background, the class object at each event, its
-    size set by the event's strength. The object stays at one (random) place in a video, as a
+    size set by the event's strength. The object stays near one (random) place in a video, as a
     drum does: a net sees the rhythm with local detectors, without relating distant pixels."""
     base = rng.uniform(10, 60, size=3)
     ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)[None, :, None]
@@ -237,10 +237,14 @@ def render_video(
     # Whole frames, rounded down: a flash never reaches the next event (see FLASH_SECONDS).
     flash_frames = max(1, int(FLASH_SECONDS * fps + 1e-6))
     max_radius = size / 6
-    cx, cy = rng.uniform(max_radius + 1, size - max_radius - 1, size=2)
+    margin = 1.5 * max_radius + 1
+    cx, cy = rng.uniform(margin, size - margin, size=2)
     for t, strength in zip(events, strengths, strict=True):
         start = round(t * fps)
-        mask = _shape_mask(ident.shape, size, max_radius * (0.5 + 0.5 * strength), cx, cy)
+        # A small shift per event: each onset also shows new pixels, even right after the last.
+        dx, dy = rng.uniform(-0.5, 0.5, size=2) * max_radius
+        radius = max_radius * (0.7 + 0.3 * strength)
+        mask = _shape_mask(ident.shape, size, radius, cx + dx, cy + dy)
         for k in range(flash_frames):
             f = start + k
             if not 0 <= f < num_frames:
