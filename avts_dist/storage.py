@@ -243,6 +243,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_MIN_SECRET_LEN = 6
+
+
 def _secret_values(options: Any) -> list[str]:
     if isinstance(options, dict):
         return [s for k, v in options.items() for s in _secret_values_of(str(k), v)]
@@ -252,8 +255,9 @@ def _secret_values(options: Any) -> list[str]:
 def _secret_values_of(key: str, value: Any) -> list[str]:
     if isinstance(value, dict):
         return _secret_values(value)
-    if key not in SAFE_OPTION_KEYS and isinstance(value, str) and value and value != REDACTED:
-        return [value]
+    # Shorter values are no real credential, and replacing them would garble the message.
+    if key not in SAFE_OPTION_KEYS and isinstance(value, str) and len(value) >= _MIN_SECRET_LEN:
+        return [value] if value != REDACTED else []
     return []
 
 
