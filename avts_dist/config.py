@@ -14,8 +14,10 @@ Each component receives only its own sub-config: ``build_loader(cfg.data, rank=.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +44,14 @@ __all__ = [
     "RunConfig",
     "TrackingConfig",
     "TrainConfig",
+    "config_secrets",
     "config_to_dict",
     "flatten_config",
     "load_config",
+    "redacted_config_dict",
+    "restore_secrets",
     "save_config",
+    "secrets_in_environment",
 ]
 
 NEGATIVE_KINDS = ("easy", "hard", "superhard")
@@ -472,6 +478,7 @@ class Config:
             self.run.dir = str(Path("runs") / self.run.name)
         if not self.checkpoint.dir:
             self.checkpoint.dir = str(Path(self.run.dir) / "checkpoints")
+        restore_secrets(self)
         return self
 
 
@@ -548,15 +555,25 @@ def load_config(
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The whole config, credentials included: for passing it on in memory, never to write."""
     return dataclasses.asdict(cfg)
 
 
+def redacted_config_dict(cfg: Any) -> dict[str, Any]:
+    """The config as it may be written anywhere (files, MLflow, checkpoints, logs): storage
+    options keep only the values of harmless keys (:func:`avts_dist.storage.redact`)."""
+    from avts_dist.storage import redact
+
+    return redact(config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))
+
+
 def config_to_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    """The redacted config as YAML (what is saved and printed)."""
+    return yaml.safe_dump(redacted_config_dict(cfg), sort_keys=False)
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
-    """Writes the resolved config as YAML (atomically) and returns the path."""
+    """Writes the resolved config, redacted, as YAML (atomically) and returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -568,17 +585,83 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 def config_from_dict(data: dict[str, Any], schema: type = Config) -> Any:
     """Rebuilds a config saved with :func:`config_to_dict` (e.g. from a checkpoint)."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
+        return restore_secrets(
+            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
+        )
     except OmegaConfBaseException as exc:
         raise ConfigError(_omegaconf_message(exc)) from None
 
 
+# `avts launch` hands what redaction hides to its jobs in their environment (SLURM keeps a job's
+# environment across requeues), never in a file: the job folder holds the redacted config.
+SECRETS_ENV = "AVTS_CONFIG_SECRETS"
+
+
+def config_secrets(cfg: Any) -> dict[str, Any]:
+    """``{"data.storage_options.secret": value, ...}``: every value that redaction hides."""
+    from avts_dist.storage import REDACTED
+
+    out: dict[str, Any] = {}
+
+    def walk(raw: dict, shown: dict, prefix: str) -> None:
+        for key, value in raw.items():
+            seen = shown.get(key)
+            if isinstance(value, dict) and isinstance(seen, dict):
+                walk(value, seen, f"{prefix}{key}.")
+            elif isinstance(seen, str) and REDACTED in seen and value != seen:
+                out[f"{prefix}{key}"] = value
+
+    walk(config_to_dict(cfg), redacted_config_dict(cfg), "")
+    return out
+
+
+@contextlib.contextmanager
+def secrets_in_environment(cfg: Any):
+    """``$AVTS_CONFIG_SECRETS`` holds ``cfg``'s secrets while jobs are submitted (they inherit
+    it), and is unset again afterwards."""
+    secrets = config_secrets(cfg)
+    previous = os.environ.get(SECRETS_ENV)
+    if secrets:
+        os.environ[SECRETS_ENV] = json.dumps(secrets)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(SECRETS_ENV, None)
+        else:
+            os.environ[SECRETS_ENV] = previous
+
+
+def restore_secrets(cfg: Any, secrets: dict[str, Any] | None = None) -> Any:
+    """Puts ``secrets`` (default: the JSON in ``$AVTS_CONFIG_SECRETS``) back where ``cfg`` holds
+    a redaction placeholder; values the user gave again are kept."""
+    from avts_dist.storage import REDACTED
+
+    if secrets is None:
+        text = os.environ.get(SECRETS_ENV, "")
+        try:
+            secrets = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            raise ConfigError(f"${SECRETS_ENV} is not valid JSON") from None
+    for path, value in secrets.items():
+        *parents, leaf = path.split(".")
+        node: Any = cfg
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else getattr(node, name, None)
+        if isinstance(node, dict):
+            if isinstance(node.get(leaf), str) and REDACTED in node[leaf]:
+                node[leaf] = value
+        elif node is not None and REDACTED in str(getattr(node, leaf, "")):
+            setattr(node, leaf, value)
+    return cfg
+
+
 def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"data.fps": 8.0, "curriculum.stages": "[...]", ...}`` for MLflow params.
+    """``{"data.fps": 8.0, "curriculum.stages": "[...]", ...}`` for MLflow params, redacted.
 
     Nested mappings are flattened with dots; lists become their JSON text.
     """
-    data = config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    data = redacted_config_dict(cfg) if not prefix else cfg
     out: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{prefix}{key}"

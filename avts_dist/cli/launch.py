@@ -26,6 +26,8 @@ from avts_dist.config import (
     config_to_dict,
     config_to_yaml,
     load_config,
+    redacted_config_dict,
+    secrets_in_environment,
 )
 
 LOCAL_SLURM = REPO_ROOT / "launch" / "local_slurm.sh"
@@ -298,7 +300,6 @@ def _finish(summary: dict[str, Any], args, wait_ids: list[str], local_jobs: list
 
 def run_pretrain(args: argparse.Namespace) -> int:
     from launch import evaljobs, executors
-    from launch.pretrain import PretrainJob
 
     cfg = resolve_config(args.config, args.overrides, args)
     cfg.run.dir = _absolute(cfg.run.dir)
@@ -319,9 +320,20 @@ def run_pretrain(args: argparse.Namespace) -> int:
     cfg.launch.folder = folder
     if args.dry_run:
         return _dry_run_pretrain(cfg, folder, note, suite, eval_launch)
+    # Credentials reach the jobs through their environment; the job folder gets the redacted
+    # config (avts_dist.config.secrets_in_environment).
+    with secrets_in_environment(cfg):
+        return _submit_pretrain(cfg, args, folder, suite, eval_launch)
+
+
+def _submit_pretrain(cfg, args, folder, suite, eval_launch) -> int:
+    from launch import executors
+    from launch.pretrain import PretrainJob
 
     job = executors.make_executor(cfg.launch, folder, cfg.run.name).submit(
-        PretrainJob(config_to_dict(cfg), trainer=args.trainer, max_requeues=cfg.launch.max_requeues)
+        PretrainJob(
+            redacted_config_dict(cfg), trainer=args.trainer, max_requeues=cfg.launch.max_requeues
+        )
     )
     summary: dict[str, Any] = {
         "pretrain": job.job_id,

@@ -25,7 +25,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from avts_dist.data.probe import MediaInfo, probe_media
-from avts_dist.storage import StorageError, get_fs, join
+from avts_dist.storage import StorageError, check_bucket, get_fs, join
 
 __all__ = [
     "FORMAT_VERSION",
@@ -73,32 +73,16 @@ def shard_name(shard_id: int) -> str:
     return f"{SHARDS_DIR}/shard-{shard_id:06d}.tar"
 
 
-def _bucket_of(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if any(p in ("s3", "s3a", "gs", "gcs", "abfs", "az") for p in protocols):
-        return path.split("/", 1)[0]
-    return None
-
-
 def open_dataset_fs(
     url: str, storage_options: dict[str, Any] | None = None, *, must_exist: bool = True
 ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``get_fs`` with dataset-level errors: bad URL, missing bucket."""
+    """``get_fs`` with dataset-level errors: bad URL, unreachable endpoint, missing bucket."""
     try:
         fs, root = get_fs(url, storage_options)
+        root = root.rstrip("/") or root
+        check_bucket(fs, root, url)
     except StorageError as exc:
         raise DatasetError(str(exc)) from None
-    root = root.rstrip("/") or root
-    bucket = _bucket_of(fs, root)
-    if bucket is not None:
-        if not bucket:
-            raise DatasetError(f"dataset URL {url!r} names no bucket (expected s3://BUCKET/PATH)")
-        try:
-            bucket_exists = fs.exists(bucket)
-        except Exception as exc:  # credentials, endpoint down, DNS: all "cannot reach"
-            raise DatasetError(f"cannot reach bucket {bucket!r} of {url!r}: {exc}") from None
-        if not bucket_exists:
-            raise DatasetError(f"bucket {bucket!r} does not exist (dataset URL {url!r})")
     return fs, root
 
 

@@ -3,8 +3,8 @@
 - ``tracking.uri`` empty: the local store ``./mlruns`` (MLflow's file store; MLflow 3 keeps it in
   maintenance mode behind ``MLFLOW_ALLOW_FILE_STORE``, which this module sets); ``http://...``:
   a tracking server; any other MLflow URI (``sqlite:///...``) as is.
-- Params are the flattened resolved config with secrets replaced (:func:`avts_dist.storage.redact`
-  plus any value that looks like a credential), so no credential reaches the store.
+- Params are the flattened resolved config with storage options redacted by an allowlist
+  (:func:`avts_dist.storage.redact`; passwords in URLs masked), so no credential reaches the store.
 - Resume: the run id is kept in the checkpoint and in ``<run.dir>/mlflow_run_id``; the same run
   continues, its metrics go on at the resumed step.
 """

@@ -21,7 +21,13 @@ from typing import Any
 import torch
 import yaml
 
-from avts_dist.config import Config, config_to_dict, flatten_config, save_config
+from avts_dist.config import (
+    Config,
+    config_to_dict,
+    flatten_config,
+    redacted_config_dict,
+    save_config,
+)
 from avts_dist.distributed import collectives as C
 from avts_dist.distributed.engine import build_ds_config, convert_to_universal, initialize_engine
 from avts_dist.storage import redact
@@ -226,7 +232,8 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": get_rng_state(),
             "mlflow_run_id": self.mlflow_run_id,
-            "config": config_to_dict(self.cfg),
+            # Redacted: checkpoints are copied and uploaded; credentials come from the user again.
+            "config": redacted_config_dict(self.cfg),
             "world_size": self.world_size,
         }
 

@@ -134,8 +134,8 @@ def test_cli_process_reports_missing_bucket(s3_server):
     )
     assert out.returncode == 2
     assert out.stderr.strip() == (
-        "avts inspect: error: bucket 'no-such-bucket-avts' does not exist "
-        "(dataset URL 's3://no-such-bucket-avts/ds')"
+        f"avts inspect: error: bucket 'no-such-bucket-avts' does not exist at {s3_server} "
+        "(for s3://no-such-bucket-avts/ds)"
     )
 
 

@@ -119,7 +119,7 @@ def test_two_process_training(ref_run):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["data.global_batch_size"] == "4"
-    assert run.data.params["checkpoint.storage_options.secret_access_key"] == "***"
+    assert run.data.params["checkpoint.storage_options.secret_access_key"] == "<redacted>"
     assert SECRET not in json.dumps(run.data.params) + json.dumps(run.data.tags)
     assert SECRET not in ref_run["proc"].stdout + ref_run["proc"].stderr
     history = client.get_metric_history(run_id, "loss")
