@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.slurm",
     "tests.fixtures.layouts",
     "tests.fixtures.mlflow_server",
+    "tests.fixtures.tiny_run",
 ]
