@@ -6,4 +6,6 @@ pytest_plugins = [
     "tests.fixtures.layouts",
     "tests.fixtures.mlflow_server",
     "tests.fixtures.tiny_run",
+    "tests.fixtures.browser",
+    "tests.fixtures.mlflow_runs",
 ]
