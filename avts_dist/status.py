@@ -290,8 +290,12 @@ def read_status(
         from avts_dist.train.checkpoint import find_latest_complete
 
         ckpt_dir = _checkpoint_dir(cfg, run_url)
+        ckpt_options = dict(cfg.checkpoint.storage_options)
+        if ckpt_dir.startswith(run_url.rstrip("/") + "/"):
+            # Inside the run dir: the caller's options reach it too.
+            ckpt_options = {**(storage_options or {}), **ckpt_options}
         try:
-            found = find_latest_complete(ckpt_dir, cfg.checkpoint.storage_options or None)
+            found = find_latest_complete(ckpt_dir, ckpt_options or None)
         except (StorageError, OSError, json.JSONDecodeError) as exc:
             found = None
             notes.append(f"checkpoints at {ckpt_dir} not readable: {exc}")

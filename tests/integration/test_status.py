@@ -187,8 +187,9 @@ def test_status_reads_while_a_writer_appends(tmp_path):
     assert steps == sorted(steps) and steps[-1] == 400
 
 
-def test_status_of_a_run_in_s3(tiny_run, s3_server, s3_bucket, capsys):
-    """The real run's files copied to S3 (as a remote run dir would be): the same figures."""
+def test_status_of_a_run_in_s3(tiny_run, s3_server, s3_bucket, capsys, monkeypatch):
+    """The real run's files copied to S3 (as a remote run dir would be): the same figures, with
+    the endpoint given only by --storage-options (it reaches the checkpoints too)."""
     import s3fs
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
@@ -199,6 +200,7 @@ def test_status_of_a_run_in_s3(tiny_run, s3_server, s3_bucket, capsys):
     for tag in (run_dir / "checkpoints").glob("step_*"):
         fs.put_file(str(tag / "COMPLETE"), f"{remote}/checkpoints/{tag.name}/COMPLETE")
     opts = json.dumps({"client_kwargs": {"endpoint_url": s3_server}})
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
     assert main(["status", f"s3://{remote}", "--json", "--storage-options", opts]) == 0
     remote_st = json.loads(capsys.readouterr().out)
     local_st = read_status(str(run_dir)).to_dict()
