@@ -246,6 +246,35 @@ def _mlflow(tracking_uri: str, run_id: str) -> tuple[str | None, str | None, str
     return None, None, None
 
 
+def _latest_checkpoint(
+    cfg: Config, run_url: str, storage_options: dict | None, now: float, notes: list[str]
+) -> dict[str, Any] | None:
+    """tag, step, url and age of the newest complete checkpoint, or None."""
+    # Lazy: importing avts_dist.train loads the whole trainer; only the listing is needed.
+    from avts_dist.train.checkpoint import find_latest_complete
+
+    ckpt_dir = _checkpoint_dir(cfg, run_url)
+    options = dict(cfg.checkpoint.storage_options)
+    if ckpt_dir.startswith(run_url.rstrip("/") + "/"):
+        # Inside the run dir: the caller's options reach it too.
+        options = {**(storage_options or {}), **options}
+    try:
+        found = find_latest_complete(ckpt_dir, options or None)
+    except (StorageError, OSError, json.JSONDecodeError) as exc:
+        notes.append(f"checkpoints at {ckpt_dir} not readable: {exc}")
+        return None
+    if found is None:
+        return None
+    tag, meta = found
+    saved = meta.get("time")
+    return {
+        "tag": tag,
+        "step": int(meta.get("step", -1)),
+        "url": f"{ckpt_dir}/{tag}",
+        "age_s": max(0.0, now - saved) if isinstance(saved, (int, float)) else None,
+    }
+
+
 def read_status(
     run_url: str,
     storage_options: dict[str, Any] | None = None,
@@ -285,30 +314,8 @@ def read_status(
     batch = cfg.data.global_batch_size if cfg else None
     finished = total is not None and step >= total
 
-    checkpoint = None
-    if cfg is not None:
-        from avts_dist.train.checkpoint import find_latest_complete
-
-        ckpt_dir = _checkpoint_dir(cfg, run_url)
-        ckpt_options = dict(cfg.checkpoint.storage_options)
-        if ckpt_dir.startswith(run_url.rstrip("/") + "/"):
-            # Inside the run dir: the caller's options reach it too.
-            ckpt_options = {**(storage_options or {}), **ckpt_options}
-        try:
-            found = find_latest_complete(ckpt_dir, ckpt_options or None)
-        except (StorageError, OSError, json.JSONDecodeError) as exc:
-            found = None
-            notes.append(f"checkpoints at {ckpt_dir} not readable: {exc}")
-        if found is not None:
-            tag, meta = found
-            saved = meta.get("time")
-            checkpoint = {
-                "tag": tag,
-                "step": int(meta.get("step", -1)),
-                "url": f"{ckpt_dir}/{tag}",
-                "age_s": max(0.0, now - saved) if isinstance(saved, (int, float)) else None,
-            }
-        finished = finished and checkpoint is not None and checkpoint["step"] >= step
+    checkpoint = _latest_checkpoint(cfg, run_url, storage_options, now, notes) if cfg else None
+    finished = finished and checkpoint is not None and checkpoint["step"] >= step
 
     if not tail:
         state = "starting"
