@@ -99,7 +99,8 @@ def group_runs(rows: list[dict[str, Any]]) -> tuple[list[ConfigGroup], list[str]
             shown = {k: p.get(k, "") for k in config_keys} if not is_eval_only else {}
             groups[key] = ConfigGroup("", shown, PALETTE[len(groups) % len(PALETTE)])
         groups[key].rows.append(row)
-        groups[key].seeds.append(", ".join(str(p.get(k)) for k in seed_keys) if seed_keys else "")
+        seeds = list(dict.fromkeys(str(p.get(k)) for k in seed_keys))  # "0", not "0, 0"
+        groups[key].seeds.append(", ".join(seeds))
     ordered = list(groups.values())
     for index, (group, labels) in enumerate(zip(ordered, _labels(ordered), strict=True)):
         group.label = labels or f"config {chr(ord('A') + index % 26)}"

@@ -1,14 +1,10 @@
 """The comparison report in a real headless browser (Debian's chromium, 1280 x 900 window): no
 element reaches past the viewport or overflows its own box, no sideways scrolling, every figure
 loads from the page itself (nothing fetched), and a screenshot of the whole page is taken.
-
-``AVTS_UPDATE_DOCS_IMG=PNG`` also writes the screenshot of the seeded ablation to PNG.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -46,9 +42,6 @@ def test_seeded_ablation_report_in_a_browser(chromium, seeded_report, tmp_path):
     assert len(facts["images"]) == 3  # training curves, sync vs offset, downstream bars
     shot = chromium.screenshot(page, tmp_path / "compare.png", WIDTH, facts["height"])
     assert _png_size(shot) == (WIDTH, facts["height"]) and facts["height"] > 900
-    target = os.environ.get("AVTS_UPDATE_DOCS_IMG")
-    if target:
-        shutil.copy(shot, target)
 
 
 def test_many_configurations_stack_and_long_values_wrap(chromium, tmp_path):

@@ -72,14 +72,14 @@ def _row(name: str, **params: str) -> dict:
 def test_configurations_group_by_everything_but_seeds():
     rows = [
         _row(f"{arm}-s{seed}", **{"curriculum.enabled": on, "data.seed": str(seed),
-             "run.dir": f"runs/{arm}-s{seed}", "data.fps": "8"})
+             "loss.seed": str(seed), "run.dir": f"runs/{arm}-s{seed}", "data.fps": "8"})
         for arm, on in (("curriculum", "true"), ("no_curriculum", "false"))
         for seed in range(3)
     ]  # fmt: skip
     groups, seed_keys = group_runs(rows)
-    assert seed_keys == ["data.seed"]
+    assert seed_keys == ["data.seed", "loss.seed"]
     assert [g.label for g in groups] == ["curriculum", "no_curriculum"]
-    assert [g.seeds for g in groups] == [["0", "1", "2"]] * 2
+    assert [g.seeds for g in groups] == [["0", "1", "2"]] * 2  # equal seed keys shown once
     assert groups[0].params == {"curriculum.enabled": "true"}  # run.dir never splits
 
     # Names without a shared stem fall back to short key=value labels, then to letters.
