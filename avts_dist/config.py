@@ -164,6 +164,9 @@ class ModelConfig:
     fusion_head: bool = False
     activation_checkpointing: bool = False
     channels_last_3d: bool = False
+    # A torchvision-layout video state dict (local path or fsspec URL) the video net starts from,
+    # e.g. torchvision's Kinetics-400 weights saved with torch.save; "" starts from scratch.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if self.video_arch not in ("r2plus1d_18", "mc3_18", "r3d_18"):

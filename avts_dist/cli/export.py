@@ -31,5 +31,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ExportFailed as exc:
         raise CLIError(str(exc)) from None
-    print(f"avts export: wrote {out} (step {step})")
+    from avts_dist.models import model_card_path
+
+    print(f"avts export: wrote {out} (step {step}) and {model_card_path(out)}")
     return 0

@@ -13,6 +13,7 @@ from torch import nn
 
 from avts_dist.config import ModelConfig
 from avts_dist.models.audio import AudioVGG
+from avts_dist.models.init_from import init_video_from
 from avts_dist.models.video import VideoResNet
 
 __all__ = [
@@ -157,7 +158,11 @@ def _time_bins(feats_BCT: torch.Tensor, num_bins: int) -> torch.Tensor:
 
 
 def build_model(cfg: ModelConfig) -> AVTSModel:
-    return AVTSModel(cfg)
+    """The model to pretrain: fresh, or with its video net from ``cfg.init_from``."""
+    model = AVTSModel(cfg)
+    if cfg.init_from:
+        init_video_from(model.video, cfg.init_from)
+    return model
 
 
 class StreamClassifier(nn.Module):

@@ -60,7 +60,7 @@ def consolidated_state_dict(root: Path, tag: str) -> tuple[dict[str, torch.Tenso
 def export_checkpoint(
     checkpoint: str, out: str, *, tag: str | None = None, storage_options: dict | None = None
 ) -> tuple[str, int]:
-    from avts_dist.models import build_model, export_payload, save_exported
+    from avts_dist.models import AVTSModel, export_payload, save_exported, write_model_card
 
     try:
         root, tag = _locate(checkpoint, tag, storage_options)
@@ -80,7 +80,7 @@ def export_checkpoint(
         model_cfg = config_from_dict(client["config"]["model"], schema=ModelConfig)
     except (KeyError, ConfigError) as exc:
         raise ExportFailed(f"checkpoint {root}/{tag} has no usable model config: {exc}") from None
-    model = build_model(model_cfg)
+    model = AVTSModel(model_cfg)  # not build_model: model.init_from is in the checkpoint already
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportFailed(
@@ -90,4 +90,8 @@ def export_checkpoint(
     step = int(client.get("trainer", {}).get("step", 0))
     payload = export_payload(model, model_cfg, source_checkpoint=f"{root}/{tag}", step=step)
     save_exported(payload, out, storage_options)
+    write_model_card(
+        payload, out, storage_options=storage_options, config=client["config"],
+        trainer_state=client.get("trainer"),
+    )  # fmt: skip
     return out, step
