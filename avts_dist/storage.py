@@ -14,7 +14,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-__all__ = ["StorageError", "get_fs", "join", "redact"]
+__all__ = ["StorageError", "get_fs", "is_remote", "join", "redact"]
 
 _SECRET_WORDS = ("secret", "password", "token", "credential", "session", "key_id", "access_key")
 
@@ -49,6 +49,12 @@ def get_fs(
         return url_to_fs(url, **options)
     except (ValueError, ImportError) as exc:
         raise StorageError(f"cannot open storage URL {url!r}: {exc}") from None
+
+
+def is_remote(url: str) -> bool:
+    """True for a URL that fsspec opens remotely (``s3://``, ``memory://``, ``http://``); False for
+    a local path or a ``file://`` URL."""
+    return "://" in url and not url.startswith("file://")
 
 
 def join(base: str, *parts: str) -> str:

@@ -24,11 +24,11 @@ TINY = [
     "model.embed_dim=32",
 ]
 FAST = [
-    "eval.epochs=1",
+    "eval.finetune.epochs=1",
     "eval.batch_size=4",
     "eval.progress=false",
-    "eval.clips_per_video=2",
-    "eval.audio_windows=2",
+    "eval.finetune.clips_per_video=2",
+    "eval.probe.windows=2",
 ]
 
 
@@ -107,9 +107,9 @@ def test_sync(pretrained, synth_corpus):
         pretrained,
         "sync",
         f"data.url={synth_corpus}",
-        "eval.sync_split=train",
-        "eval.sync_max_clips=6",
-        "eval.sync_offsets=[0.25,0.5,1.0]",
+        "eval.sync.split=train",
+        "eval.sync.max_clips=6",
+        "eval.sync.offsets=[0.25,0.5,1.0]",
     )
     assert rc == 0, res
     m = res["metrics"]
@@ -118,7 +118,7 @@ def test_sync(pretrained, synth_corpus):
         assert 0.0 <= m[f"acc_{kind}"] <= 1.0 and 0.0 <= m[f"pair_acc_{kind}"] <= 1.0
     assert m["acc"] == m["acc_easy"]
     run = _child(pretrained, res)
-    assert run.data.params["eval.sync_max_clips"] == "6"
+    assert run.data.params["eval.sync.max_clips"] == "6"
     history = pretrained["client"].get_metric_history(res["run_id"], "sync/acc_vs_offset")
     assert sorted(h.step for h in history) == [250, 500, 1000]
     assert {"sync_vs_offset.png", "sync_vs_offset.csv", "sync_per_kind.csv", "metrics.json"} <= (
@@ -133,7 +133,7 @@ def test_synthetic_video_finetune_and_audio_probe(pretrained, synth_corpus):
         pretrained,
         "synthetic",
         f"data.url={synth_corpus}",
-        "eval.classifier=logreg",
+        "eval.probe.classifier=logreg",
         "eval.max_train_videos=6",
     )
     assert rc == 0, res
@@ -177,7 +177,7 @@ def test_ucf101_three_splits_and_hmdb51(pretrained, prepared_datasets):
         "hmdb51",
         f"eval.datasets.hmdb51={url}",
         "eval.splits=[2]",
-        "eval.scratch_baseline=false",
+        "eval.finetune.scratch_baseline=false",
     )
     assert rc == 0, res
     assert "pretrained/split2/acc_video" in res["metrics"]
@@ -189,7 +189,7 @@ def test_esc50_and_dcase_linear_probe_over_folds(pretrained, prepared_datasets):
         pretrained,
         "esc50",
         f"eval.datasets.esc50={prepared_datasets['esc50']['url']}",
-        "eval.feature_layer=layer2",
+        "eval.probe.feature_layer=layer2",
     )
     assert rc == 0, res
     m = res["metrics"]
@@ -199,11 +199,11 @@ def test_esc50_and_dcase_linear_probe_over_folds(pretrained, prepared_datasets):
         pretrained,
         "dcase2014",
         f"eval.datasets.dcase2014={prepared_datasets['dcase2014']['url']}",
-        "eval.classifier=logreg",
+        "eval.probe.classifier=logreg",
     )
     assert rc == 0, res
     assert res["metrics"]["num_folds"] == 2
-    assert _child(pretrained, res).data.params["eval.classifier"] == "logreg"
+    assert _child(pretrained, res).data.params["eval.probe.classifier"] == "logreg"
 
 
 def test_multimodal_counts_clips_without_audio(pretrained, prepared_datasets, layout_sources):
@@ -299,8 +299,8 @@ def test_sync_on_a_real_training_checkpoint_dir(synth_corpus, tmp_path):
                 "--checkpoint",
                 str(run_dir / "checkpoints"),
                 "--json",
-                "eval.sync_split=train",
-                "eval.sync_max_clips=4",
+                "eval.sync.split=train",
+                "eval.sync.max_clips=4",
                 "eval.progress=false",
             ]
         )
