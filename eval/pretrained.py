@@ -4,6 +4,7 @@ run it came from (run dir, MLflow run id)."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,6 @@ from avts_dist.models import (
     model_config_from_export,
 )
 from avts_dist.storage import is_remote
-from avts_dist.train.export import ExportFailed, export_checkpoint
 from eval.registry import EvalError
 
 __all__ = ["ARCH_FIELDS", "Pretrained", "check_model_match", "load_pretrained"]
@@ -92,20 +92,42 @@ def _is_export_file(checkpoint: str) -> bool:
     return Path(checkpoint.removeprefix("file://")).is_file()
 
 
+def _export_to_memory(checkpoint: str) -> dict[str, Any]:
+    """The export payload of a checkpoint dir or tag dir, through a temporary file."""
+    # DeepSpeed names its accelerator on stdout when first imported unless told which one to
+    # use; stdout belongs to `avts eval` (its --json). This is the choice it would make itself.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    # Deferred: the training package (DeepSpeed) takes seconds to import and is only needed to
+    # export a checkpoint dir, not to read an exported .pt.
+    from avts_dist.train.export import ExportFailed, export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="avts-eval-") as tmp:
+        try:
+            out, _ = export_checkpoint(checkpoint, str(Path(tmp) / "model.pt"))
+        except ExportFailed as exc:
+            raise EvalError(str(exc)) from None
+        return _load_exported(out)
+
+
+def _load_exported(path: str) -> dict[str, Any]:
+    try:
+        return load_exported(path)
+    except ExportError as exc:
+        raise EvalError(str(exc)) from None
+
+
 def load_pretrained(checkpoint: str) -> Pretrained:
     """Resolves ``--checkpoint`` (an exported ``.pt``, or a checkpoint dir or tag dir, local or
     remote), its run dir and the pretraining run's MLflow id."""
     if not checkpoint:
         raise EvalError("no checkpoint: pass --checkpoint <checkpoint dir or exported .pt>")
+    if _is_export_file(checkpoint):
+        payload = _load_exported(checkpoint)
+    else:
+        payload = _export_to_memory(checkpoint)
     try:
-        if _is_export_file(checkpoint):
-            payload = load_exported(checkpoint)
-        else:
-            with tempfile.TemporaryDirectory(prefix="avts-eval-") as tmp:
-                out, _ = export_checkpoint(checkpoint, str(Path(tmp) / "model.pt"))
-                payload = load_exported(out)
         model_cfg = model_config_from_export(payload)
-    except (ExportError, ExportFailed) as exc:
+    except ExportError as exc:
         raise EvalError(str(exc)) from None
     run_dir = None
     local = None if is_remote(checkpoint) else checkpoint.removeprefix("file://")
