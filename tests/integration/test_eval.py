@@ -407,3 +407,26 @@ def test_sync_on_a_real_training_checkpoint_dir(synth_corpus, tmp_path):
     child = MlflowClient(tracking_uri=uri).get_run(res["run_id"])
     assert child.data.tags["mlflow.parentRunId"] == parent
     assert Path(res["out_dir"]) == run_dir / "eval" / "sync"
+
+
+def test_launch_eval_runs_the_evaluation_library(pretrained, synth_corpus, tmp_path, capsys):
+    """`avts launch eval --cluster debug`: the planned job calls eval.run.evaluate in-process
+    (no CLI inside), and its run nests under the parent named on the command line."""
+    argv = ["launch", "eval", "--checkpoint", pretrained["path"], "--suite", "sync"]
+    argv += ["--cluster", "debug", "--folder", str(tmp_path / "jobs"), "--wait", "--json"]
+    argv += ["--parent-run-id", pretrained["parent"], f"tracking.uri={pretrained['uri']}"]
+    argv += [f"data.url={synth_corpus}", *SYNC, "eval.progress=false"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(summary["evals"]) == ["sync"]
+    assert set(summary["states"].values()) == {"COMPLETED"}
+    client = pretrained["client"]
+    runs = client.search_runs(
+        [client.get_run(pretrained["parent"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{pretrained['parent']}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    latest = runs[0]
+    assert latest.data.tags["avts.eval"] == "sync" and latest.info.status == "FINISHED"
+    assert latest.data.metrics["sync/num_clips"] == 6

@@ -7,7 +7,6 @@ are checked through SLURM itself (scontrol), the run directory and the checkpoin
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -47,24 +46,26 @@ def _final_loss(run_dir: Path) -> float:
 def reference(tmp_path_factory):
     """An uninterrupted 2-task run: its final loss is what every resumed run must reach."""
     tmp = tmp_path_factory.mktemp("slurm-ref")
-    os.environ["AVTS_TOY_STEP_S"] = "0.01"
-    status = avts_main(
-        [
-            "launch",
-            "pretrain",
-            "--config",
-            str(_config(tmp, "ref")),
-            "--trainer",
-            TOY,
-            "--tasks-per-node",
-            "2",
-            "--time",
-            "00:05:00",
-            "--grace-s",
-            "30",
-            "--wait",
-        ]
-    )
+    # sbatch passes the submitting environment to the job; the fixture's change ends with it.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AVTS_TOY_STEP_S", "0.01")
+        status = avts_main(
+            [
+                "launch",
+                "pretrain",
+                "--config",
+                str(_config(tmp, "ref")),
+                "--trainer",
+                TOY,
+                "--tasks-per-node",
+                "2",
+                "--time",
+                "00:05:00",
+                "--grace-s",
+                "30",
+                "--wait",
+            ]
+        )
     return status, tmp / "ref"
 
 
@@ -82,9 +83,9 @@ def test_two_task_job_completes_with_checkpoint(reference):
     assert len(logs) == 2 and logs[0].endswith("_0_log.out") and logs[1].endswith("_1_log.out")
 
 
-def test_time_limit_requeues_and_resumes_to_same_loss(reference, tmp_path, capsys):
+def test_time_limit_requeues_and_resumes_to_same_loss(reference, tmp_path, capsys, monkeypatch):
     _, ref_dir = reference
-    os.environ["AVTS_TOY_STEP_S"] = "0.75"
+    monkeypatch.setenv("AVTS_TOY_STEP_S", "0.75")
     # 60 steps x 0.75 s = 45 s of work: longer than the 30 s before the first USR2 (time limit
     # 1 min, signal 30 s before it; slurmctld may send it earlier still), so the job is always
     # signalled, however idle the machine; each resumed run is signalled again until it fits.
@@ -126,8 +127,8 @@ def test_time_limit_requeues_and_resumes_to_same_loss(reference, tmp_path, capsy
     assert _final_loss(run_dir) == pytest.approx(_final_loss(ref_dir), rel=1e-6)
 
 
-def test_scancel_saves_and_does_not_requeue(tmp_path, capsys):
-    os.environ["AVTS_TOY_STEP_S"] = "0.2"
+def test_scancel_saves_and_does_not_requeue(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("AVTS_TOY_STEP_S", "0.2")
     cfg = _config(tmp_path, "cancel")
     status, info = _launch(
         capsys, "--config", str(cfg), "--trainer", TOY, "--tasks-per-node", "2", "--time", "5"
