@@ -9,6 +9,8 @@ import json
 import sys
 
 from avts_dist import __version__
+from avts_dist.config import ConfigError
+from avts_dist.storage import StorageError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -78,9 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from avts_dist.config import ConfigError
-    from avts_dist.storage import StorageError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -156,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     summary = done.summary()
     _stderr(f"avts launch: submitted {done.ids}; job folder {jobs.folder}")
     status = 0
-    if args.wait:
+    # submitit's debug executor runs a job when its result is asked for: always wait for it.
+    if args.wait or all(job.launch.cluster == "debug" for job in jobs.jobs):
         summary["states"] = plan.wait(done, echo=_stderr)
         status = 0 if all(s == "COMPLETED" for s in summary["states"].values()) else 1
     if args.json:
