@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from avts_dist.config import DataConfig, FinetuneConfig
+from avts_dist.data import DatasetIndex
 from avts_dist.models import VideoClassifier
 from eval.common import (
     EvalRuntime,
@@ -58,7 +59,7 @@ def video_accuracy(
 
 def finetune_video(
     net: torch.nn.Module,
-    idx,
+    idx: DatasetIndex,
     plan: SplitPlan,
     cfg: FinetuneConfig,
     *,

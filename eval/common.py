@@ -11,7 +11,7 @@ import csv
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from avts_dist.config import DataConfig, EvalConfig
-from avts_dist.data import read_member
+from avts_dist.data import DatasetIndex, read_member
 from avts_dist.data.decode import DecodeError, decode_audio, decode_video, logmel
 from eval.registry import EvalError
 
@@ -78,7 +78,7 @@ class JobIO:
     """What a runner reads and writes: the dataset index, how its clips are decoded (the
     pretraining data geometry), the runtime, where artifacts go and where metrics go."""
 
-    idx: Any  # avts_dist.data.DatasetIndex
+    idx: DatasetIndex
     data: DataConfig
     rt: EvalRuntime
     out_dir: Path
@@ -106,7 +106,7 @@ class VideoClips(Dataset):
 
     def __init__(
         self,
-        idx,
+        idx: DatasetIndex,
         rows: np.ndarray,
         data: DataConfig,
         train: bool,
@@ -158,7 +158,7 @@ def video_loader(
 @torch.no_grad()
 def audio_features(
     net: torch.nn.Module,
-    idx,
+    idx: DatasetIndex,
     rows: np.ndarray,
     data: DataConfig,
     *,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from avts_dist.data import DatasetIndex
 from eval.registry import EvalError
 
 __all__ = ["SplitPlan", "split_plans"]
@@ -43,7 +44,7 @@ def _fold_no(column: str) -> int:
 
 
 def split_plans(
-    idx,
+    idx: DatasetIndex,
     *,
     splits: list[int],
     max_train: int = 0,

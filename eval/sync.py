@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from avts_dist.config import LossConfig, SyncEvalConfig
-from avts_dist.data import read_member
+from avts_dist.data import DatasetIndex, read_member
 from avts_dist.data.decode import DecodeError, audio_window, decode_audio, decode_video, logmel
 from avts_dist.data.pairs import NEGATIVE_KINDS, plan_pair
 from eval.common import JobIO
@@ -141,7 +141,7 @@ def sync_metrics(
     return metrics
 
 
-def _video_ids(idx) -> np.ndarray:
+def _video_ids(idx: DatasetIndex) -> np.ndarray:
     """What makes two clips the same video (the loader's rule): ``video_id``, else the key."""
     if "video_id" in idx.extra_columns:
         return np.asarray(idx.column("video_id"))
