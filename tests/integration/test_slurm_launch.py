@@ -162,13 +162,15 @@ def test_scancel_saves_and_does_not_requeue(tmp_path, capsys, monkeypatch):
     ],
 )
 def test_bad_cluster_options_fail_before_submitting(tmp_path, capsys, flags, message):
-    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    # Jobs named after this run only: the cluster may be running other people's jobs meanwhile.
+    queued = ["squeue", "-h", "-o", "%i", "--name", "bad"]
+    before = subprocess.run(queued, capture_output=True, text=True).stdout
     status = avts_main(
         ["launch", "pretrain", "--config", str(_config(tmp_path, "bad")), "--trainer", TOY, *flags]
     )
     err = capsys.readouterr().err
     assert status == 2
     assert message in err and "Traceback" not in err
-    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    after = subprocess.run(queued, capture_output=True, text=True).stdout
     assert after == before
     assert not (tmp_path / "bad").exists(), "nothing may be written before the checks pass"
