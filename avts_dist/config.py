@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -37,11 +38,14 @@ __all__ = [
     "DataConfig",
     "DeepSpeedConfig",
     "EvalConfig",
+    "FinetuneConfig",
     "LaunchConfig",
+    "LinearProbeConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
+    "SyncEvalConfig",
     "TrackingConfig",
     "TrainConfig",
     "config_secrets",
@@ -56,6 +60,7 @@ __all__ = [
 
 NEGATIVE_KINDS = ("easy", "hard", "superhard")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("avts.config")
 
 
 class ConfigError(ValueError):
@@ -363,10 +368,13 @@ class TrackingConfig:
     system_metrics: bool = True
 
 
+SlurmSignal = Literal["USR2", "USR1", "TERM", "INT", "HUP"]
+
+
 @dataclass
 class LaunchConfig:
-    # slurm | local (submitit's local executor) | debug
-    cluster: str = "slurm"
+    # slurm | local (submitit's local executor, K processes here) | debug (in-process)
+    cluster: Literal["slurm", "local", "debug"] = "slurm"
     profile: str = ""
     nodes: int = 1
     gpus_per_node: int = 0
@@ -380,7 +388,8 @@ class LaunchConfig:
     mem: str = ""
     cpus_per_task: int = 1
     exclusive: bool = False
-    signal: str = "USR2"
+    # Sent to every task grace_s before the time limit (and on preemption); the trainer saves.
+    signal: SlurmSignal = "USR2"
     grace_s: int = 120
     max_requeues: int = 3
     # submitit's job folder (sbatch script, pickles, per-rank logs); empty: <run.dir>/slurm.
@@ -389,64 +398,140 @@ class LaunchConfig:
     setup: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.cluster not in ("slurm", "local", "debug"):
-            _fail("launch.cluster", f"must be slurm, local or debug, got {self.cluster!r}")
         if self.nodes < 1:
             _fail("launch.nodes", "must be >= 1")
         if self.gpus_per_node < 0 or self.tasks_per_node < 0:
             _fail("launch.tasks_per_node", "gpus_per_node and tasks_per_node must be >= 0")
+        if self.cpus_per_task < 1:
+            _fail("launch.cpus_per_task", "must be >= 1")
+        if self.max_requeues < 0:
+            _fail("launch.max_requeues", "must be >= 0")
         if not re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}|\d+", self.time):
             _fail("launch.time", f"must be HH:MM:SS, D-HH:MM:SS or minutes, got {self.time!r}")
 
 
 @dataclass
-class EvalConfig:
-    checkpoint: str = ""
-    suite: list[str] = field(default_factory=lambda: ["sync"])
-    # Dataset URL per evaluation (name -> URL); sync uses data.url's val split when absent.
-    datasets: dict[str, str] = field(default_factory=dict)
-    splits: list[int] = field(default_factory=lambda: [1, 2, 3])
-    batch_size: int = 16
+class SyncEvalConfig:
+    """``avts eval sync``: held-out in-sync pairs against each negative kind and an offset sweep."""
+
+    # Split of the dataset; empty: data.val_split.
+    split: str = ""
+    # Held-out clips evaluated, evenly spread over the split (0: all of them).
+    max_clips: int = 64
+    # A pair is in sync when the embedding distance is below this (0: loss.margin / 2). A fusion
+    # head's logit > 0 is used instead when the model has one.
+    threshold: float = 0.0
+    # Offsets (seconds) of the accuracy-vs-offset curve.
+    offsets: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0])
+
+    def __post_init__(self) -> None:
+        if self.max_clips < 0:
+            _fail("eval.sync.max_clips", "must be >= 0 (0 = every clip of the split)")
+        if self.threshold < 0:
+            _fail("eval.sync.threshold", "must be >= 0 (0 = loss.margin / 2)")
+        if any(o <= 0 for o in self.offsets):
+            _fail("eval.sync.offsets", "offsets must be > 0 seconds")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning the video net with a new linear head (ucf101, hmdb51, multimodal, synthetic)."""
+
     epochs: int = 5
     lr: float = 1e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.5
+    # Test clips per video, evenly spaced; video accuracy averages their softmax.
     clips_per_video: int = 3
-    feature_layer: str = "pool"
-    # svm | logreg
-    classifier: str = "svm"
+    # Also train the same architecture from random init with the same recipe.
     scratch_baseline: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "clips_per_video"):
+            if getattr(self, name) < 1:
+                _fail(f"eval.finetune.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            _fail("eval.finetune.lr", "must be > 0")
+        if not 0 <= self.dropout < 1:
+            _fail("eval.finetune.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class LinearProbeConfig:
+    """A linear classifier on frozen audio features (esc50, dcase2014, multimodal, synthetic)."""
+
+    # Audio net layer whose pooled output is the feature (layer1..layer4, pool).
+    feature_layer: str = "pool"
+    # multimodal always uses logreg: late fusion needs class probabilities.
+    classifier: Literal["svm", "logreg"] = "svm"
+    # Inverse regularisation strength (scikit-learn's C).
+    c: float = 1.0
+    # Log-mel windows of data.clip_seconds per clip, evenly spread; their features are averaged.
+    windows: int = 3
+
+    def __post_init__(self) -> None:
+        if self.c <= 0:
+            _fail("eval.probe.c", "must be > 0")
+        if self.windows < 1:
+            _fail("eval.probe.windows", f"must be >= 1, got {self.windows}")
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = ""
+    # Dataset URL per evaluation (name -> URL); sync and synthetic default to data.url.
+    datasets: dict[str, str] = field(default_factory=dict)
+    # UCF101/HMDB51 splits to run (split plans: eval/common.py).
+    splits: list[int] = field(default_factory=lambda: [1, 2, 3])
+    # Caps for toy runs (0: no cap): training clips per split, and test videos per split.
+    max_train_videos: int = 0
+    max_test_videos: int = 0
+    batch_size: int = 16
+    num_workers: int = 0
+    # auto (cuda when available) | cpu | cuda | cuda:N
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
     # MLflow parent run; empty: read <run dir>/mlflow_run_id next to the checkpoint.
     parent_run_id: str = ""
     # Local folder for artifacts (plots, CSVs); empty: <run dir or cwd>/eval/<name>.
     out_dir: str = ""
-    # sync: held-out clips evaluated (0: all in the split), decision threshold on the embedding
-    # distance (0: loss.margin / 2; a fusion head's logit > 0 wins when present) and the offsets
-    # (seconds) of the accuracy-vs-offset curve.
-    sync_split: str = ""
-    sync_max_clips: int = 64
-    sync_threshold: float = 0.0
-    sync_offsets: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0])
-    # Caps for toy runs (0: no cap): training clips per split, and test videos per split.
-    max_train_videos: int = 0
-    max_test_videos: int = 0
-    weight_decay: float = 1e-4
-    # Audio features: windows of data.clip_seconds averaged over this many per clip.
-    audio_windows: int = 3
-    svm_c: float = 1.0
-    num_workers: int = 0
-    device: str = "auto"
-    seed: int = 0
-    progress: bool = True
+    sync: SyncEvalConfig = field(default_factory=SyncEvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
 
     def __post_init__(self) -> None:
-        if self.classifier not in ("svm", "logreg"):
-            _fail("eval.classifier", f"must be svm or logreg, got {self.classifier!r}")
-        for name in ("batch_size", "epochs", "clips_per_video", "audio_windows"):
-            if getattr(self, name) < 1:
-                _fail(f"eval.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            _fail("eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            _fail("eval.num_workers", "must be >= 0")
+        if self.max_train_videos < 0 or self.max_test_videos < 0:
+            _fail("eval.max_train_videos", "caps must be >= 0 (0 = no cap)")
         if any(k not in (1, 2, 3) for k in self.splits) or not self.splits:
             _fail("eval.splits", f"must be a non-empty subset of [1, 2, 3], got {self.splits}")
-        if any(o <= 0 for o in self.sync_offsets):
-            _fail("eval.sync_offsets", "offsets must be > 0 seconds")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            _fail("eval.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+# Keys renamed since configs were first saved (old -> new; None: removed, it did nothing).
+# Saved run configs (<run.dir>/config.yaml, read by `avts eval`) and users' overrides keep
+# working; a warning names the new key, and resolved configs are written with the new names.
+RENAMED_KEYS: dict[str, str | None] = {
+    "eval.suite": None,
+    "eval.sync_split": "eval.sync.split",
+    "eval.sync_max_clips": "eval.sync.max_clips",
+    "eval.sync_threshold": "eval.sync.threshold",
+    "eval.sync_offsets": "eval.sync.offsets",
+    "eval.epochs": "eval.finetune.epochs",
+    "eval.lr": "eval.finetune.lr",
+    "eval.weight_decay": "eval.finetune.weight_decay",
+    "eval.clips_per_video": "eval.finetune.clips_per_video",
+    "eval.scratch_baseline": "eval.finetune.scratch_baseline",
+    "eval.feature_layer": "eval.probe.feature_layer",
+    "eval.classifier": "eval.probe.classifier",
+    "eval.svm_c": "eval.probe.c",
+    "eval.audio_windows": "eval.probe.windows",
+}
 
 
 @dataclass
@@ -528,6 +613,45 @@ def _read_yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str,
     return layers
 
 
+def _renamed_key(key: str) -> str | None:
+    """The current name of ``key`` (None: a removed key), with a warning for an old name."""
+    if key not in RENAMED_KEYS:
+        return key
+    new = RENAMED_KEYS[key]
+    log.warning(
+        "config key '%s' %s", key, f"is now '{new}'" if new else "was removed (it had no effect)"
+    )
+    return new
+
+
+def _rename_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """A YAML layer or saved config with old key names moved to their new places."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for old in RENAMED_KEYS:
+        section, _, leaf = old.partition(".")
+        node = tree.get(section)
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        new = _renamed_key(old)
+        if new:
+            *parents, last = new.split(".")[1:]
+            for name in parents:
+                node = node.setdefault(name, {})
+            node[last] = value
+    return tree
+
+
+def _rename_overrides(overrides: list[str]) -> list[str]:
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        new = _renamed_key(key)
+        if new:
+            out.append(f"{new}={value}")
+    return out
+
+
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
     msg = str(exc).split("\n")[0]
@@ -546,6 +670,8 @@ def load_config(
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
+    layers = [_rename_keys(layer) for layer in layers]
+    overrides = _rename_overrides(overrides)
     try:
         for layer in layers:
             merged = OmegaConf.merge(merged, layer)
@@ -589,7 +715,7 @@ def config_from_dict(data: dict[str, Any], schema: type = Config) -> Any:
     """Rebuilds a config saved with :func:`config_to_dict` (e.g. from a checkpoint)."""
     try:
         return restore_secrets(
-            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
+            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), _rename_keys(data)))
         )
     except OmegaConfBaseException as exc:
         raise ConfigError(_omegaconf_message(exc)) from None

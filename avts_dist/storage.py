@@ -36,6 +36,7 @@ __all__ = [
     "StorageUnreachableError",
     "check_bucket",
     "get_fs",
+    "is_remote",
     "join",
     "redact",
     "redact_storage_options",
@@ -282,6 +283,12 @@ def get_fs(
         return url_to_fs(url, **options)
     except (ValueError, ImportError, TypeError) as exc:
         raise StorageError(f"cannot open storage URL {url!r}: {scrub(str(exc), options)}") from None
+
+
+def is_remote(url: str) -> bool:
+    """True for a URL that fsspec opens remotely (``s3://``, ``memory://``, ``http://``); False for
+    a local path or a ``file://`` URL."""
+    return "://" in url and not url.startswith("file://")
 
 
 def join(base: str, *parts: str) -> str:

@@ -20,7 +20,6 @@ If a signal reaches submitit's own handler (before the trainer installed its han
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Any
 import submitit
 
 from avts_dist.config import config_from_dict
+from launch.executors import job_state
 
 log = logging.getLogger("avts.launch")
 
@@ -171,8 +171,6 @@ class PretrainJob(submitit.helpers.Checkpointable):
 
     def _requeue(self, job_id: str) -> None:
         """Rank 0, after every rank saved: the next submission, then ``scontrol requeue``."""
-        from launch.executors import job_state
-
         # scancel also signals (SIGTERM) but must not be undone: only a RUNNING job requeues.
         state = job_state(job_id).get("JobState", "UNKNOWN")
         if state != "RUNNING":
@@ -207,8 +205,6 @@ class PretrainJob(submitit.helpers.Checkpointable):
 
         Leaving first would be a bad exit that could stop rank 0 before it requeued.
         """
-        from launch.executors import job_state
-
         deadline = time.monotonic() + max_wait_s
         while time.monotonic() < deadline:
             state = job_state(job_id).get("JobState", "UNKNOWN")
@@ -219,9 +215,3 @@ class PretrainJob(submitit.helpers.Checkpointable):
                 sys.stdout.flush()
                 os._exit(0)
             time.sleep(0.5)
-
-
-def result_summary(result: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(result):
-        return dataclasses.asdict(result)
-    return dict(vars(result)) if hasattr(result, "__dict__") else {"result": result}

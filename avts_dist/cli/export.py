@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Deferred: torch and DeepSpeed load only when exporting, not for `avts --help`.
     from avts_dist.train.export import ExportFailed, export_checkpoint
 
     try:

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+import avts_dist.tracking.eval_runs  # noqa: F401  (allows MLflow's local file store)
 from avts_dist.cli import main as avts_main
 from tests.fixtures.slurm import scontrol_job, wait_state
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
-os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 MAX_STEPS = 1000
 
 
@@ -101,6 +100,7 @@ def reference(tmp_path_factory, synth_corpus, mlruns):
 
 
 def test_two_task_run_checkpoint_mlflow_and_chained_sync_eval(reference, mlruns):
+    import torch
     from mlflow import MlflowClient
 
     from avts_dist.train import find_latest_complete
@@ -109,11 +109,14 @@ def test_two_task_run_checkpoint_mlflow_and_chained_sync_eval(reference, mlruns)
     assert status == 0, info
     assert set(info["states"].values()) == {"COMPLETED"}
     tag, meta = find_latest_complete(str(run_dir / "checkpoints"))
-    assert meta.get("step", int(tag.split("_")[-1])) == MAX_STEPS
+    assert tag == f"step_{MAX_STEPS:06d}" and meta["step"] == MAX_STEPS
     # Both ranks ran: one log per rank, and the run saw world size 2.
+    assert meta["world_size"] == 2
     logs = sorted((run_dir / "slurm").glob(f"{info['pretrain']}_*_log.out"))
     assert [p.name.split("_")[1] for p in logs] == ["0", "1"]
-    assert (run_dir / "export" / "model.pt").exists()
+    # The chained export job consolidated that very checkpoint.
+    exported = torch.load(run_dir / "export" / "model.pt", weights_only=True)
+    assert exported["step"] == MAX_STEPS and exported["source_checkpoint"].endswith(tag)
 
     client = MlflowClient(tracking_uri=mlruns.as_uri())
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
