@@ -790,7 +790,8 @@ def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
     Nested mappings are flattened with dots; lists become their JSON text.
     """
-    data = redacted_config_dict(cfg) if not prefix else cfg
+    # Nested calls get already-redacted mappings; a sub-config (``cfg.eval``) is redacted too.
+    data = redacted_config_dict(cfg) if dataclasses.is_dataclass(cfg) or not prefix else cfg
     out: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
