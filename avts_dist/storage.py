@@ -14,7 +14,9 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-__all__ = ["StorageError", "get_fs", "join", "redact"]
+from avts_dist.config import deep_merge
+
+__all__ = ["StorageError", "get_fs", "is_remote", "join", "local_path", "redact"]
 
 _SECRET_WORDS = ("secret", "password", "token", "credential", "session", "key_id", "access_key")
 
@@ -28,11 +30,15 @@ def _s3_defaults() -> dict[str, Any]:
     return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def is_remote(url: str) -> bool:
+    """True for a URL of another filesystem (``s3://``, ``memory://``); False for a local path
+    or a ``file://`` URL."""
+    return "://" in url and not url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a local path or ``file://`` URL."""
+    return url.removeprefix("file://")
 
 
 def get_fs(
@@ -44,7 +50,7 @@ def get_fs(
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     options = dict(storage_options or {})
     if protocol in ("s3", "s3a"):
-        options = _merge(_s3_defaults(), options)
+        options = deep_merge(_s3_defaults(), options)
     try:
         return url_to_fs(url, **options)
     except (ValueError, ImportError) as exc:
