@@ -287,9 +287,10 @@ class OptimConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 0
-    # bf16/fp16: low-precision weights and activations; gradients are accumulated and reduced
-    # in fp32 and the optimizer keeps fp32 master weights (which needs ZeRO >= 1).
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # bf16: torch.autocast (convolutions and matmuls in bf16; weights, gradients, their
+    # all-reduce, the optimizer and BatchNorm in fp32). fp16 is not offered: it needs loss
+    # scaling, and the GPUs this targets (Ampere and later) have bf16.
+    precision: Literal["fp32", "bf16"] = "fp32"
     grad_accum_steps: int = 1
     # auto: "cpu:gloo,cuda:nccl" with CUDA (NCCL for GPU tensors, gloo for the CPU-side
     # collectives: object broadcasts, checkpoint manifests), gloo otherwise.
@@ -300,14 +301,6 @@ class DeepSpeedConfig:
     def __post_init__(self) -> None:
         if self.grad_accum_steps < 1:
             _fail("deepspeed.grad_accum_steps", "must be >= 1")
-        if self.precision != "fp32" and self.zero_stage == 0:
-            # DeepSpeed's stage-0 bf16 path keeps no fp32 master weights and cannot accumulate
-            # gradients in fp32; ZeRO-1 gives both (its BF16 optimizer) at no memory cost.
-            _fail(
-                "deepspeed.zero_stage",
-                f"deepspeed.precision={self.precision} needs zero_stage >= 1 (fp32 master "
-                "weights and fp32 gradient accumulation); use zero_stage=1",
-            )
 
 
 @dataclass
@@ -319,8 +312,9 @@ class CheckpointConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     # Local folder DeepSpeed writes into when checkpoint.dir is remote (then uploaded), and where
     # a remote checkpoint is fetched to resume. Empty: <run.dir>/checkpoint_staging. Environment
-    # variables are expanded, e.g. ${SLURM_TMPDIR}/avts for node-local disks: every node then
-    # uploads its own ranks' files and fetches its own copy to resume.
+    # variables are expanded: $SLURM_TMPDIR/avts puts it on node-local disks (write $VAR, not
+    # ${VAR}, which OmegaConf reads as an interpolation); every node then uploads its own ranks'
+    # files and fetches its own copy to resume.
     staging_dir: str = ""
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -136,22 +137,32 @@ def _device_for(backend: str, local_rank: int) -> torch.device:
 
 
 def _export_slurm_env() -> None:
-    """``srun python -m avts_dist train`` sets no RANK/WORLD_SIZE: derive them (and the
-    rendezvous) from SLURM's task variables with submitit's helper, or fail with the fix."""
+    """``srun python -m avts_dist train`` sets no RANK/WORLD_SIZE: derive them and the rendezvous
+    from SLURM's task variables (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the first
+    node of the job; a port drawn from the job id, as submitit does), or fail with the fix."""
     num_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
     if num_tasks <= 1 or "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
         return
     try:
-        # Lazy on purpose: only srun-started ranks need submitit.
-        from submitit.helpers import TorchDistributedEnvironment
+        # Lazy on purpose: only srun-started ranks need submitit (its SLURM node-list parser).
+        from submitit.slurm.slurm import SlurmJobEnvironment
 
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=False)
+        job = SlurmJobEnvironment()
+        values = {
+            "RANK": job.global_rank,
+            "WORLD_SIZE": num_tasks,
+            "LOCAL_RANK": job.local_rank,
+            "MASTER_ADDR": job.hostnames[0],
+            "MASTER_PORT": random.Random(job.job_id).randint(20000, 60000),
+        }
     except Exception as exc:
         raise RuntimeError(
             f"started by srun as {num_tasks} tasks without RANK/WORLD_SIZE, and they could not be "
-            f"derived from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID ({exc}); export RANK, "
-            "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, or use `avts launch pretrain`"
+            f"derived from SLURM's variables ({exc}); export RANK, WORLD_SIZE, LOCAL_RANK, "
+            "MASTER_ADDR and MASTER_PORT, or use `avts launch pretrain`"
         ) from None
+    for key, value in values.items():
+        os.environ.setdefault(key, str(value))
 
 
 def set_determinism(deterministic: bool, device: torch.device) -> None:

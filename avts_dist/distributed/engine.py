@@ -64,8 +64,14 @@ def build_ds_config(
     """The DeepSpeed JSON for this run; ``ds.extra`` is merged over it last.
 
     Needs no compiled DeepSpeed op on any device: the optimizer is torch's own (fused kernels on
-    CUDA), never DeepSpeed's JIT-built FusedAdam. With bf16/fp16, gradients are accumulated and
-    all-reduced in fp32 (``data_types.grad_accum_dtype``, ``communication_data_type``).
+    CUDA), never DeepSpeed's JIT-built FusedAdam. Gradients are accumulated and all-reduced in
+    fp32 at every precision (``data_types.grad_accum_dtype``, ``communication_data_type``).
+
+    ``precision=bf16`` is torch.autocast through DeepSpeed's ``torch_autocast``: convolutions and
+    matmuls compute in bf16, while weights (the fp32 master copy at any ZeRO stage), gradients,
+    optimizer state and BatchNorm (with its running statistics) stay fp32. DeepSpeed's own
+    ``bf16`` mode is not used: it casts the weights, and since 0.19.2 keeps the buffers fp32, so a
+    BatchNorm gets bf16 weights beside fp32 running statistics, which torch's batch_norm rejects.
     """
     use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
     if global_batch_size % (world_size * ds.grad_accum_steps):
@@ -92,8 +98,9 @@ def build_ds_config(
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": max(total_steps, 1),
-                "warmup_num_steps": warmup,
-                "warmup_min_ratio": 0.0,
+                # DeepSpeed wants >= 1 warmup step: with none asked for, that step is at full LR.
+                "warmup_num_steps": max(warmup, 1),
+                "warmup_min_ratio": 0.0 if warmup else 1.0,
                 "cos_min_ratio": optim.min_lr_ratio,
                 "warmup_type": "linear",
             },
@@ -129,17 +136,16 @@ def build_ds_config(
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": bool(load_universal)},
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
     }
-    if ds.precision != "fp32":
-        # Low-precision weights and activations, fp32 everything that sums: DeepSpeed's defaults
-        # would accumulate and all-reduce gradients in bf16/fp16. With ZeRO-1 and bf16 this
-        # selects DeepSpeed's BF16 optimizer (fp32 master weights, fp32 gradient buffers).
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
-        config["communication_data_type"] = "fp32"
     if ds.precision == "bf16":
-        config["bf16"] = {"enabled": True}
-    elif ds.precision == "fp16":
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+        # No module is "lower-precision safe": DeepSpeed would all-reduce those gradients in bf16.
+        config["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],
+        }
     return deep_merge(config, dict(ds.extra or {}))
 
 
@@ -258,8 +264,8 @@ def consolidated_fp32_state_dict(
     """The full fp32 model state dict of a local checkpoint tag, and its client state.
 
     ZeRO >= 1: the fp32 master weights, gathered from the optimizer shards by DeepSpeed's
-    ``zero_to_fp32``. ZeRO-0 trains fp32 weights only (the config refuses bf16/fp16 there), so
-    the module weights are the master weights; anything else is refused.
+    ``zero_to_fp32``. ZeRO-0: the module weights, which are the fp32 master weights at every
+    precision here (bf16 is autocast); a checkpoint with low-precision weights is refused.
     """
     tag_dir = Path(tag_dir)
     client = read_client_state(tag_dir)

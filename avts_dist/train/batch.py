@@ -1,9 +1,10 @@
 """A loader batch onto the run's device: it crosses once, and only the media change dtype.
 
 Video may arrive as uint8 ``[B, 3, T, H, W]`` (a quarter of float32's bytes over PCIe): it is
-cast and Kinetics-normalised on the device. Media (``video``, ``audio``, ``neg_audio``) are cast
-to the engine's compute dtype (bf16/fp16; fp32 runs keep them as they are). Everything else keeps
-its dtype: labels and indices stay integers, float64 start times stay float64.
+cast and Kinetics-normalised on the device. Only media (``video``, ``audio``, ``neg_audio``) may
+change dtype (to ``dtype`` when one is given; the trainer gives none: under bf16 autocast each
+convolution casts its own input). Everything else keeps its dtype: labels and indices stay
+integers, float64 start times stay float64.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def normalize_video(video_u8_BCTHW: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 def to_device(
-    batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None
+    batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None
 ) -> dict[str, Any]:
     """``batch`` on ``device``; ``dtype`` is the compute dtype of the media (None: unchanged)."""
     out: dict[str, Any] = {}

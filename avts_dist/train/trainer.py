@@ -53,8 +53,6 @@ log = logging.getLogger("avts.train")
 
 __all__ = ["StepOutput", "TrainResult", "Trainer"]
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclasses.dataclass
 class TrainResult:
@@ -110,7 +108,6 @@ class Trainer:
         )  # fmt: skip
         self.engine = initialize_engine(build_model(cfg.model), ds_config, backend=ctx.backend)
         self.device = self.engine.device
-        self.dtype = _DTYPES.get(cfg.deepspeed.precision)
         self.micro_steps = cfg.deepspeed.grad_accum_steps
         self.metrics = MetricsLogger(
             self.run_dir / "metrics.jsonl", device=self.device, world_size=self.world_size,
@@ -202,7 +199,7 @@ class Trainer:
         agreed by every rank in one all-reduce: one host sync per step. A non-finite loss on any
         rank skips the update on every rank (see ``engine.optimizer_step``).
         """
-        parts = micro_batches(to_device(batch, self.device, self.dtype), self.micro_steps)
+        parts = micro_batches(to_device(batch, self.device), self.micro_steps)
         nonfinite = torch.zeros((), device=self.device)
         losses, terms = [], {}
         for i, part in enumerate(parts):
@@ -230,7 +227,7 @@ class Trainer:
         self.engine.eval()
         try:
             return sync_accuracy(
-                lambda batch: self._forward_loss(to_device(batch, self.device, self.dtype)),
+                lambda batch: self._forward_loss(to_device(batch, self.device)),
                 self.val_loaders,
                 max_batches=self.cfg.train.val_batches,
                 global_batch_size=self.cfg.data.global_batch_size,
