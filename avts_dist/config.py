@@ -15,11 +15,12 @@ Each component receives only its own sub-config: ``build_loader(cfg.data, rank=.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -59,6 +60,22 @@ class ConfigError(ValueError):
 
 def _fail(key: str, msg: str) -> None:
     raise ConfigError(f"config key '{key}': {msg}")
+
+
+@functools.cache
+def _literal_fields(cls: type) -> dict[str, tuple]:
+    hints = get_type_hints(cls)
+    return {n: get_args(h) for n, h in hints.items() if get_origin(h) is Literal}
+
+
+def _check_choices(obj: Any, section: str) -> None:
+    """Literal-typed fields hold one of their values. OmegaConf checks them when it merges a
+    layer; this covers a dataclass built directly in code."""
+    for name, choices in _literal_fields(type(obj)).items():
+        if getattr(obj, name) not in choices:
+            _fail(
+                f"{section}.{name}", f"must be one of {list(choices)}, got {getattr(obj, name)!r}"
+            )
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -173,6 +190,7 @@ class ModelConfig:
     channels_last_3d: bool = False
 
     def __post_init__(self) -> None:
+        _check_choices(self, "model")
         if len(self.video_layers) != 4 or any(n < 1 for n in self.video_layers):
             _fail("model.video_layers", "must be four stage depths, each >= 1")
         for name in ("video_width", "audio_width", "embed_dim"):
@@ -208,6 +226,7 @@ class LossConfig:
     head_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_choices(self, "loss")
         if self.negatives != "all" and self.num_negatives < 1:
             _fail("loss.num_negatives", "must be >= 1 with random_k or hardest_k")
         if self.margin <= 0:
@@ -247,6 +266,7 @@ class CurriculumConfig:
         if not self.stages:
             _fail("curriculum.stages", "needs at least one stage")
         for i, stage in enumerate(self.stages):
+            _check_choices(stage, f"curriculum.stages.{i}")
             if not stage.negative_mix:
                 stage.negative_mix = {"easy": 1.0}
             _check_mix(f"curriculum.stages.{i}.negative_mix", dict(stage.negative_mix))
@@ -280,6 +300,7 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_choices(self, "optim")
         if self.lr <= 0:
             _fail("optim.lr", "must be > 0")
 
@@ -299,6 +320,7 @@ class DeepSpeedConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_choices(self, "deepspeed")
         if self.grad_accum_steps < 1:
             _fail("deepspeed.grad_accum_steps", "must be >= 1")
 
