@@ -543,8 +543,13 @@ def _read_yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str,
     return layers
 
 
-def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+def _omegaconf_message(exc: OmegaConfBaseException, schema: type = Config) -> str:
     key = getattr(exc, "full_key", None)
+    # A section merged on its own (e.g. a checkpoint's model config) names its keys as the
+    # whole tree does: model.video_arch, not video_arch.
+    section = {hint: name for name, hint in get_type_hints(Config).items()}.get(schema)
+    if key and section:
+        key = f"{section}.{key}"
     msg = str(exc).split("\n")[0]
     return f"config key '{key}': {msg}" if key else msg
 
@@ -568,7 +573,7 @@ def load_config(
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise ConfigError(_omegaconf_message(exc)) from None
+        raise ConfigError(_omegaconf_message(exc, schema)) from None
     return obj.fill_derived() if hasattr(obj, "fill_derived") else obj
 
 
@@ -595,7 +600,7 @@ def config_from_dict(data: dict[str, Any], schema: type = Config) -> Any:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
     except OmegaConfBaseException as exc:
-        raise ConfigError(_omegaconf_message(exc)) from None
+        raise ConfigError(_omegaconf_message(exc, schema)) from None
 
 
 def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:

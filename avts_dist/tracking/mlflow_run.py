@@ -26,6 +26,7 @@ import yaml
 
 from avts_dist.config import config_to_dict, flatten_config
 from avts_dist.storage import redact
+from avts_dist.tracking.eval_runs import resolve_tracking_uri
 
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
@@ -43,8 +44,6 @@ _PARAM_MAX = 6000
 
 
 def tracking_uri_for(uri: str) -> str:
-    from avts_dist.tracking.eval_runs import resolve_tracking_uri
-
     return resolve_tracking_uri(uri)
 
 

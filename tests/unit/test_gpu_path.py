@@ -61,8 +61,17 @@ def slurm_task_env(monkeypatch, env: dict[str, str]) -> None:
     """A SLURM task's variables, and no torch.distributed ones yet."""
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+    for key in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ):
+        # set first, so that what the code under test exports is removed again afterwards
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
 
 
 def test_each_task_gets_an_existing_device():
