@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -50,6 +51,7 @@ __all__ = [
     "TrainConfig",
     "config_secrets",
     "config_to_dict",
+    "deep_merge",
     "flatten_config",
     "load_config",
     "redacted_config_dict",
@@ -69,6 +71,33 @@ class ConfigError(ValueError):
 
 def _fail(key: str, msg: str) -> None:
     raise ConfigError(f"config key '{key}': {msg}")
+
+
+@functools.cache
+def _literal_fields(cls: type) -> dict[str, tuple]:
+    hints = get_type_hints(cls)
+    return {n: get_args(h) for n, h in hints.items() if get_origin(h) is Literal}
+
+
+def _check_choices(obj: Any, section: str) -> None:
+    """Literal-typed fields hold one of their values. OmegaConf checks them when it merges a
+    layer; this covers a dataclass built directly in code."""
+    for name, choices in _literal_fields(type(obj)).items():
+        if getattr(obj, name) not in choices:
+            _fail(
+                f"{section}.{name}", f"must be one of {list(choices)}, got {getattr(obj, name)!r}"
+            )
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``; nested mappings merge key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _check_mix(key: str, mix: dict[str, float]) -> None:
@@ -116,7 +145,8 @@ class DataConfig:
     # Initial mix of the extra negative's kind; empty means {"easy": 1.0}. The default must be
     # empty: OmegaConf merges a YAML mapping into a default one ({hard: 1} would gain easy: 1).
     negative_mix: dict[str, float] = field(default_factory=dict)
-    # Epochs over the split; 0 means infinite (the trainer stops at train.max_steps).
+    # The run's one epoch knob: passes over the split; 0 means an endless stream (the run is
+    # then as long as train.max_steps). With both set, the run stops at whichever comes first.
     epochs: int = 0
     drop_last: bool = True
     max_retries: int = 4
@@ -152,12 +182,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # r2plus1d_18 | mc3_18 | r3d_18 (torchvision-compatible) ; widths/depths shrink them for CPU.
-    video_arch: str = "r2plus1d_18"
+    # torchvision-compatible video nets; widths/depths shrink them for CPU.
+    video_arch: Literal["r2plus1d_18", "mc3_18", "r3d_18"] = "r2plus1d_18"
     video_width: int = 64
     video_layers: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
-    # vgg (AVTS-like, full size) | tiny
-    audio_arch: str = "vgg"
+    # vgg: AVTS-like, full size; tiny: for CPU tests.
+    audio_arch: Literal["vgg", "tiny"] = "vgg"
     audio_width: int = 64
     embed_dim: int = 128
     # Hidden width of the embedding / fusion MLPs; 0 means the input width.
@@ -174,10 +204,7 @@ class ModelConfig:
     init_from: str = ""
 
     def __post_init__(self) -> None:
-        if self.video_arch not in ("r2plus1d_18", "mc3_18", "r3d_18"):
-            _fail("model.video_arch", f"unknown video architecture {self.video_arch!r}")
-        if self.audio_arch not in ("vgg", "tiny"):
-            _fail("model.audio_arch", f"unknown audio architecture {self.audio_arch!r}")
+        _check_choices(self, "model")
         if len(self.video_layers) != 4 or any(n < 1 for n in self.video_layers):
             _fail("model.video_layers", "must be four stage depths, each >= 1")
         for name in ("video_width", "audio_width", "embed_dim"):
@@ -191,13 +218,13 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    # contrastive (AVTS margin loss) | infonce
-    kind: str = "contrastive"
+    # contrastive: the AVTS margin loss.
+    kind: Literal["contrastive", "infonce"] = "contrastive"
     margin: float = 0.99
     normalize: bool = True
     temperature: float = 0.07
-    # Easy negatives from the global batch: all | random_k | hardest_k
-    negatives: str = "all"
+    # Easy negatives from the global batch.
+    negatives: Literal["all", "random_k", "hardest_k"] = "all"
     num_negatives: int = 1
     # Weight of each negative kind, and of positives against negatives.
     weights: dict[str, float] = field(
@@ -213,10 +240,7 @@ class LossConfig:
     head_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("contrastive", "infonce"):
-            _fail("loss.kind", f"must be 'contrastive' or 'infonce', got {self.kind!r}")
-        if self.negatives not in ("all", "random_k", "hardest_k"):
-            _fail("loss.negatives", f"must be all, random_k or hardest_k, got {self.negatives!r}")
+        _check_choices(self, "loss")
         if self.negatives != "all" and self.num_negatives < 1:
             _fail("loss.num_negatives", "must be >= 1 with random_k or hardest_k")
         if self.margin <= 0:
@@ -244,7 +268,7 @@ class CurriculumStage:
     plateau_patience: int = 3
     plateau_min_delta: float = 0.001
     # max: the metric should rise (accuracy); min: it should fall (a loss).
-    plateau_mode: str = "max"
+    plateau_mode: Literal["max", "min"] = "max"
 
 
 @dataclass
@@ -256,11 +280,10 @@ class CurriculumConfig:
         if not self.stages:
             _fail("curriculum.stages", "needs at least one stage")
         for i, stage in enumerate(self.stages):
+            _check_choices(stage, f"curriculum.stages.{i}")
             if not stage.negative_mix:
                 stage.negative_mix = {"easy": 1.0}
             _check_mix(f"curriculum.stages.{i}.negative_mix", dict(stage.negative_mix))
-            if stage.plateau_mode not in ("max", "min"):
-                _fail(f"curriculum.stages.{i}.plateau_mode", "must be 'max' or 'min'")
             if stage.plateau_patience < 1:
                 _fail(f"curriculum.stages.{i}.plateau_patience", "must be >= 1")
             unknown = set(stage.loss_weights) - set(NEGATIVE_KINDS)
@@ -281,45 +304,39 @@ class CurriculumConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
-    # cosine | constant
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.name not in ("adamw", "adam", "sgd"):
-            _fail("optim.name", f"unknown optimizer {self.name!r}")
-        if self.schedule not in ("cosine", "constant"):
-            _fail("optim.schedule", f"must be cosine or constant, got {self.schedule!r}")
+        _check_choices(self, "optim")
         if self.lr <= 0:
             _fail("optim.lr", "must be > 0")
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0
-    # fp32 | bf16 | fp16
-    precision: str = "fp32"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    # bf16: torch.autocast (convolutions and matmuls in bf16; weights, gradients, their
+    # all-reduce, the optimizer and BatchNorm in fp32). fp16 is not offered: it needs loss
+    # scaling, and the GPUs this targets (Ampere and later) have bf16.
+    precision: Literal["fp32", "bf16"] = "fp32"
     grad_accum_steps: int = 1
-    # auto: nccl with CUDA, gloo otherwise.
-    backend: str = "auto"
+    # auto: "cpu:gloo,cuda:nccl" with CUDA (NCCL for GPU tensors, gloo for the CPU-side
+    # collectives: object broadcasts, checkpoint manifests), gloo otherwise.
+    backend: Literal["auto", "gloo", "nccl", "cpu:gloo,cuda:nccl"] = "auto"
     # Escape hatch: raw DeepSpeed JSON keys merged last over the generated config.
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            _fail("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            _fail("deepspeed.precision", f"must be fp32, bf16 or fp16, got {self.precision!r}")
+        _check_choices(self, "deepspeed")
         if self.grad_accum_steps < 1:
             _fail("deepspeed.grad_accum_steps", "must be >= 1")
-        if self.backend not in ("auto", "gloo", "nccl"):
-            _fail("deepspeed.backend", f"must be auto, gloo or nccl, got {self.backend!r}")
 
 
 @dataclass
@@ -329,6 +346,12 @@ class CheckpointConfig:
     every_steps: int = 0
     keep_last: int = 3
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # Local folder DeepSpeed writes into when checkpoint.dir is remote (then uploaded), and where
+    # a remote checkpoint is fetched to resume. Empty: <run.dir>/checkpoint_staging. Environment
+    # variables are expanded: $SLURM_TMPDIR/avts puts it on node-local disks (write $VAR, not
+    # ${VAR}, which OmegaConf reads as an interpolation); every node then uploads its own ranks'
+    # files and fetches its own copy to resume.
+    staging_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
@@ -339,22 +362,21 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
+    # Optimizer steps of the run; 0: as many as data.epochs gives.
     max_steps: int = 100
-    # If > 0, train for this many epochs instead of max_steps.
-    epochs: int = 0
     log_every: int = 10
     val_every_steps: int = 0
     val_batches: int = 4
     # Consecutive non-finite steps that stop the run (after a checkpoint).
     max_nonfinite_steps: int = 3
+    # Deterministic algorithms (on CUDA: cuDNN deterministic, no benchmark autotuning, and
+    # CUBLAS_WORKSPACE_CONFIG set); false lets cuDNN pick the fastest kernels.
     deterministic: bool = True
     progress: bool = True
-    # Test hook: the loss of these optimizer steps (1-based) is made NaN on every rank.
-    inject_nan_at_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.max_steps <= 0 and self.epochs <= 0:
-            _fail("train.max_steps", "set train.max_steps > 0 or train.epochs > 0")
+        if self.max_steps < 0:
+            _fail("train.max_steps", "must be >= 0 (0 = data.epochs decides)")
         if self.log_every < 1:
             _fail("train.log_every", "must be >= 1")
 
@@ -548,10 +570,13 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # none | auto (latest complete checkpoint) | a checkpoint directory
+    # none | auto (newest complete checkpoint of checkpoint.dir) | a run dir, checkpoints dir,
+    # tag dir or URL (s3://..., file://...): see avts_dist.train.checkpoint.resolve_checkpoint
     resume: str = "none"
 
     def __post_init__(self) -> None:
+        if self.train.max_steps == 0 and self.data.epochs == 0:
+            _fail("train.max_steps", "set train.max_steps > 0 or data.epochs > 0")
         if self.data.global_batch_size % self.deepspeed.grad_accum_steps:
             _fail(
                 "deepspeed.grad_accum_steps",
@@ -652,8 +677,13 @@ def _rename_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
-def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+def _omegaconf_message(exc: OmegaConfBaseException, schema: type = Config) -> str:
     key = getattr(exc, "full_key", None)
+    # A section merged on its own (e.g. a checkpoint's model config) names its keys as the
+    # whole tree does: model.video_arch, not video_arch.
+    section = {hint: name for name, hint in get_type_hints(Config).items()}.get(schema)
+    if key and section:
+        key = f"{section}.{key}"
     msg = str(exc).split("\n")[0]
     return f"config key '{key}': {msg}" if key else msg
 
@@ -679,7 +709,7 @@ def load_config(
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise ConfigError(_omegaconf_message(exc)) from None
+        raise ConfigError(_omegaconf_message(exc, schema)) from None
     return obj.fill_derived() if hasattr(obj, "fill_derived") else obj
 
 
@@ -718,7 +748,7 @@ def config_from_dict(data: dict[str, Any], schema: type = Config) -> Any:
             OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), _rename_keys(data)))
         )
     except OmegaConfBaseException as exc:
-        raise ConfigError(_omegaconf_message(exc)) from None
+        raise ConfigError(_omegaconf_message(exc, schema)) from None
 
 
 # `avts launch` hands what redaction hides to its jobs in their environment (SLURM keeps a job's

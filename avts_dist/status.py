@@ -169,18 +169,22 @@ def _total_steps(
             notes.append(f"dataset {cfg.data.url} not readable from here: {error}")
     if written:
         return int(written["total_steps"]), steps_per_epoch, filtered, notes
-    # The trainer's own rule: train.epochs epochs if set, else train.max_steps, and a finite
-    # data.epochs ends the loader (and so the run) earlier.
-    if cfg.train.epochs > 0:
+    # The trainer's own rule: train.max_steps, or data.epochs of the loader's steps, whichever
+    # ends first (train.max_steps=0: data.epochs alone).
+    total, source = cfg.train.max_steps, "train.max_steps"
+    if cfg.data.epochs > 0:
         if steps_per_epoch is None:
-            return None, None, filtered, [*notes, "total steps unknown (train.epochs, no dataset)"]
-        total = cfg.train.epochs * steps_per_epoch
-        source = "train.epochs x the dataset's steps per epoch"
-    else:
-        total, source = cfg.train.max_steps, "train.max_steps"
-        data_end = cfg.data.epochs * (steps_per_epoch or 0)
-        if 0 < data_end < total:
-            total, source = data_end, "data.epochs x the dataset's steps per epoch"
+            if total <= 0:
+                return (
+                    None,
+                    None,
+                    filtered,
+                    [*notes, "total steps unknown (data.epochs, no dataset)"],
+                )
+        else:
+            data_end = cfg.data.epochs * steps_per_epoch
+            if total <= 0 or data_end < total:
+                total, source = data_end, "data.epochs x the dataset's steps per epoch"
     notes.append(f"total steps from {source} (the trainer does not write them)")
     return total, steps_per_epoch, filtered, notes
 
@@ -251,7 +255,7 @@ def _latest_checkpoint(
 ) -> dict[str, Any] | None:
     """tag, step, url and age of the newest complete checkpoint, or None."""
     # Lazy: importing avts_dist.train loads the whole trainer; only the listing is needed.
-    from avts_dist.train.checkpoint import find_latest_complete
+    from avts_dist.train.checkpoint import list_checkpoints
 
     ckpt_dir = _checkpoint_dir(cfg, run_url)
     options = dict(cfg.checkpoint.storage_options)
@@ -259,13 +263,13 @@ def _latest_checkpoint(
         # Inside the run dir: the caller's options reach it too.
         options = {**(storage_options or {}), **options}
     try:
-        found = find_latest_complete(ckpt_dir, options or None)
-    except (StorageError, OSError, json.JSONDecodeError) as exc:
+        found = list_checkpoints(ckpt_dir, options or None)
+    except (StorageError, OSError, ValueError) as exc:
         notes.append(f"checkpoints at {ckpt_dir} not readable: {exc}")
         return None
-    if found is None:
+    if not found:
         return None
-    tag, meta = found
+    tag, meta = found[-1].tag, found[-1].meta
     saved = meta.get("time")
     return {
         "tag": tag,

@@ -27,6 +27,8 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from avts_dist.config import deep_merge
+
 __all__ = [
     "REDACTED",
     "SAFE_OPTION_KEYS",
@@ -38,6 +40,7 @@ __all__ = [
     "get_fs",
     "is_remote",
     "join",
+    "local_path",
     "redact",
     "redact_storage_options",
     "redacted_paths",
@@ -237,11 +240,15 @@ def _s3_defaults() -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def is_remote(url: str) -> bool:
+    """True for a URL of another filesystem (``s3://``, ``memory://``); False for a local path
+    or a ``file://`` URL."""
+    return "://" in url and not url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a local path or ``file://`` URL."""
+    return url.removeprefix("file://")
 
 
 _MIN_SECRET_LEN = 6
@@ -278,17 +285,11 @@ def get_fs(
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     options = _drop_redacted(url, protocol, dict(storage_options or {}))
     if protocol in ("s3", "s3a"):
-        options = _merge(_s3_defaults(), options)
+        options = deep_merge(_s3_defaults(), options)
     try:
         return url_to_fs(url, **options)
     except (ValueError, ImportError, TypeError) as exc:
         raise StorageError(f"cannot open storage URL {url!r}: {scrub(str(exc), options)}") from None
-
-
-def is_remote(url: str) -> bool:
-    """True for a URL that fsspec opens remotely (``s3://``, ``memory://``, ``http://``); False for
-    a local path or a ``file://`` URL."""
-    return "://" in url and not url.startswith("file://")
 
 
 def join(base: str, *parts: str) -> str:
@@ -331,7 +332,7 @@ def _probe_s3_bucket(fs, bucket: str, url: str, anon: bool = False) -> None:
     extra: dict[str, Any] = {"config_kwargs": _PROBE_CONFIG, "skip_instance_cache": True}
     if anon:
         extra["anon"] = True
-    probe = type(fs)(**_merge(fs.storage_options, extra))
+    probe = type(fs)(**deep_merge(fs.storage_options, extra))
     unreachable: tuple[type[BaseException], ...] = (
         bex.EndpointConnectionError,
         bex.ConnectTimeoutError,

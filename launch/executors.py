@@ -350,8 +350,8 @@ def dist_env_summary(launch: LaunchConfig) -> dict[str, str]:
     env["WORLD_SIZE"] = str(launch.nodes * tpn)
     env["LOCAL_WORLD_SIZE"] = str(tpn)
     if launch.gpus_per_node:
-        env["CUDA_VISIBLE_DEVICES"] = "$SLURM_LOCALID (one GPU per task)"
-        env["backend"] = "nccl"
+        env["CUDA_VISIBLE_DEVICES"] = "as SLURM sets it; the task's GPU is LOCAL_RANK's"
+        env["backend"] = "cpu:gloo,cuda:nccl"
     else:
         env["backend"] = "gloo"
     env["AVTS_PREEMPT_SIGNAL"] = f"{launch.signal} ({launch.grace_s}s before the time limit)"

@@ -47,15 +47,17 @@ def resolve_callable(target: str):
 
 
 def export_distributed_env() -> dict[str, int]:
-    """torch.distributed env (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) from submitit."""
+    """torch.distributed env (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) from submitit.
+
+    ``CUDA_VISIBLE_DEVICES`` stays as SLURM set it: every GPU of the node (then the task's GPU is
+    ordinal ``LOCAL_RANK``, as under torchrun) or only the task's own (``--gpus-per-task``/
+    ``--gpu-bind``: ordinal 0). ``collectives.cuda_device_index`` picks the ordinal, so each
+    task lands on a device that exists; narrowing it here while keeping ``LOCAL_RANK`` would
+    point local ranks 1-7 at ordinals that do not exist.
+    """
     env = submitit.JobEnvironment()
     dist_env = submitit.helpers.TorchDistributedEnvironment()
     dist_env.export(set_cuda_visible_devices=False, overwrite=True)
-    # One GPU per task: the local rank's entry of what SLURM made visible (the ids need not be
-    # 0..N-1 without device cgroups). On a CPU partition there is nothing to narrow.
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    if visible and visible[0] not in ("-1", "NoDevFiles") and len(visible) > dist_env.local_rank:
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible[dist_env.local_rank]
     os.environ["MASTER_ADDR"] = _reachable_address(dist_env.master_addr)
     return {
         "rank": dist_env.rank,

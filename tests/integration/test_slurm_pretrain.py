@@ -103,13 +103,14 @@ def test_two_task_run_checkpoint_mlflow_and_chained_sync_eval(reference, mlruns)
     import torch
     from mlflow import MlflowClient
 
-    from avts_dist.train import find_latest_complete
+    from avts_dist.train import list_checkpoints
 
     status, info, run_dir = reference
     assert status == 0, info
     assert set(info["states"].values()) == {"COMPLETED"}
-    tag, meta = find_latest_complete(str(run_dir / "checkpoints"))
-    assert tag == f"step_{MAX_STEPS:06d}" and meta["step"] == MAX_STEPS
+    newest = list_checkpoints(str(run_dir / "checkpoints"))[-1]
+    tag, meta = newest.tag, newest.meta
+    assert newest.step == MAX_STEPS and tag == f"step_{MAX_STEPS:06d}"
     # Both ranks ran: one log per rank, and the run saw world size 2.
     assert meta["world_size"] == 2
     logs = sorted((run_dir / "slurm").glob(f"{info['pretrain']}_*_log.out"))
@@ -203,7 +204,7 @@ def test_time_limit_signal_saves_requeues_and_finishes_bitwise(
 def test_scancel_leaves_an_exportable_checkpoint(tmp_path, capsys, synth_corpus, mlruns):
     import torch
 
-    from avts_dist.train import find_latest_complete
+    from avts_dist.train import list_checkpoints
 
     cfg = _config(tmp_path, "cancel", synth_corpus, mlruns)
     status, info = _launch(capsys, cfg, "train.max_steps=400")
@@ -217,11 +218,11 @@ def test_scancel_leaves_an_exportable_checkpoint(tmp_path, capsys, synth_corpus,
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and scontrol_job(job).get("JobState") != "CANCELLED":
         time.sleep(0.5)
-    found = None
-    while time.monotonic() < deadline and found is None:
-        found = find_latest_complete(str(run_dir / "checkpoints"))
+    found = []
+    while time.monotonic() < deadline and not found:
+        found = list_checkpoints(str(run_dir / "checkpoints"))
         time.sleep(0.5)
-    assert found is not None, "scancel left no complete checkpoint"
+    assert found, "scancel left no complete checkpoint"
     assert scontrol_job(job).get("Restarts") == "0", "a cancelled job must not requeue"
     out = tmp_path / "model.pt"
     assert (

@@ -140,7 +140,7 @@ def test_dry_run_64_nodes_by_8_gpus(tmp_path, capsys, monkeypatch):
         "#SBATCH --signal=USR2@120",
         "# WORLD_SIZE=512",
         "# LOCAL_WORLD_SIZE=8",
-        "# backend=nccl",
+        "# backend=cpu:gloo,cuda:nccl",
         "--kill-on-bad-exit=1",
         "#SBATCH --dependency='afterok:<pretrain job id>'",
         "#SBATCH --array=0-2%3",  # ucf101's three splits
