@@ -105,7 +105,7 @@ def run_eval(
     """Runs one job for ``cfg.eval.checkpoint`` (or ``pre``) and logs it as an MLflow child run."""
     import torch
 
-    from avts_dist.data.shards import DatasetError, DatasetIndex
+    from avts_dist.data.index import DatasetError, DatasetIndex
     from avts_dist.tracking.eval_runs import EvalRun
 
     runner = _runner(job)

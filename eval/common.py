@@ -270,7 +270,7 @@ class VideoClips(Dataset):
 
     def __getitem__(self, i: int):
         from avts_dist.data.decode import decode_video
-        from avts_dist.data.shards import read_member
+        from avts_dist.data.index import read_member
 
         if self._fs is None:  # one filesystem per worker process
             self._fs = self.idx.open_fs()
@@ -323,7 +323,7 @@ def audio_features(
     from tqdm.auto import tqdm
 
     from avts_dist.data.decode import DecodeError, decode_audio, logmel
-    from avts_dist.data.shards import read_member
+    from avts_dist.data.index import read_member
 
     fs = idx.open_fs()
     net.eval().to(device)

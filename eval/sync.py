@@ -46,7 +46,7 @@ def run_sync(job: str, cfg, pre, idx, out_dir: Path, log) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     from avts_dist.data.decode import DecodeError, audio_window, decode_audio, decode_video, logmel
-    from avts_dist.data.shards import read_member
+    from avts_dist.data.index import read_member
 
     ev, data = cfg.eval, cfg.data
     device = pick_device(ev.device)

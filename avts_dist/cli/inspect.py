@@ -54,7 +54,7 @@ def summarize(idx) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from avts_dist.data.shards import DatasetIndex
+    from avts_dist.data.index import DatasetIndex
 
     idx = DatasetIndex.load(args.url, args.storage_options)
     summary = summarize(idx)

@@ -32,7 +32,7 @@ from avts_dist.data.decode import DecodeError, audio_window, decode_audio, decod
 from avts_dist.data.pairs import NEGATIVE_KINDS, PairPlan, mix_probabilities, plan_pair
 from avts_dist.data.reader import ClipReader, ReadFailure
 from avts_dist.data.sampler import GlobalSampler, LoaderState, MixSchedule, sample_rng
-from avts_dist.data.shards import DatasetError, DatasetIndex
+from avts_dist.data.index import DatasetError, DatasetIndex
 
 __all__ = ["AVLoader", "build_loader"]
 

@@ -13,7 +13,7 @@ import pytest
 
 from avts_dist.cli import main
 from avts_dist.data.decode import decode_audio, decode_video
-from avts_dist.data.shards import DatasetIndex, read_member
+from avts_dist.data.index import DatasetIndex, read_member
 from tests.fixtures.layouts import make_esc50, wav_duration
 
 

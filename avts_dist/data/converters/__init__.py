@@ -155,7 +155,7 @@ def prepare(
     """Converts dataset ``name`` (a key of :data:`LAYOUTS`) at ``src`` into shards at ``out``."""
     from tqdm.auto import tqdm
 
-    from avts_dist.data.shards import ShardWriter
+    from avts_dist.data.writer import ShardWriter
     from avts_dist.storage import get_fs, join
 
     if name not in LAYOUTS:
