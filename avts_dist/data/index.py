@@ -168,6 +168,11 @@ class DatasetIndex:
         return int(self.key_bytes.shape[0])
 
     @property
+    def profile(self) -> dict[str, Any] | None:
+        """How the media was encoded (``avts prepare``'s profile); None when not recorded."""
+        return self.header.get("profile")
+
+    @property
     def extra_columns(self) -> list[str]:
         return list(self.header.get("extra_columns", {}))
 

@@ -75,6 +75,7 @@ class ShardWriter:
         need_audio: bool = True,
         min_duration: float = 0.0,
         metadata: dict[str, Any] | None = None,
+        profile: dict[str, Any] | None = None,
     ) -> None:
         if shard_size <= 0:
             raise DatasetError(f"shard_size must be > 0, got {shard_size}")
@@ -87,6 +88,7 @@ class ShardWriter:
         self.need_audio = need_audio
         self.min_duration = min_duration
         self.metadata = dict(metadata or {})
+        self.profile = dict(profile) if profile is not None else None
         self._keys: list[bytes] = []
         self._key_set: set[bytes] = set()
         self._cols = {name: array.array(code) for name, code in _WRITER_COLUMNS.items()}
@@ -285,6 +287,7 @@ class ShardWriter:
             "num_clips": len(self._keys),
             "extra_columns": dict(self._extra_kinds),
             "metadata": self.metadata,
+            "profile": self.profile,
         }
         index = DatasetIndex(self._columns(), header, self.url, self.storage_options)
         _commit(self.fs, join(self.root, INDEX_NAME), index.to_bytes())
