@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from avts_dist.config import DataConfig
 from avts_dist.data.frames import VIDEO_DECODERS, DecodeError, frame_indices, read_frames
 
 __all__ = [
@@ -45,7 +46,7 @@ __all__ = [
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
 # The fastest decoder that gives the right frames, measured side by side (docs/benchmarks.md).
-DEFAULT_VIDEO_DECODER = "torchcodec"
+DEFAULT_VIDEO_DECODER = DataConfig.video_decoder
 # Audio is decoded from this long before a window's start (AAC frames overlap by one frame).
 _AUDIO_PREROLL_S = 0.25
 # Training crops take the short side from [size, size * (1 + _SCALE_JITTER)].
@@ -102,8 +103,11 @@ def decode_video(
     frames_THWC, native_hw = read_frames(
         mp4_bytes, start_s, num_frames, fps, decoder=decoder, num_threads=num_threads
     )
-    frames_TCHW = frames_THWC.permute(0, 3, 1, 2).float().div_(255.0)
-    frames_TCHW = _resize_crop(frames_TCHW, size, train, rng, native_hw)
+    # Resized as uint8 in the decoder's channels-last layout: torch's vectorised uint8
+    # antialias path, 10-18x faster than on float frames (within one level of 255 of it), then
+    # only the crop is converted to float.
+    frames_TCHW = _resize_crop(frames_THWC.permute(0, 3, 1, 2), size, train, rng, native_hw)
+    frames_TCHW = frames_TCHW.float().div_(255.0)
     if normalize:
         mean = torch.tensor(KINETICS_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(KINETICS_STD).view(1, 3, 1, 1)
