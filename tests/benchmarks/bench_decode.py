@@ -9,14 +9,16 @@ rendered here (a textured scene panning under moving objects, with sensor noise,
 has real work; bit rates are in the JSON):
 
 - ``360p_default_gop``: 640x360, 30 fps, libx264 with its defaults (preset medium, crf 23, a
-  keyframe every 250 frames at most, B-frames), like an AudioSet/Kinetics download;
+  keyframe every 250 frames at most, B-frames), AAC stereo 44.1 kHz, like an AudioSet/Kinetics
+  download;
 - ``training_profile``: that source through ``avts prepare``'s training profile (228x128, 30 fps,
   a keyframe every second), i.e. ``video_to_mp4(path, EncodeProfile())``.
 
 Every decoder decodes the same windows, interleaved clip by clip so that machine noise hits all
 alike; frames are checked against PyAV's (max abs difference, in levels of 255). RSS growth is
 measured in one fresh process per decoder over ``--rss-clips`` clips of the training-profile
-source (RSS after a warm-up of 10% of them, and at the end).
+source (RSS after every tenth of them: growth after the first tenth, and over the second half). The audio side of a sample (decode
+and log-mel, with a same-clip and an other-clip negative) is timed on the training profile too.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import av  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from avts_dist.config import DataConfig  # noqa: E402
 from avts_dist.data.converters.media import EncodeProfile, video_to_mp4  # noqa: E402
 from avts_dist.data.decode import DEFAULT_VIDEO_DECODER, VIDEO_DECODERS, decode_video  # noqa: E402
 from avts_dist.data.frames import read_frames  # noqa: E402
@@ -77,16 +80,67 @@ def render_scene(seconds: float, fps: int, width: int, height: int, seed: int) -
     return frames
 
 
+def render_audio(seconds: float, sample_rate: int, seed: int) -> np.ndarray:
+    """``float32 [2, N]`` stereo: noise bursts over a few drifting tones (speech-like density)."""
+    rng = np.random.default_rng(seed + 1)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    wave = sum(0.1 * np.sin(2 * np.pi * f * t * (1 + 0.01 * np.sin(t))) for f in (220, 330, 880))
+    envelope = (np.sin(2 * np.pi * 3 * t) > 0.3).astype(np.float32)
+    wave = wave + 0.2 * envelope * rng.standard_normal(t.size)
+    return np.stack([wave, np.roll(wave, 37)]).astype(np.float32)
+
+
 def encode_default_gop(frames: np.ndarray, fps: int, path: Path) -> None:
-    """libx264 with its defaults: preset medium, crf 23, keyint 250, scene cuts, B-frames."""
+    """libx264 with its defaults: preset medium, crf 23, keyint 250, scene cuts, B-frames;
+    AAC stereo at 44.1 kHz, 128 kbit/s (a download's audio)."""
+    sample_rate = 44100
+    audio = render_audio(len(frames) / fps, sample_rate, seed=int(frames[0, 0, 0, 0]))
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        a_stream = out.add_stream("aac", rate=sample_rate, layout="stereo")
+        a_stream.bit_rate = 128_000
         for i, img in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts, frame.time_base = i, Fraction(1, fps)
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
+        for start in range(0, audio.shape[1], 1024):
+            chunk = np.ascontiguousarray(audio[:, start : start + 1024])
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="stereo")
+            frame.sample_rate, frame.pts = sample_rate, start
+            frame.time_base = Fraction(1, sample_rate)
+            out.mux(a_stream.encode(frame))
+        out.mux(a_stream.encode(None))
+
+
+def time_audio(mp4: bytes, num_samples: int, seed: int) -> dict:
+    """CPU ms of a sample's audio as the loader does it (decode_audio of the span needed, then a
+    log-mel per window): a same-clip negative (hard/super-hard: one decode of a span covering both
+    windows) and an other-clip negative (easy: two decodes of one window each)."""
+    from avts_dist.data.decode import audio_window, decode_audio, logmel
+
+    cfg = DataConfig()
+    clip_s = NUM_FRAMES / CLIP_FPS
+    rng = np.random.default_rng(seed + 2)
+    same, other = [], []
+    for _ in range(num_samples):
+        a, b = sorted(rng.uniform(0.0, SOURCE_SECONDS - clip_s - 0.1, 2).tolist())
+        t0 = time.process_time()
+        wave = decode_audio(mp4, cfg.sample_rate, a, b + clip_s)
+        for start in (0.0, b - a):
+            logmel(audio_window(wave, cfg.sample_rate, start, clip_s), cfg.sample_rate)
+        t1 = time.process_time()
+        for start in (a, b):
+            wave = decode_audio(mp4, cfg.sample_rate, start, start + clip_s)
+            logmel(audio_window(wave, cfg.sample_rate, 0.0, clip_s), cfg.sample_rate)
+        t2 = time.process_time()
+        same.append(1000 * (t1 - t0))
+        other.append(1000 * (t2 - t1))
+    return {
+        "same_clip_negative_cpu_ms": _summary(same),
+        "other_clip_negative_cpu_ms": _summary(other),
+    }
 
 
 def describe(mp4: bytes) -> dict:
@@ -102,6 +156,13 @@ def describe(mp4: bytes) -> dict:
             "keyframes_s": [round(k, 3) for k in keyframes],
             "bytes": len(mp4),
             "kbit_per_s": round(8 * len(mp4) / SOURCE_SECONDS / 1000, 1),
+            "audio": None
+            if not container.streams.audio
+            else {
+                "codec": container.streams.audio[0].codec_context.name,
+                "sample_rate": container.streams.audio[0].codec_context.sample_rate,
+                "channels": container.streams.audio[0].codec_context.layout.nb_channels,
+            },
         }
 
 
@@ -163,6 +224,41 @@ def time_decoders(sources: dict[str, bytes], num_clips: int, seed: int) -> dict:
     return result
 
 
+def audio_decode_calls(num_batches: int, seed: int) -> dict:
+    """Audio decodes per sample through the real loader (one worker process is not needed:
+    ``num_workers=0``) on a small synthetic corpus, per negative kind: a positive and a same-clip
+    (hard/super-hard) negative share one decode; an easy negative decodes its own clip."""
+    import avts_dist.data.loader as loader_module
+    from avts_dist.data.loader import build_loader
+    from avts_dist.data.synthetic import synthesize
+
+    calls = 0
+    real = loader_module.decode_audio
+
+    def counting(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)
+
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="avts-bench-calls-") as tmp:
+        url = str(Path(tmp) / "synth")
+        synthesize(url, num_videos=16, seconds=3.0, fps=8.0, size=32, sample_rate=16000,
+                   num_classes=4, shard_size=8, seed=seed, val_fraction=0.0)  # fmt: skip
+        loader_module.decode_audio = counting
+        try:
+            for kind in ("easy", "hard", "superhard"):
+                cfg = DataConfig(url=url, global_batch_size=4, num_workers=0, num_frames=8,
+                                 fps=8.0, size=32, negative_mix={kind: 1.0}, seed=seed)  # fmt: skip
+                calls, samples = 0, 0
+                for _, batch in zip(range(num_batches), build_loader(cfg), strict=False):
+                    samples += len(batch["label"])
+                result[kind] = {"samples": samples, "audio_decodes_per_sample": calls / samples}
+        finally:
+            loader_module.decode_audio = real
+    return result
+
+
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -172,24 +268,29 @@ def _rss_mb() -> float:
 
 
 def rss_child(mp4_path: str, decoder: str, num_clips: int, seed: int) -> dict:
-    """Runs in a fresh process: RSS after a warm-up (10% of the clips) and at the end."""
+    """Runs in a fresh process: RSS after every tenth of the clips. Growth from the first tenth
+    (the warm-up) to the end, and over the second half alone: a leak keeps growing there, an
+    allocator settling does not."""
     torch.set_num_threads(1)
     mp4 = Path(mp4_path).read_bytes()
     rng = np.random.default_rng(seed)
     starts = rng.uniform(0.0, SOURCE_SECONDS - NUM_FRAMES / CLIP_FPS - 0.05, num_clips)
-    warm = max(1, num_clips // 10)
-    rss_warm = None
+    tenth = max(1, num_clips // 10)
+    curve = []
     t0 = time.process_time()
     for i, start in enumerate(starts):
         _clip(mp4, float(start), decoder)
-        if i + 1 == warm:
-            rss_warm = _rss_mb()
+        if (i + 1) % tenth == 0:
+            curve.append(round(_rss_mb(), 1))
+    half = curve[len(curve) // 2 - 1]
     return {
         "clips": num_clips,
-        "rss_mb_after_warmup": round(rss_warm, 1),
-        "warmup_clips": warm,
-        "rss_mb_end": round(_rss_mb(), 1),
-        "rss_growth_mb": round(_rss_mb() - rss_warm, 1),
+        "rss_mb_every_tenth": curve,
+        "rss_growth_mb": round(curve[-1] - curve[0], 1),
+        "rss_growth_mb_second_half": round(curve[-1] - half, 1),
+        "rss_growth_kb_per_clip_second_half": round(
+            1024 * (curve[-1] - half) / (num_clips - (len(curve) // 2) * tenth), 2
+        ),
         "cpu_ms_per_clip": round(1000 * (time.process_time() - t0) / num_clips, 2),
     }
 
@@ -213,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-clips", type=int, default=5000, help="clips per decoder for RSS")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rss-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--audio-calls-only", action="store_true", help="only count audio decodes per sample"
+    )
     args = parser.parse_args(argv)
     if args.rss_child:
         path, decoder, num_clips, seed = args.rss_child
@@ -220,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.out:
         parser.error("--out is required")
+    if args.audio_calls_only:
+        calls = audio_decode_calls(num_batches=16, seed=args.seed)
+        Path(args.out).write_text(json.dumps({"audio_decodes_per_sample": calls}, indent=1))
+        print(json.dumps(calls))
+        return 0
     torch.set_num_threads(1)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="avts-bench-decode-") as tmp:
@@ -228,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         print({name: describe(mp4) for name, mp4 in sources.items()}, flush=True)
         timing = time_decoders(sources, args.clips, args.seed)
         print(json.dumps(timing, indent=1), flush=True)
+        audio = time_audio(sources["training_profile"], args.clips, args.seed)
+        print(json.dumps(audio), flush=True)
         rss = measure_rss(sources["training_profile"], work, args.rss_clips, args.seed)
     # "Correct": frames within 2 levels of 255 of PyAV's on every window of both sources.
     correct = [
@@ -251,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             for d in VIDEO_DECODERS
         },
+        "audio_cpu_ms_per_sample": audio,
+        "audio_decodes_per_sample": audio_decode_calls(num_batches=16, seed=args.seed),
         "rss": rss,
         "correct_decoders": correct,
         "fastest_correct_on_training_profile": fastest,
