@@ -206,6 +206,31 @@ def assumptions(inputs: dict) -> list[str]:
     return out
 
 
+def inputs_markdown(inputs: dict) -> str:
+    """The inputs table of docs/scale.md."""
+    lines = ["| input | value | unit | status | source |", "|---|---|---|---|---|"]
+    flat = []
+    for name, entry in inputs.items():
+        if name == "access":
+            flat += [
+                (f"access.{access}.{key}", item)
+                for access, figures in entry.items()
+                for key, item in figures.items()
+            ]
+        else:
+            flat.append((name, entry))
+    for name, item in flat:
+        number = item["value"]
+        if isinstance(number, float):
+            number = f"{number:,.4g}"
+        elif isinstance(number, int):
+            number = f"{number:,}"
+        lines.append(
+            f"| `{name}` | {number} | {item.get('unit', '')} | {item['status']} | {item['source']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def to_markdown(rows: list[dict]) -> str:
     """The two tables of docs/scale.md: storage by access mode, then compute and resilience."""
     lines = [
@@ -283,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
     if args.markdown:
-        Path(args.markdown).write_text(to_markdown(result["rows"]))
+        Path(args.markdown).write_text(inputs_markdown(inputs) + "\n" + to_markdown(result["rows"]))
     for row in result["rows"]:
         print(
             f"{row['num_gpus']:4d} GPUs {row['access']:6s} GET/s {row['get_per_s_total']:9.0f} "
