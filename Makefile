@@ -18,7 +18,8 @@ system-libs:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "apt-get install $(FFMPEG_LIBS)"; \
 		apt-get install -y -q --no-install-recommends $(FFMPEG_LIBS) >/dev/null \
-		|| { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(FFMPEG_LIBS) >/dev/null; }; \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(FFMPEG_LIBS) >/dev/null; } \
+		|| echo "warning: could not install $(FFMPEG_LIBS); use data.video_decoder=pyav" >&2; \
 	else \
 		echo "warning: no FFmpeg shared libraries; install $(FFMPEG_LIBS) or use data.video_decoder=pyav" >&2; \
 	fi

@@ -24,7 +24,7 @@ from avts_dist.data.decode import (
     mel_filterbank,
 )
 from avts_dist.data.frames import read_frames
-from avts_dist.data.synthetic import make_clip
+from avts_dist.data.synthetic import encode_mp4, make_clip
 
 SR = 16000
 # The decoders agree on every RGB frame within this many levels of 255 (measured: identical,
@@ -190,6 +190,11 @@ def test_broken_bytes_raise_decode_errors(clip24, decoder):
     with pytest.raises(DecodeError) as err:  # window ends at 3.5 s > 3 s
         decode_video(mp4, 2.5, 8, 8.0, 32, train=False, decoder=decoder)
     assert err.value.reason == "too_short"
+    audio_only = encode_mp4(None, 8.0, np.zeros(SR, np.float32), SR)
+    with pytest.raises(DecodeError) as err:
+        decode_video(audio_only, 0.0, 4, 8.0, 32, train=False, decoder=decoder)
+    # decord cannot tell a missing stream from a broken one.
+    assert err.value.reason == ("decode_error" if decoder == "decord" else "no_video")
     _, files, _ = make_clip(
         1, seconds=2.0, fps=8.0, size=32, sample_rate=SR, num_classes=2, seed=0, broken="no_audio"
     )
