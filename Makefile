@@ -7,7 +7,22 @@ STAMP := $(VENV)/.installed-stamp
 PIP := $(BIN)/pip -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench gpu-check gpu-wheels clean
+# torchcodec (data.video_decoder=torchcodec) loads FFmpeg's shared libraries at run time; PyAV
+# and decord bring their own. Debian 12 ships FFmpeg 5; any FFmpeg 4-8 does (see README).
+FFMPEG_LIBS := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8
+
+.PHONY: install system-libs demo test lint format bench gpu-check gpu-wheels clean
+
+system-libs:
+	@if ldconfig -p | grep -Eq 'libavcodec\.so\.(58|59|60|61|62) '; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "apt-get install $(FFMPEG_LIBS)"; \
+		apt-get install -y -q --no-install-recommends $(FFMPEG_LIBS) >/dev/null \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(FFMPEG_LIBS) >/dev/null; } \
+		|| echo "warning: could not install $(FFMPEG_LIBS); use data.video_decoder=pyav" >&2; \
+	else \
+		echo "warning: no FFmpeg shared libraries; install $(FFMPEG_LIBS) or use data.video_decoder=pyav" >&2; \
+	fi
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +33,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: system-libs $(STAMP)
 
 demo: install
 	$(BIN)/python -m avts_dist.demo

@@ -110,6 +110,10 @@ def _check_mix(key: str, mix: dict[str, float]) -> None:
         _fail(key, "negative-mix weights must not all be zero")
 
 
+# The video decoders data.video_decoder names (avts_dist/data/frames.py).
+VIDEO_DECODERS = ("torchcodec", "pyav", "decord")
+
+
 @dataclass
 class RunConfig:
     name: str = "avts"
@@ -151,8 +155,13 @@ class DataConfig:
     drop_last: bool = True
     max_retries: int = 4
     retry_backoff_s: float = 0.1
+    # torchcodec | pyav | decord: the video decoder; the default is the fastest that gives the
+    # right frames, measured side by side (docs/benchmarks.md). All three agree on the frames.
+    video_decoder: str = "torchcodec"
 
     def __post_init__(self) -> None:
+        if self.video_decoder not in VIDEO_DECODERS:
+            _fail("data.video_decoder", f"{self.video_decoder!r} is not one of {VIDEO_DECODERS}")
         for name in ("global_batch_size", "num_frames", "size", "sample_rate", "num_mel_bins"):
             if getattr(self, name) <= 0:
                 _fail(f"data.{name}", f"must be > 0, got {getattr(self, name)}")

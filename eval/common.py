@@ -136,7 +136,14 @@ class VideoClips(Dataset):
             start = room * (j + 0.5) / self.per_video
         data = read_member(self._fs, self.idx, row, "mp4")
         video = decode_video(
-            data, start, self.data.num_frames, self.data.fps, self.data.size, self.train, rng
+            data,
+            start,
+            self.data.num_frames,
+            self.data.fps,
+            self.data.size,
+            self.train,
+            rng,
+            decoder=self.data.video_decoder,
         )
         return video, int(self.idx.label[row]), pos
 

@@ -217,7 +217,13 @@ def run_sync(
         media = read_member(fs, idx, pairs.row, "mp4")
         try:
             video = decode_video(
-                media, pairs.video_start, data.num_frames, data.fps, data.size, False
+                media,
+                pairs.video_start,
+                data.num_frames,
+                data.fps,
+                data.size,
+                False,
+                decoder=data.video_decoder,
             )
             wave = decode_audio(media, data.sample_rate)
         except DecodeError:

@@ -32,7 +32,7 @@ from avts_dist.data.decode import DecodeError, audio_window, decode_audio, decod
 from avts_dist.data.pairs import NEGATIVE_KINDS, PairPlan, mix_probabilities, plan_pair
 from avts_dist.data.reader import ClipReader, ReadFailure
 from avts_dist.data.sampler import GlobalSampler, LoaderState, MixSchedule, sample_rng
-from avts_dist.data.shards import DatasetError, DatasetIndex
+from avts_dist.data.index import DatasetError, DatasetIndex
 
 __all__ = ["AVLoader", "build_loader"]
 
@@ -146,8 +146,9 @@ class _PairDataset(torch.utils.data.Dataset):
         cfg = self.cfg
         aug = np.random.Generator(np.random.Philox(plan.aug_seed))
         video = decode_video(
-            pos_bytes, plan.video_start, cfg.num_frames, cfg.fps, cfg.size, self.train, aug
-        )
+            pos_bytes, plan.video_start, cfg.num_frames, cfg.fps, cfg.size, self.train, aug,
+            decoder=cfg.video_decoder,
+        )  # fmt: skip
         # Only the audio spans needed are decoded: one span covering the positive and a
         # same-clip negative, or the positive's and the other clip's windows.
         lo, hi = plan.video_start, plan.video_start + self.clip_s

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from avts_dist.data.shards import DatasetIndex, read_member
+from avts_dist.data.index import DatasetIndex, read_member
 from avts_dist.storage import get_fs
 
 __all__ = ["ClipReader", "ReadFailure", "is_transient"]

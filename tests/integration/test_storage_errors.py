@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from avts_dist.cli import main
-from avts_dist.data.shards import DatasetError, DatasetIndex
+from avts_dist.data.index import DatasetError, DatasetIndex
 from avts_dist.storage import (
     StorageNotFoundError,
     StorageUnreachableError,

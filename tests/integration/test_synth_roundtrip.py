@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from avts_dist.cli import main
-from avts_dist.data.shards import INDEX_NAME, DatasetIndex, read_member
+from avts_dist.data.index import INDEX_NAME, DatasetIndex, read_member
 from avts_dist.data.synthetic import synthesize
 from avts_dist.storage import get_fs
 from tests.fixtures.corpus import SYNTH_CORPUS, audio_onsets, visual_onset_frames
