@@ -9,8 +9,9 @@ read that still fails, or whose object is missing, raises :class:`ReadFailure` w
 the loader counts.
 
 Every retry is ours, so every retry is counted: the S3 client's own retry layers (botocore's
-retry handler and s3fs's ``_error_wrapper``) are turned off for the reader's filesystem, unless
-the storage options set botocore's ``retries`` explicitly (then those stay invisible).
+retry handler, s3fs's ``_error_wrapper`` and aiohttp's second try of a dropped connection) are
+turned off for the reader's filesystem, unless the storage options set botocore's ``retries`` or
+``http_session_cls`` explicitly (then those stay invisible).
 """
 
 from __future__ import annotations
@@ -54,13 +55,29 @@ def is_transient(exc: BaseException) -> bool:
     return not isinstance(exc, _PERMANENT)
 
 
+def _one_attempt_session_cls():
+    """aiobotocore's HTTP session, minus aiohttp's silent second try of an idempotent request
+    whose connection dropped before the response (RFC 9112 allows it; we retry, and count)."""
+    from aiobotocore.httpsession import AIOHTTPSession
+
+    class OneAttemptSession(AIOHTTPSession):
+        async def _get_session(self, proxy_url):
+            session = await super()._get_session(proxy_url)
+            session._retry_connection = False
+            return session
+
+    return OneAttemptSession
+
+
 def own_retries_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
     """Storage options with the S3 client's hidden retries off (one attempt per call), on a
-    private filesystem instance (s3fs's retry count is an attribute we set on it)."""
+    private filesystem instance (s3fs's retry count is an attribute we set on it): botocore's
+    retry handler, and aiohttp's retry of a dropped connection."""
     if url.split("://", 1)[0] not in _REMOTE_PROTOCOLS:
         return dict(options)
     config = dict(options.get("config_kwargs") or {})
     config.setdefault("retries", {"total_max_attempts": 1})
+    config.setdefault("http_session_cls", _one_attempt_session_cls())
     return {**options, "config_kwargs": config, "skip_instance_cache": True}
 
 
@@ -91,6 +108,7 @@ class ClipReader:
         self.bytes_read = 0
         self.retries = 0
         self.requests = 0
+        self.read_failures = 0
         self.read_s = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -152,6 +170,8 @@ class ClipReader:
                     raise
                 if not is_transient(exc):
                     reason = "missing" if isinstance(exc, FileNotFoundError) else "read_error"
+                    with self._lock:
+                        self.read_failures += 1
                     raise ReadFailure(reason, f"{type(exc).__name__}: {exc}") from None
                 last = exc
                 continue
@@ -161,6 +181,8 @@ class ClipReader:
             with self._lock:
                 self.bytes_read += len(data)
             return data
+        with self._lock:
+            self.read_failures += 1
         raise ReadFailure(
             "read_error",
             f"gave up after {self.max_retries + 1} attempts: {type(last).__name__}: {last}",
@@ -183,15 +205,13 @@ class ClipReader:
         return self._pool.submit(fn, *args)
 
     def take_stats(self) -> dict[str, float]:
-        """Counters since the last call (bytes_read, retries, requests, read_s), then zeroed."""
+        """Counters since the last call, then zeroed: bytes_read, requests (attempts), retries,
+        read_failures (reads given up, or failed for good at once), read_s."""
+        names = ("bytes_read", "requests", "retries", "read_failures", "read_s")
         with self._lock:
-            out = {
-                "bytes_read": self.bytes_read,
-                "retries": self.retries,
-                "requests": self.requests,
-                "read_s": self.read_s,
-            }
-            self.bytes_read, self.retries, self.requests, self.read_s = 0, 0, 0, 0.0
+            out = {name: getattr(self, name) for name in names}
+            for name in names:
+                setattr(self, name, type(out[name])())
         return out
 
     def close(self, wait: bool = False) -> None:
