@@ -19,6 +19,7 @@ or a mix change simply restarts the pipeline at the right global step.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import warnings
@@ -26,6 +27,7 @@ from collections import Counter
 from concurrent.futures import Future
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -102,6 +104,16 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
         storage = elem._typed_storage()._new_shared(len(tensors) * elem.numel(), device=elem.device)
         out = elem.new(storage).resize_(len(tensors), *elem.shape)
     return torch.stack(tensors, 0, out=out)
+
+
+def _release_cached_remote_fs(url: str) -> None:
+    """Lets fsspec's cached instances of a remote filesystem go before workers fork: a child
+    drops the cache it inherits and would close those S3 clients on its own event loop (asyncio
+    errors on stderr). Instances still in use elsewhere are untouched; new ones are made."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol not in _LOCAL_PROTOCOLS:
+        fsspec.get_filesystem_class(protocol).clear_instance_cache()
+        gc.collect()
 
 
 def _identity(batch: Any) -> Any:
@@ -495,6 +507,7 @@ class AVLoader:
         kwargs: dict[str, Any] = {}
         if cfg.num_workers > 0:
             kwargs.update(prefetch_factor=2, worker_init_fn=_worker_init)
+            _release_cached_remote_fs(cfg.url)
         dl = StatefulDataLoader(
             self.dataset,
             batch_sampler=batch_sampler,

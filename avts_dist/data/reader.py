@@ -16,6 +16,7 @@ turned off for the reader's filesystem, unless the storage options set botocore'
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -215,8 +216,15 @@ class ClipReader:
         return out
 
     def close(self, wait: bool = False) -> None:
-        """Drops queued reads (``wait``: lets running ones finish, so their counts are in)."""
+        """Drops queued reads (``wait``: lets running ones finish, so their counts are in) and
+        closes the S3 client's connections on their own event loop: left to garbage collection,
+        a forked worker may inherit the client and close it on its own loop (asyncio errors)."""
         if self._pool is not None and self._pid == os.getpid():
             self._pool.shutdown(wait=wait, cancel_futures=True)
+        creator = getattr(self._fs, "_s3creator", None)
+        if creator is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                self._fs.close_session(self._fs.loop, creator)
+        self._fs = None
         self._pool = None
         self._pid = None

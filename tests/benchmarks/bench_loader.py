@@ -2,6 +2,9 @@
 sample, worker scaling and memory over thousands of clips. Writes one JSON file.
 
     .venv/bin/python tests/benchmarks/bench_loader.py --out bench_loader.json [--quick]
+        [--access block|random]
+
+Both sides of every ratio use the same ``data.access`` (default ``block``, the default for S3).
 
 - (a) ``loader_vs_decode``: clips/s of the loader with one worker against the decode-only limit:
   the same samples (same plans: clips, windows, negatives, crops) decoded in a tight loop in this
@@ -10,7 +13,8 @@ sample, worker scaling and memory over thousands of clips. Writes one JSON file.
 - (b) ``s3_vs_local``: the loader reading from a moto S3 server on loopback against local disk,
   one worker each. Target >= 0.9.
 - (c) ``bytes_per_sample``: bytes read per sample against the mean clip (mp4 member) size, for
-  hard negatives (same clip: one read) and easy negatives (another clip: two reads).
+  hard negatives (same clip) and easy negatives (another clip: a second read with random
+  access, a clip already in memory with block access).
 - (d) ``workers_1_to_2``: clips/s with two workers against one.
 - (e) ``rss``: resident memory of the loader's processes (main + workers) after 500 and after
   5,000 clips of a small corpus repeated (infinite mode).
@@ -142,9 +146,10 @@ def process_rss_mb() -> float:
     return total / 2**20
 
 
-def rss_growth(url: str, num_clips_small: int, num_clips_large: int) -> dict:
+def rss_growth(url: str, num_clips_small: int, num_clips_large: int, access: str) -> dict:
     cfg = DataConfig(
         url=url,
+        access=access,
         global_batch_size=10,
         num_workers=1,
         num_frames=8,
@@ -201,12 +206,14 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="fewer clips (a smoke run)")
     ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--access", choices=["block", "random"], default="block")
     args = ap.parse_args()
     steps = 8 if args.quick else 25
     work = Path(tempfile.mkdtemp(prefix="bench-loader-"))
     result: dict = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "torch": torch.__version__,
+        "access": args.access,
     }
     # A corpus closer to real clips than the test corpus: 112 px, 24 fps source, 6 s.
     corpus = dict(num_videos=24, seconds=6.0, fps=24.0, size=112, sample_rate=16000)
@@ -227,6 +234,7 @@ def main() -> int:
         negative_mix={"easy": 1.0, "hard": 1.0, "superhard": 1.0},
         epochs=0,
         seed=1,
+        access=args.access,
     )
 
     reps = 2 if args.quick else 3
@@ -293,7 +301,8 @@ def main() -> int:
         "hard_ratio": hard["bytes_read"] / hard["clips"] / mean_clip_bytes,
         "easy_ratio": easy["bytes_read"] / easy["clips"] / mean_clip_bytes,
         "mixed_ratio": run1["bytes_read"] / run1["clips"] / mean_clip_bytes,
-        "note": "easy negatives read a second clip; hard and superhard reuse the positive's bytes",
+        "note": "random access: easy negatives read a second clip; block access: the clips of "
+        "the window are in memory; hard and superhard reuse the positive's bytes",
     }
     print("c", json.dumps(result["c_bytes_per_sample"]), flush=True)
 
@@ -345,7 +354,7 @@ def main() -> int:
             val_fraction=0.0,
         )
         n_small, n_large = (100, 1000) if args.quick else (500, 5000)
-        result["e_rss"] = rss_growth(small, n_small, n_large)
+        result["e_rss"] = rss_growth(small, n_small, n_large, args.access)
         print("e", json.dumps(result["e_rss"]), flush=True)
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
