@@ -152,6 +152,21 @@ def toy_index(num_shards: int, per_shard: int, clip_mb: float, seed: int = 0):
     return shard, start, start + size
 
 
+def default_blocks(shard, start, end, batch: int, streams: int) -> BlockSampler:
+    """The block order with the default block_mb (32) and shuffle_window_blocks (2)."""
+    return BlockSampler(
+        np.arange(len(shard)),
+        batch,
+        0,
+        shard=shard,
+        start=start,
+        end=end,
+        block_bytes=32 * 2**20,
+        window_blocks=2,
+        num_streams=streams,
+    )
+
+
 def webdataset_order(shard: np.ndarray, consumers: int, batch: int, buffer: int, seed: int):
     """Batches as a webdataset pipeline makes them: shards shuffled and dealt to consumers
     (rank x worker), each streams its shards through a ``buffer``-sample shuffle buffer and
@@ -196,17 +211,7 @@ def shuffle_quality(quick: bool) -> dict:
     num_shards, per_shard, batch = (40, 500, 256) if quick else (100, 1000, 256)
     shard, start, end = toy_index(num_shards, per_shard, clip_mb=0.3)
     pool = np.arange(len(shard))
-    block = BlockSampler(
-        pool,
-        batch,
-        0,
-        shard=shard,
-        start=start,
-        end=end,
-        block_bytes=32 * 2**20,
-        window_blocks=2,
-        num_streams=auto_streams(batch),
-    )
+    block = default_blocks(shard, start, end, batch, auto_streams(batch))
     random_order = GlobalSampler(pool, batch, 0).order(0)
     wds = webdataset_order(shard, consumers=16, batch=batch, buffer=1000, seed=0)
     return {
@@ -316,17 +321,7 @@ def at_scale(quick: bool) -> dict:
     }
     for streams in (auto_streams(batch), batch):
         t0 = time.perf_counter()
-        sampler = BlockSampler(
-            np.arange(clips),
-            batch,
-            0,
-            shard=shard,
-            start=start,
-            end=end,
-            block_bytes=32 * 2**20,
-            window_blocks=2,
-            num_streams=streams,
-        )
+        sampler = default_blocks(shard, start, end, batch, streams)
         eb = sampler.blocks(0)
         layout_s = time.perf_counter() - t0
         piece_streams = (
