@@ -16,6 +16,7 @@ _EXPORTS = {
     "DatasetError": "avts_dist.data.shards",
     "DatasetIndex": "avts_dist.data.shards",
     "ShardWriter": "avts_dist.data.shards",
+    "SkippedClipsError": "avts_dist.data.health",
     "read_member": "avts_dist.data.shards",
 }
 

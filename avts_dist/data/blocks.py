@@ -110,6 +110,11 @@ class EpochBlocks:
     def num_windows(self) -> int:
         return len(self.window_lo)
 
+    @cached_property
+    def piece_last_step(self) -> np.ndarray:
+        """The last step (within the epoch) that may read each piece: its window's last."""
+        return np.repeat(self.window_last_step, np.diff(self.window_first_piece))
+
     def pieces_of(self, window: int) -> range:
         return range(int(self.window_first_piece[window]), int(self.window_first_piece[window + 1]))
 

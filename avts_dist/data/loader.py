@@ -563,16 +563,12 @@ class AVLoader:
 
     def _evict(self) -> None:
         """Drops the cached pieces of windows whose samples were all handed out."""
-        sampler = self.sampler
         step = self.global_step
-        epoch, within = sampler.epoch_of(step), step % self.steps_per_epoch
+        epoch, within = self.sampler.epoch_of(step), step % self.steps_per_epoch
+        finished = self.sampler.blocks(epoch).piece_last_step < within
 
         def done(piece_epoch: int, piece: int) -> bool:
-            if piece_epoch != epoch:
-                return piece_epoch < epoch
-            eb = sampler.blocks(epoch)
-            window = int(np.searchsorted(eb.window_first_piece, piece, side="right")) - 1
-            return bool(eb.window_last_step[window] < within)
+            return piece_epoch < epoch or (piece_epoch == epoch and bool(finished[piece]))
 
         kept = self.cache.evict(done)
         self._tel["block_cache_bytes"] = kept
