@@ -103,6 +103,9 @@ class BlockCache:
     def _path(self, key: str) -> str:
         return os.path.join(self.root, key)
 
+    def has(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
     def fetch(self, key: str, read: Callable[[], bytes], *, wait: bool = True) -> bool:
         """Makes piece ``key`` present, calling ``read()`` under the piece's lock unless another
         process already has. ``wait=False`` returns False at once when another holds the lock.

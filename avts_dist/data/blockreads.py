@@ -102,6 +102,14 @@ class BlockReads:
             with self._lock:
                 self.counts["outside_block_reads"] += 1
             return self.reader.submit(row, MEDIA_EXT)
+        if self.cache.has(key_of(eb.epoch, piece)):
+            # Already fetched (the common case): no thread hop for a pread of one clip.
+            done: Future = Future()
+            try:
+                done.set_result(self._clip_bytes(eb, piece, row))
+            except ReadFailure as exc:
+                done.set_exception(exc)
+            return done
         return self.reader.run(self._clip_bytes, eb, piece, row)
 
     def _read_piece(self, eb: EpochBlocks, piece: int):
