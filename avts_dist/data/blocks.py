@@ -24,6 +24,9 @@ AudioSet scale.
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -157,7 +160,19 @@ class BlockSampler(GlobalSampler):
         self.block_starts = cut_blocks(self.shard, self.start, self.end, self.block_bytes)
         self.num_positions = self.steps_per_epoch * global_batch_size
         self.stream_len = self.num_positions // self.num_streams  # L
-        self._epochs: dict[int, EpochBlocks] = {}
+        self._epochs: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.update(_epochs={}, _lock=None, _pool=None, _pid=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def num_blocks(self) -> int:
@@ -177,13 +192,20 @@ class BlockSampler(GlobalSampler):
     # ---- the epoch layout ----
 
     def blocks(self, epoch: int) -> EpochBlocks:
-        """The layout of ``epoch`` (the two latest are cached: workers straddle epoch ends)."""
-        found = self._epochs.get(epoch)
-        if found is None:
-            found = self._layout(epoch)
-            self._epochs = {e: v for e, v in self._epochs.items() if e > epoch - 2}
-            self._epochs[epoch] = found
-        return found
+        """The layout of ``epoch``. The next epoch's is computed in the background meanwhile
+        (about a second at AudioSet scale: no stall at an epoch's end); two are kept."""
+        with self._lock:
+            if self._pid != os.getpid():
+                # After a fork the pool's thread is gone: keep finished layouts only.
+                self._epochs = {e: f for e, f in self._epochs.items() if f.done()}
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="avts-blocks")
+                self._pid = os.getpid()
+            for e in (epoch, epoch + 1):
+                if e not in self._epochs:
+                    self._epochs[e] = self._pool.submit(self._layout, e)
+            found = self._epochs[epoch]
+            self._epochs = {e: f for e, f in self._epochs.items() if e >= epoch - 1}
+        return found.result()
 
     def _layout(self, epoch: int) -> EpochBlocks:
         n, nb = len(self.rows), self.num_blocks
@@ -217,11 +239,13 @@ class BlockSampler(GlobalSampler):
         window_hi = np.append(window_lo[1:], self.num_positions)
         window_first_piece = np.append(piece[window_lo], len(piece_lo))
         window_last_step = ((window_hi - 1) % self.stream_len) // self.per_stream_step
-        # Shuffle inside windows: sort by (window, uniform draw).
+        # Shuffle inside windows: sort by (window, random 32-bit draw), stable so that equal
+        # draws keep their order on every platform.
         wrng = np.random.Generator(
             np.random.Philox(np.random.SeedSequence([self.seed, _WINDOW_STREAM, int(epoch)]))
         )
-        inside = np.lexsort((wrng.random(self.num_positions), window))
+        draw = wrng.integers(0, 2**32, self.num_positions, dtype=np.int64)
+        inside = np.argsort((window << 32) | draw, kind="stable")
         small = np.int32 if self.num_positions < 2**31 else np.int64
         return EpochBlocks(
             epoch=int(epoch),
