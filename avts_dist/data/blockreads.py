@@ -54,6 +54,8 @@ class BlockReads:
         self._queued: set[str] = set()
         self._mixed_videos: dict[tuple[int, int], bool] = {}
         self.counts = {"block_fallback_reads": 0, "outside_block_reads": 0}
+        # The last epoch the loader will read (None: infinite): prefetch stops there.
+        self.last_epoch: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -140,6 +142,12 @@ class BlockReads:
             nxt = self.sampler.next_window(eb, window)
             if nxt is not None:
                 windows.add((eb.epoch, nxt))
+            elif self.last_epoch is None or eb.epoch < self.last_epoch:
+                # The stream's end: its first window of the next epoch (layout precomputed).
+                stream = self.sampler.stream_of(task[1])
+                following = self.sampler.blocks(eb.epoch + 1)
+                first = following.window[stream * self.sampler.stream_len]
+                windows.add((eb.epoch + 1, int(first)))
         for epoch, window in sorted(windows):
             eb = self.sampler.blocks(epoch)
             for piece in eb.pieces_of(window):

@@ -457,6 +457,8 @@ class AVLoader:
         self.num_epochs = None if infinite else (max(1, cfg.epochs) if train else 1)
         blocks = (self.sampler, self.cache) if self.cache is not None else None
         self.dataset = _PairDataset(cfg, index, self.sampler.pool, video_ids, train, blocks)
+        if self.dataset.blocks is not None and self.num_epochs is not None:
+            self.dataset.blocks.last_epoch = self.num_epochs - 1
         self.schedule = MixSchedule([(0, cfg.initial_negative_mix)])
         self.global_step = 0
         self._iter = None
