@@ -51,7 +51,8 @@ class BlockReads:
         self._pid: int | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._queued: set[str] = set()
+        # Pieces already queued for prefetch, by epoch (older epochs dropped as we go).
+        self._queued: dict[int, set[int]] = {}
         self._mixed_videos: dict[tuple[int, int], bool] = {}
         self.counts = {"block_fallback_reads": 0, "outside_block_reads": 0}
         # The last epoch the loader will read (None: infinite): prefetch stops there.
@@ -59,7 +60,7 @@ class BlockReads:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_pid=None, _pool=None, _lock=None, _queued=set())
+        state.update(_pid=None, _pool=None, _lock=None, _queued={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -70,7 +71,7 @@ class BlockReads:
         if self._pid != os.getpid():
             self._pool = ThreadPoolExecutor(self.prefetch_threads, thread_name_prefix="avts-pf")
             self._lock = threading.Lock()
-            self._queued = set()
+            self._queued = {}
             self._pid = os.getpid()
 
     # ---- where a sample's clips are ----
@@ -148,17 +149,21 @@ class BlockReads:
                 following = self.sampler.blocks(eb.epoch + 1)
                 first = following.window[stream * self.sampler.stream_len]
                 windows.add((eb.epoch + 1, int(first)))
+        if not windows:
+            return
+        oldest = min(epoch for epoch, _ in windows)
+        self._queued = {e: q for e, q in self._queued.items() if e >= oldest}
         for epoch, window in sorted(windows):
             eb = self.sampler.blocks(epoch)
+            queued = self._queued.setdefault(epoch, set())
             for piece in eb.pieces_of(window):
-                key = key_of(epoch, piece)
-                if key in self._queued:
+                if piece in queued:
                     continue
-                if len(self._queued) > 65536:
-                    self._queued.clear()
-                self._queued.add(key)
+                queued.add(piece)
                 assert self._pool is not None
-                self._pool.submit(self._prefetch_one, key, self._read_piece(eb, piece))
+                self._pool.submit(
+                    self._prefetch_one, key_of(epoch, piece), self._read_piece(eb, piece)
+                )
 
     def _prefetch_one(self, key: str, read) -> None:
         # A failure is recorded by the cache (.err); the sample that needs it falls back.

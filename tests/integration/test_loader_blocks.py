@@ -115,3 +115,20 @@ def test_state_names_the_order_and_refuses_another(synth_corpus):
     assert np.array_equal(block.sampler.order(0), again.sampler.order(0))
     for loader in (block, other, again):
         loader.close()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"access": "fast"}, "data.access"),
+        ({"block_mb": 0}, "data.block_mb"),
+        ({"shuffle_window_blocks": 0}, "data.shuffle_window_blocks"),
+        ({"block_streams": 4}, "data.block_streams"),  # does not divide 6
+        ({"max_skip_fraction": 1.5}, "data.max_skip_fraction"),
+    ],
+)
+def test_block_config_errors_name_the_key(override, key):
+    from avts_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"'{key}'"):
+        data_cfg("unused", **override)
