@@ -15,6 +15,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "index": ["bench_index.py"],
     "loader": ["bench_loader.py"],
+    "blocks": ["bench_blocks.py"],
     "models": ["bench_models.py"],
     "loss": ["bench_loss.py"],
     "train": ["bench_train.py"],
