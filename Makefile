@@ -7,7 +7,22 @@ STAMP := $(VENV)/.installed-stamp
 PIP := $(BIN)/pip -q --disable-pip-version-check
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench clean
+# torchcodec (data.video_decoder=torchcodec) loads FFmpeg's shared libraries at run time; PyAV
+# and decord bring their own. Debian 12 ships FFmpeg 5; any FFmpeg 4-8 does (see README).
+FFMPEG_LIBS := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8
+
+.PHONY: install system-libs demo test lint format bench gpu-check gpu-wheels clean
+
+system-libs:
+	@if ldconfig -p | grep -Eq 'libavcodec\.so\.(58|59|60|61|62) '; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "apt-get install $(FFMPEG_LIBS)"; \
+		apt-get install -y -q --no-install-recommends $(FFMPEG_LIBS) >/dev/null \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $(FFMPEG_LIBS) >/dev/null; } \
+		|| echo "warning: could not install $(FFMPEG_LIBS); use data.video_decoder=pyav" >&2; \
+	else \
+		echo "warning: no FFmpeg shared libraries; install $(FFMPEG_LIBS) or use data.video_decoder=pyav" >&2; \
+	fi
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +33,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: system-libs $(STAMP)
 
 demo: install
 	$(BIN)/python -m avts_dist.demo
@@ -37,5 +52,29 @@ format: install
 bench: install
 	$(BIN)/python -m tests.benchmarks.run_all --out bench-results
 
+# The GPU path measured on one GPU (tests/gpu/gpu_check.py, <= 8 min): throughput and MFU of the
+# three video nets, bf16-vs-fp32 conv3d agreement, the real trainer on NCCL. It runs with the GPU
+# machine's own torch (the venv holds the CPU wheel) plus the wheels of `make gpu-wheels`. Without
+# a GPU it measures nothing, says so and exits 3.
+GPU_PYTHON ?= $(firstword $(wildcard /opt/torch/.venv/bin/python3 $(BIN)/python) python3)
+gpu-check:
+	PYTHONPATH=$(CURDIR):$(PYTHONPATH) $(GPU_PYTHON) -m tests.gpu.gpu_check --out bench-results/gpu-check.json
+
+# Wheels a GPU image with torch but without this project's other packages needs (Python 3.12,
+# x86_64), into .whl/ (git-ignored; carry it). Versions: the ones this venv runs. deepspeed has no
+# wheel on PyPI: built here (pure Python with DS_BUILD_OPS=0). On the GPU machine:
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+GPU_WHEELS := torchdata decord av omegaconf pydantic pydantic_core annotated-types \
+	typing-inspection hjson
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/pip freeze | grep -i -E "^($(shell echo $(GPU_WHEELS) | tr ' ' '|'))==" > .whl/requirements.txt
+	$(PIP) download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux2010_x86_64 -d .whl -r .whl/requirements.txt
+	DS_BUILD_OPS=0 $(PIP) wheel --no-deps --no-build-isolation -w .whl \
+		deepspeed==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('deepspeed'))")
+	du -sh .whl
+
 clean:
-	rm -rf $(VENV) runs mlruns demo bench-results .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs mlruns demo bench-results .pytest_cache .ruff_cache .whl

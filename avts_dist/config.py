@@ -14,12 +14,16 @@ Each component receives only its own sub-config: ``build_loader(cfg.data, rank=.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -35,21 +39,30 @@ __all__ = [
     "DataConfig",
     "DeepSpeedConfig",
     "EvalConfig",
+    "FinetuneConfig",
     "LaunchConfig",
+    "LinearProbeConfig",
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
+    "SyncEvalConfig",
     "TrackingConfig",
     "TrainConfig",
+    "config_secrets",
     "config_to_dict",
+    "deep_merge",
     "flatten_config",
     "load_config",
+    "redacted_config_dict",
+    "restore_secrets",
     "save_config",
+    "secrets_in_environment",
 ]
 
 NEGATIVE_KINDS = ("easy", "hard", "superhard")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("avts.config")
 
 
 class ConfigError(ValueError):
@@ -60,6 +73,33 @@ def _fail(key: str, msg: str) -> None:
     raise ConfigError(f"config key '{key}': {msg}")
 
 
+@functools.cache
+def _literal_fields(cls: type) -> dict[str, tuple]:
+    hints = get_type_hints(cls)
+    return {n: get_args(h) for n, h in hints.items() if get_origin(h) is Literal}
+
+
+def _check_choices(obj: Any, section: str) -> None:
+    """Literal-typed fields hold one of their values. OmegaConf checks them when it merges a
+    layer; this covers a dataclass built directly in code."""
+    for name, choices in _literal_fields(type(obj)).items():
+        if getattr(obj, name) not in choices:
+            _fail(
+                f"{section}.{name}", f"must be one of {list(choices)}, got {getattr(obj, name)!r}"
+            )
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``; nested mappings merge key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def _check_mix(key: str, mix: dict[str, float]) -> None:
     unknown = set(mix) - set(NEGATIVE_KINDS)
     if unknown:
@@ -68,6 +108,10 @@ def _check_mix(key: str, mix: dict[str, float]) -> None:
         _fail(key, "negative-mix weights must be >= 0")
     if sum(mix.values()) <= 0:
         _fail(key, "negative-mix weights must not all be zero")
+
+
+# The video decoders data.video_decoder names (avts_dist/data/frames.py).
+VIDEO_DECODERS = ("torchcodec", "pyav", "decord")
 
 
 @dataclass
@@ -105,13 +149,37 @@ class DataConfig:
     # Initial mix of the extra negative's kind; empty means {"easy": 1.0}. The default must be
     # empty: OmegaConf merges a YAML mapping into a default one ({hard: 1} would gain easy: 1).
     negative_mix: dict[str, float] = field(default_factory=dict)
-    # Epochs over the split; 0 means infinite (the trainer stops at train.max_steps).
+    # The run's one epoch knob: passes over the split; 0 means an endless stream (the run is
+    # then as long as train.max_steps). With both set, the run stops at whichever comes first.
     epochs: int = 0
     drop_last: bool = True
     max_retries: int = 4
     retry_backoff_s: float = 0.1
+    # torchcodec | pyav | decord: the video decoder; the default is the fastest that gives the
+    # right frames, measured side by side (docs/benchmarks.md). All three agree on the frames.
+    video_decoder: str = "torchcodec"
+    # How training reads clips (docs/data-loading.md): "random" = one ranged read per clip, a
+    # full shuffle; "block" = contiguous runs of a shard (block_mb each) served from a per-rank
+    # cache, a two-level shuffle (blocks permuted, samples shuffled within windows of
+    # shuffle_window_blocks blocks of a stream); "auto" = block for remote URLs (s3://, gs://,
+    # ...), random for local paths. Evaluation always reads clip by clip.
+    access: str = "auto"
+    block_mb: float = 32.0
+    shuffle_window_blocks: int = 2
+    # Parallel streams of blocks in the global order (each rank reads only its streams' blocks);
+    # 0 = the largest divisor of global_batch_size <= 256. Part of the order: fixed for a run.
+    block_streams: int = 0
+    # Where the block cache lives; empty = /dev/shm when it has room, else the temp directory.
+    block_cache_dir: str = ""
+    # A shard listed in the index but absent stops the build unless this is true (then its
+    # clips are left out, with a warning giving the share of data lost).
+    allow_missing_shards: bool = False
+    # Training stops (SkippedClipsError) when more than this share of the clips tried failed.
+    max_skip_fraction: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.video_decoder not in VIDEO_DECODERS:
+            _fail("data.video_decoder", f"{self.video_decoder!r} is not one of {VIDEO_DECODERS}")
         for name in ("global_batch_size", "num_frames", "size", "sample_rate", "num_mel_bins"):
             if getattr(self, name) <= 0:
                 _fail(f"data.{name}", f"must be > 0, got {getattr(self, name)}")
@@ -129,6 +197,22 @@ class DataConfig:
             )
         if self.negative_mix:
             _check_mix("data.negative_mix", dict(self.negative_mix))
+        if self.access not in ("auto", "random", "block"):
+            _fail("data.access", f"must be auto, random or block, got {self.access!r}")
+        if not self.block_mb > 0:
+            _fail("data.block_mb", f"must be > 0 (MB), got {self.block_mb}")
+        if self.shuffle_window_blocks < 1:
+            _fail("data.shuffle_window_blocks", f"must be >= 1, got {self.shuffle_window_blocks}")
+        if self.block_streams < 0 or (
+            self.block_streams and self.global_batch_size % self.block_streams
+        ):
+            _fail(
+                "data.block_streams",
+                f"must be 0 (auto) or divide data.global_batch_size "
+                f"({self.global_batch_size}), got {self.block_streams}",
+            )
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            _fail("data.max_skip_fraction", f"must be in [0, 1], got {self.max_skip_fraction}")
 
     @property
     def initial_negative_mix(self) -> dict[str, float]:
@@ -143,13 +227,13 @@ class DataConfig:
 class ModelConfig:
     # two_stream (AVTS: separate video and audio nets, usable alone) | early_fusion (one
     # audio-visual net: audio joins the video stream after video stage `fusion_stage`).
-    arch: str = "two_stream"
-    # r2plus1d_18 | mc3_18 | r3d_18 (torchvision-compatible) ; widths/depths shrink them for CPU.
-    video_arch: str = "r2plus1d_18"
+    arch: Literal["two_stream", "early_fusion"] = "two_stream"
+    # torchvision-compatible video nets; widths/depths shrink them for CPU.
+    video_arch: Literal["r2plus1d_18", "mc3_18", "r3d_18"] = "r2plus1d_18"
     video_width: int = 64
     video_layers: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
-    # vgg (AVTS-like, full size) | tiny
-    audio_arch: str = "vgg"
+    # vgg: AVTS-like, full size; tiny: for CPU tests.
+    audio_arch: Literal["vgg", "tiny"] = "vgg"
     audio_width: int = 64
     embed_dim: int = 128
     # Hidden width of the embedding / fusion MLPs; 0 means the input width.
@@ -164,16 +248,18 @@ class ModelConfig:
     fusion_stage: int = 1
     activation_checkpointing: bool = False
     channels_last_3d: bool = False
+    # A torchvision-layout video state dict (local path or fsspec URL) the video net starts from,
+    # e.g. torchvision's Kinetics-400 weights saved with torch.save; "" starts from scratch.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
-        if self.arch not in ("two_stream", "early_fusion"):
-            _fail("model.arch", f"must be two_stream or early_fusion, got {self.arch!r}")
+        _check_choices(self, "model")
         if self.fusion_stage not in (1, 2, 3):
             _fail("model.fusion_stage", f"must be 1, 2 or 3, got {self.fusion_stage}")
-        if self.video_arch not in ("r2plus1d_18", "mc3_18", "r3d_18"):
-            _fail("model.video_arch", f"unknown video architecture {self.video_arch!r}")
-        if self.audio_arch not in ("vgg", "tiny"):
-            _fail("model.audio_arch", f"unknown audio architecture {self.audio_arch!r}")
+        if self.arch == "early_fusion" and self.init_from:
+            _fail(
+                "model.init_from", "torchvision weights fit model.arch=two_stream's video net only"
+            )
         if len(self.video_layers) != 4 or any(n < 1 for n in self.video_layers):
             _fail("model.video_layers", "must be four stage depths, each >= 1")
         for name in ("video_width", "audio_width", "embed_dim"):
@@ -187,13 +273,13 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    # contrastive (AVTS margin loss) | infonce
-    kind: str = "contrastive"
+    # contrastive: the AVTS margin loss.
+    kind: Literal["contrastive", "infonce"] = "contrastive"
     margin: float = 0.99
     normalize: bool = True
     temperature: float = 0.07
-    # Easy negatives from the global batch: all | random_k | hardest_k
-    negatives: str = "all"
+    # Easy negatives from the global batch.
+    negatives: Literal["all", "random_k", "hardest_k"] = "all"
     num_negatives: int = 1
     # Weight of each negative kind, and of positives against negatives.
     weights: dict[str, float] = field(
@@ -209,10 +295,7 @@ class LossConfig:
     head_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("contrastive", "infonce"):
-            _fail("loss.kind", f"must be 'contrastive' or 'infonce', got {self.kind!r}")
-        if self.negatives not in ("all", "random_k", "hardest_k"):
-            _fail("loss.negatives", f"must be all, random_k or hardest_k, got {self.negatives!r}")
+        _check_choices(self, "loss")
         if self.negatives != "all" and self.num_negatives < 1:
             _fail("loss.num_negatives", "must be >= 1 with random_k or hardest_k")
         if self.margin <= 0:
@@ -240,7 +323,7 @@ class CurriculumStage:
     plateau_patience: int = 3
     plateau_min_delta: float = 0.001
     # max: the metric should rise (accuracy); min: it should fall (a loss).
-    plateau_mode: str = "max"
+    plateau_mode: Literal["max", "min"] = "max"
 
 
 @dataclass
@@ -252,11 +335,10 @@ class CurriculumConfig:
         if not self.stages:
             _fail("curriculum.stages", "needs at least one stage")
         for i, stage in enumerate(self.stages):
+            _check_choices(stage, f"curriculum.stages.{i}")
             if not stage.negative_mix:
                 stage.negative_mix = {"easy": 1.0}
             _check_mix(f"curriculum.stages.{i}.negative_mix", dict(stage.negative_mix))
-            if stage.plateau_mode not in ("max", "min"):
-                _fail(f"curriculum.stages.{i}.plateau_mode", "must be 'max' or 'min'")
             if stage.plateau_patience < 1:
                 _fail(f"curriculum.stages.{i}.plateau_patience", "must be >= 1")
             unknown = set(stage.loss_weights) - set(NEGATIVE_KINDS)
@@ -277,45 +359,39 @@ class CurriculumConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
-    # cosine | constant
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.name not in ("adamw", "adam", "sgd"):
-            _fail("optim.name", f"unknown optimizer {self.name!r}")
-        if self.schedule not in ("cosine", "constant"):
-            _fail("optim.schedule", f"must be cosine or constant, got {self.schedule!r}")
+        _check_choices(self, "optim")
         if self.lr <= 0:
             _fail("optim.lr", "must be > 0")
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0
-    # fp32 | bf16 | fp16
-    precision: str = "fp32"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    # bf16: torch.autocast (convolutions and matmuls in bf16; weights, gradients, their
+    # all-reduce, the optimizer and BatchNorm in fp32). fp16 is not offered: it needs loss
+    # scaling, and the GPUs this targets (Ampere and later) have bf16.
+    precision: Literal["fp32", "bf16"] = "fp32"
     grad_accum_steps: int = 1
-    # auto: nccl with CUDA, gloo otherwise.
-    backend: str = "auto"
+    # auto: "cpu:gloo,cuda:nccl" with CUDA (NCCL for GPU tensors, gloo for the CPU-side
+    # collectives: object broadcasts, checkpoint manifests), gloo otherwise.
+    backend: Literal["auto", "gloo", "nccl", "cpu:gloo,cuda:nccl"] = "auto"
     # Escape hatch: raw DeepSpeed JSON keys merged last over the generated config.
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            _fail("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            _fail("deepspeed.precision", f"must be fp32, bf16 or fp16, got {self.precision!r}")
+        _check_choices(self, "deepspeed")
         if self.grad_accum_steps < 1:
             _fail("deepspeed.grad_accum_steps", "must be >= 1")
-        if self.backend not in ("auto", "gloo", "nccl"):
-            _fail("deepspeed.backend", f"must be auto, gloo or nccl, got {self.backend!r}")
 
 
 @dataclass
@@ -325,6 +401,12 @@ class CheckpointConfig:
     every_steps: int = 0
     keep_last: int = 3
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # Local folder DeepSpeed writes into when checkpoint.dir is remote (then uploaded), and where
+    # a remote checkpoint is fetched to resume. Empty: <run.dir>/checkpoint_staging. Environment
+    # variables are expanded: $SLURM_TMPDIR/avts puts it on node-local disks (write $VAR, not
+    # ${VAR}, which OmegaConf reads as an interpolation); every node then uploads its own ranks'
+    # files and fetches its own copy to resume.
+    staging_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
@@ -335,22 +417,21 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
+    # Optimizer steps of the run; 0: as many as data.epochs gives.
     max_steps: int = 100
-    # If > 0, train for this many epochs instead of max_steps.
-    epochs: int = 0
     log_every: int = 10
     val_every_steps: int = 0
     val_batches: int = 4
     # Consecutive non-finite steps that stop the run (after a checkpoint).
     max_nonfinite_steps: int = 3
+    # Deterministic algorithms (on CUDA: cuDNN deterministic, no benchmark autotuning, and
+    # CUBLAS_WORKSPACE_CONFIG set); false lets cuDNN pick the fastest kernels.
     deterministic: bool = True
     progress: bool = True
-    # Test hook: the loss of these optimizer steps (1-based) is made NaN on every rank.
-    inject_nan_at_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.max_steps <= 0 and self.epochs <= 0:
-            _fail("train.max_steps", "set train.max_steps > 0 or train.epochs > 0")
+        if self.max_steps < 0:
+            _fail("train.max_steps", "must be >= 0 (0 = data.epochs decides)")
         if self.log_every < 1:
             _fail("train.log_every", "must be >= 1")
 
@@ -364,10 +445,13 @@ class TrackingConfig:
     system_metrics: bool = True
 
 
+SlurmSignal = Literal["USR2", "USR1", "TERM", "INT", "HUP"]
+
+
 @dataclass
 class LaunchConfig:
-    # slurm | local (submitit's local executor) | debug
-    cluster: str = "slurm"
+    # slurm | local (submitit's local executor, K processes here) | debug (in-process)
+    cluster: Literal["slurm", "local", "debug"] = "slurm"
     profile: str = ""
     nodes: int = 1
     gpus_per_node: int = 0
@@ -381,7 +465,8 @@ class LaunchConfig:
     mem: str = ""
     cpus_per_task: int = 1
     exclusive: bool = False
-    signal: str = "USR2"
+    # Sent to every task grace_s before the time limit (and on preemption); the trainer saves.
+    signal: SlurmSignal = "USR2"
     grace_s: int = 120
     max_requeues: int = 3
     # submitit's job folder (sbatch script, pickles, per-rank logs); empty: <run.dir>/slurm.
@@ -390,64 +475,140 @@ class LaunchConfig:
     setup: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.cluster not in ("slurm", "local", "debug"):
-            _fail("launch.cluster", f"must be slurm, local or debug, got {self.cluster!r}")
         if self.nodes < 1:
             _fail("launch.nodes", "must be >= 1")
         if self.gpus_per_node < 0 or self.tasks_per_node < 0:
             _fail("launch.tasks_per_node", "gpus_per_node and tasks_per_node must be >= 0")
+        if self.cpus_per_task < 1:
+            _fail("launch.cpus_per_task", "must be >= 1")
+        if self.max_requeues < 0:
+            _fail("launch.max_requeues", "must be >= 0")
         if not re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}|\d+", self.time):
             _fail("launch.time", f"must be HH:MM:SS, D-HH:MM:SS or minutes, got {self.time!r}")
 
 
 @dataclass
-class EvalConfig:
-    checkpoint: str = ""
-    suite: list[str] = field(default_factory=lambda: ["sync"])
-    # Dataset URL per evaluation (name -> URL); sync uses data.url's val split when absent.
-    datasets: dict[str, str] = field(default_factory=dict)
-    splits: list[int] = field(default_factory=lambda: [1, 2, 3])
-    batch_size: int = 16
+class SyncEvalConfig:
+    """``avts eval sync``: held-out in-sync pairs against each negative kind and an offset sweep."""
+
+    # Split of the dataset; empty: data.val_split.
+    split: str = ""
+    # Held-out clips evaluated, evenly spread over the split (0: all of them).
+    max_clips: int = 64
+    # A pair is in sync when the embedding distance is below this (0: loss.margin / 2). A fusion
+    # head's logit > 0 is used instead when the model has one.
+    threshold: float = 0.0
+    # Offsets (seconds) of the accuracy-vs-offset curve.
+    offsets: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0])
+
+    def __post_init__(self) -> None:
+        if self.max_clips < 0:
+            _fail("eval.sync.max_clips", "must be >= 0 (0 = every clip of the split)")
+        if self.threshold < 0:
+            _fail("eval.sync.threshold", "must be >= 0 (0 = loss.margin / 2)")
+        if any(o <= 0 for o in self.offsets):
+            _fail("eval.sync.offsets", "offsets must be > 0 seconds")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning the video net with a new linear head (ucf101, hmdb51, multimodal, synthetic)."""
+
     epochs: int = 5
     lr: float = 1e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.5
+    # Test clips per video, evenly spaced; video accuracy averages their softmax.
     clips_per_video: int = 3
-    feature_layer: str = "pool"
-    # svm | logreg
-    classifier: str = "svm"
+    # Also train the same architecture from random init with the same recipe.
     scratch_baseline: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "clips_per_video"):
+            if getattr(self, name) < 1:
+                _fail(f"eval.finetune.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            _fail("eval.finetune.lr", "must be > 0")
+        if not 0 <= self.dropout < 1:
+            _fail("eval.finetune.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class LinearProbeConfig:
+    """A linear classifier on frozen audio features (esc50, dcase2014, multimodal, synthetic)."""
+
+    # Audio net layer whose pooled output is the feature (layer1..layer4, pool).
+    feature_layer: str = "pool"
+    # multimodal always uses logreg: late fusion needs class probabilities.
+    classifier: Literal["svm", "logreg"] = "svm"
+    # Inverse regularisation strength (scikit-learn's C).
+    c: float = 1.0
+    # Log-mel windows of data.clip_seconds per clip, evenly spread; their features are averaged.
+    windows: int = 3
+
+    def __post_init__(self) -> None:
+        if self.c <= 0:
+            _fail("eval.probe.c", "must be > 0")
+        if self.windows < 1:
+            _fail("eval.probe.windows", f"must be >= 1, got {self.windows}")
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = ""
+    # Dataset URL per evaluation (name -> URL); sync and synthetic default to data.url.
+    datasets: dict[str, str] = field(default_factory=dict)
+    # UCF101/HMDB51 splits to run (split plans: eval/common.py).
+    splits: list[int] = field(default_factory=lambda: [1, 2, 3])
+    # Caps for toy runs (0: no cap): training clips per split, and test videos per split.
+    max_train_videos: int = 0
+    max_test_videos: int = 0
+    batch_size: int = 16
+    num_workers: int = 0
+    # auto (cuda when available) | cpu | cuda | cuda:N
+    device: str = "auto"
+    seed: int = 0
+    progress: bool = True
     # MLflow parent run; empty: read <run dir>/mlflow_run_id next to the checkpoint.
     parent_run_id: str = ""
     # Local folder for artifacts (plots, CSVs); empty: <run dir or cwd>/eval/<name>.
     out_dir: str = ""
-    # sync: held-out clips evaluated (0: all in the split), decision threshold on the embedding
-    # distance (0: loss.margin / 2; a fusion head's logit > 0 wins when present) and the offsets
-    # (seconds) of the accuracy-vs-offset curve.
-    sync_split: str = ""
-    sync_max_clips: int = 64
-    sync_threshold: float = 0.0
-    sync_offsets: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0])
-    # Caps for toy runs (0: no cap): training clips per split, and test videos per split.
-    max_train_videos: int = 0
-    max_test_videos: int = 0
-    weight_decay: float = 1e-4
-    # Audio features: windows of data.clip_seconds averaged over this many per clip.
-    audio_windows: int = 3
-    svm_c: float = 1.0
-    num_workers: int = 0
-    device: str = "auto"
-    seed: int = 0
-    progress: bool = True
+    sync: SyncEvalConfig = field(default_factory=SyncEvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
 
     def __post_init__(self) -> None:
-        if self.classifier not in ("svm", "logreg"):
-            _fail("eval.classifier", f"must be svm or logreg, got {self.classifier!r}")
-        for name in ("batch_size", "epochs", "clips_per_video", "audio_windows"):
-            if getattr(self, name) < 1:
-                _fail(f"eval.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            _fail("eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            _fail("eval.num_workers", "must be >= 0")
+        if self.max_train_videos < 0 or self.max_test_videos < 0:
+            _fail("eval.max_train_videos", "caps must be >= 0 (0 = no cap)")
         if any(k not in (1, 2, 3) for k in self.splits) or not self.splits:
             _fail("eval.splits", f"must be a non-empty subset of [1, 2, 3], got {self.splits}")
-        if any(o <= 0 for o in self.sync_offsets):
-            _fail("eval.sync_offsets", "offsets must be > 0 seconds")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            _fail("eval.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+# Keys renamed since configs were first saved (old -> new; None: removed, it did nothing).
+# Saved run configs (<run.dir>/config.yaml, read by `avts eval`) and users' overrides keep
+# working; a warning names the new key, and resolved configs are written with the new names.
+RENAMED_KEYS: dict[str, str | None] = {
+    "eval.suite": None,
+    "eval.sync_split": "eval.sync.split",
+    "eval.sync_max_clips": "eval.sync.max_clips",
+    "eval.sync_threshold": "eval.sync.threshold",
+    "eval.sync_offsets": "eval.sync.offsets",
+    "eval.epochs": "eval.finetune.epochs",
+    "eval.lr": "eval.finetune.lr",
+    "eval.weight_decay": "eval.finetune.weight_decay",
+    "eval.clips_per_video": "eval.finetune.clips_per_video",
+    "eval.scratch_baseline": "eval.finetune.scratch_baseline",
+    "eval.feature_layer": "eval.probe.feature_layer",
+    "eval.classifier": "eval.probe.classifier",
+    "eval.svm_c": "eval.probe.c",
+    "eval.audio_windows": "eval.probe.windows",
+}
 
 
 @dataclass
@@ -464,10 +625,13 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    # none | auto (latest complete checkpoint) | a checkpoint directory
+    # none | auto (newest complete checkpoint of checkpoint.dir) | a run dir, checkpoints dir,
+    # tag dir or URL (s3://..., file://...): see avts_dist.train.checkpoint.resolve_checkpoint
     resume: str = "none"
 
     def __post_init__(self) -> None:
+        if self.train.max_steps == 0 and self.data.epochs == 0:
+            _fail("train.max_steps", "set train.max_steps > 0 or data.epochs > 0")
         if self.data.global_batch_size % self.deepspeed.grad_accum_steps:
             _fail(
                 "deepspeed.grad_accum_steps",
@@ -482,6 +646,7 @@ class Config:
             self.run.dir = str(Path("runs") / self.run.name)
         if not self.checkpoint.dir:
             self.checkpoint.dir = str(Path(self.run.dir) / "checkpoints")
+        restore_secrets(self)
         return self
 
 
@@ -528,8 +693,52 @@ def _read_yaml_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str,
     return layers
 
 
-def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+def _renamed_key(key: str) -> str | None:
+    """The current name of ``key`` (None: a removed key), with a warning for an old name."""
+    if key not in RENAMED_KEYS:
+        return key
+    new = RENAMED_KEYS[key]
+    log.warning(
+        "config key '%s' %s", key, f"is now '{new}'" if new else "was removed (it had no effect)"
+    )
+    return new
+
+
+def _rename_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """A YAML layer or saved config with old key names moved to their new places."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for old in RENAMED_KEYS:
+        section, _, leaf = old.partition(".")
+        node = tree.get(section)
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        new = _renamed_key(old)
+        if new:
+            *parents, last = new.split(".")[1:]
+            for name in parents:
+                node = node.setdefault(name, {})
+            node[last] = value
+    return tree
+
+
+def _rename_overrides(overrides: list[str]) -> list[str]:
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        new = _renamed_key(key)
+        if new:
+            out.append(f"{new}={value}")
+    return out
+
+
+def _omegaconf_message(exc: OmegaConfBaseException, schema: type = Config) -> str:
     key = getattr(exc, "full_key", None)
+    # A section merged on its own (e.g. a checkpoint's model config) names its keys as the
+    # whole tree does: model.video_arch, not video_arch.
+    section = {hint: name for name, hint in get_type_hints(Config).items()}.get(schema)
+    if key and section:
+        key = f"{section}.{key}"
     msg = str(exc).split("\n")[0]
     return f"config key '{key}': {msg}" if key else msg
 
@@ -546,6 +755,8 @@ def load_config(
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
+    layers = [_rename_keys(layer) for layer in layers]
+    overrides = _rename_overrides(overrides)
     try:
         for layer in layers:
             merged = OmegaConf.merge(merged, layer)
@@ -553,20 +764,30 @@ def load_config(
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
         obj = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise ConfigError(_omegaconf_message(exc)) from None
+        raise ConfigError(_omegaconf_message(exc, schema)) from None
     return obj.fill_derived() if hasattr(obj, "fill_derived") else obj
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The whole config, credentials included: for passing it on in memory, never to write."""
     return dataclasses.asdict(cfg)
 
 
+def redacted_config_dict(cfg: Any) -> dict[str, Any]:
+    """The config as it may be written anywhere (files, MLflow, checkpoints, logs): storage
+    options keep only the values of harmless keys (:func:`avts_dist.storage.redact`)."""
+    from avts_dist.storage import redact
+
+    return redact(config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))
+
+
 def config_to_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    """The redacted config as YAML (what is saved and printed)."""
+    return yaml.safe_dump(redacted_config_dict(cfg), sort_keys=False)
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
-    """Writes the resolved config as YAML (atomically) and returns the path."""
+    """Writes the resolved config, redacted, as YAML (atomically) and returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -578,17 +799,84 @@ def save_config(cfg: Any, path: str | Path) -> Path:
 def config_from_dict(data: dict[str, Any], schema: type = Config) -> Any:
     """Rebuilds a config saved with :func:`config_to_dict` (e.g. from a checkpoint)."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
+        return restore_secrets(
+            OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), _rename_keys(data)))
+        )
     except OmegaConfBaseException as exc:
-        raise ConfigError(_omegaconf_message(exc)) from None
+        raise ConfigError(_omegaconf_message(exc, schema)) from None
+
+
+# `avts launch` hands what redaction hides to its jobs in their environment (SLURM keeps a job's
+# environment across requeues), never in a file: the job folder holds the redacted config.
+SECRETS_ENV = "AVTS_CONFIG_SECRETS"
+
+
+def config_secrets(cfg: Any) -> dict[str, Any]:
+    """``{"data.storage_options.secret": value, ...}``: every value that redaction hides."""
+    from avts_dist.storage import REDACTED
+
+    out: dict[str, Any] = {}
+
+    def walk(raw: dict, shown: dict, prefix: str) -> None:
+        for key, value in raw.items():
+            seen = shown.get(key)
+            if isinstance(value, dict) and isinstance(seen, dict):
+                walk(value, seen, f"{prefix}{key}.")
+            elif isinstance(seen, str) and REDACTED in seen and value != seen:
+                out[f"{prefix}{key}"] = value
+
+    walk(config_to_dict(cfg), redacted_config_dict(cfg), "")
+    return out
+
+
+@contextlib.contextmanager
+def secrets_in_environment(cfg: Any):
+    """``$AVTS_CONFIG_SECRETS`` holds ``cfg``'s secrets while jobs are submitted (they inherit
+    it), and is unset again afterwards."""
+    secrets = config_secrets(cfg)
+    previous = os.environ.get(SECRETS_ENV)
+    if secrets:
+        os.environ[SECRETS_ENV] = json.dumps(secrets)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(SECRETS_ENV, None)
+        else:
+            os.environ[SECRETS_ENV] = previous
+
+
+def restore_secrets(cfg: Any, secrets: dict[str, Any] | None = None) -> Any:
+    """Puts ``secrets`` (default: the JSON in ``$AVTS_CONFIG_SECRETS``) back where ``cfg`` holds
+    a redaction placeholder; values the user gave again are kept."""
+    from avts_dist.storage import REDACTED
+
+    if secrets is None:
+        text = os.environ.get(SECRETS_ENV, "")
+        try:
+            secrets = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            raise ConfigError(f"${SECRETS_ENV} is not valid JSON") from None
+    for path, value in secrets.items():
+        *parents, leaf = path.split(".")
+        node: Any = cfg
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else getattr(node, name, None)
+        if isinstance(node, dict):
+            if isinstance(node.get(leaf), str) and REDACTED in node[leaf]:
+                node[leaf] = value
+        elif node is not None and REDACTED in str(getattr(node, leaf, "")):
+            setattr(node, leaf, value)
+    return cfg
 
 
 def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"data.fps": 8.0, "curriculum.stages": "[...]", ...}`` for MLflow params.
+    """``{"data.fps": 8.0, "curriculum.stages": "[...]", ...}`` for MLflow params, redacted.
 
     Nested mappings are flattened with dots; lists become their JSON text.
     """
-    data = config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    # Nested calls get already-redacted mappings; a sub-config (``cfg.eval``) is redacted too.
+    data = redacted_config_dict(cfg) if dataclasses.is_dataclass(cfg) or not prefix else cfg
     out: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{prefix}{key}"

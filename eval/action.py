@@ -1,30 +1,35 @@
 """Action recognition by fine-tuning the video subnetwork (UCF101, HMDB51, the synthetic labels).
 
-Per split: fine-tune the pretrained video net with a new linear head, and (``eval.scratch_baseline``)
-train the same architecture from random init with the same recipe. Clip accuracy scores each test
-clip alone; video accuracy averages the softmax of ``eval.clips_per_video`` evenly spaced clips.
+Per split: fine-tune the pretrained video net with a new linear head, and
+(``eval.finetune.scratch_baseline``) train the same architecture from random init with the same
+recipe. Clip accuracy scores each test clip alone; video accuracy averages the softmax of
+``eval.finetune.clips_per_video`` evenly spaced clips.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from avts_dist.config import DataConfig, FinetuneConfig
+from avts_dist.data import DatasetIndex
+from avts_dist.models import VideoClassifier
 from eval.common import (
-    SplitPlan,
+    EvalRuntime,
+    JobIO,
     VideoClips,
     confusion,
-    pick_device,
-    split_plans,
     video_loader,
     write_class_artifacts,
 )
+from eval.pretrained import Pretrained
+from eval.splits import SplitPlan
 
-__all__ = ["FineTuneResult", "finetune_video", "run_action"]
+__all__ = ["FineTuneResult", "finetune_video", "run_finetune", "video_accuracy"]
 
 
 @dataclass
@@ -36,27 +41,47 @@ class FineTuneResult:
     final_loss: float
 
 
-def finetune_video(net, idx, plan: SplitPlan, cfg, *, device, desc: str) -> FineTuneResult:
-    from tqdm.auto import tqdm
+def video_accuracy(
+    clip_probs_NC: np.ndarray, video_of_N: np.ndarray, labels_V: np.ndarray
+) -> tuple[float, float, np.ndarray]:
+    """``(clip accuracy, video accuracy, per-video mean probabilities)`` of test clips: clip
+    ``i`` belongs to video ``video_of_N[i]``, whose label is ``labels_V[video]``."""
+    clip_probs_NC = np.asarray(clip_probs_NC, dtype=np.float64)
+    video_of_N = np.asarray(video_of_N, dtype=np.int64)
+    num_videos, num_classes = len(labels_V), clip_probs_NC.shape[1]
+    clip_acc = float((clip_probs_NC.argmax(1) == labels_V[video_of_N]).mean())
+    sums = np.zeros((num_videos, num_classes))
+    np.add.at(sums, video_of_N, clip_probs_NC)
+    counts = np.bincount(video_of_N, minlength=num_videos)[:, None]
+    video_probs = sums / np.maximum(counts, 1)
+    return clip_acc, float((video_probs.argmax(1) == labels_V).mean()), video_probs
 
-    from avts_dist.models import VideoClassifier
 
-    ev, data = cfg.eval, cfg.data
+def finetune_video(
+    net: torch.nn.Module,
+    idx: DatasetIndex,
+    plan: SplitPlan,
+    cfg: FinetuneConfig,
+    *,
+    data: DataConfig,
+    rt: EvalRuntime,
+    desc: str,
+) -> FineTuneResult:
     num_classes = len(idx.classes)
-    model = VideoClassifier(net, num_classes, dropout=0.5).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=ev.lr, weight_decay=ev.weight_decay)
-    train_ds = VideoClips(idx, plan.train_rows, data, train=True, seed=ev.seed)
-    steps_per_epoch = -(-len(train_ds) // ev.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=ev.epochs * steps_per_epoch)
-    bar = tqdm(total=ev.epochs * steps_per_epoch, desc=f"{desc} train", disable=not ev.progress)
+    model = VideoClassifier(net, num_classes, dropout=cfg.dropout).to(rt.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_ds = VideoClips(idx, plan.train_rows, data, train=True, seed=rt.seed)
+    steps_per_epoch = -(-len(train_ds) // rt.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"{desc} train", disable=not rt.progress)
     loss_value = float("nan")
-    for epoch in range(ev.epochs):
+    for epoch in range(cfg.epochs):
         train_ds.epoch = epoch
         model.train()
-        loader = video_loader(train_ds, ev.batch_size, True, ev.num_workers, ev.seed + epoch)
+        loader = video_loader(train_ds, rt.batch_size, True, rt.num_workers, rt.seed + epoch)
         for video_BCTHW, label_B, _ in loader:
-            logits = model(video_BCTHW.to(device))
-            loss = F.cross_entropy(logits, label_B.to(device))
+            logits = model(video_BCTHW.to(rt.device))
+            loss = F.cross_entropy(logits, label_B.to(rt.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -68,42 +93,35 @@ def finetune_video(net, idx, plan: SplitPlan, cfg, *, device, desc: str) -> Fine
 
     model.eval()
     test_ds = VideoClips(
-        idx, plan.test_rows, data, train=False, clips_per_video=ev.clips_per_video, seed=ev.seed
+        idx, plan.test_rows, data, train=False, clips_per_video=cfg.clips_per_video, seed=rt.seed
     )
-    probs = np.zeros((len(plan.test_rows), num_classes), dtype=np.float64)
-    clip_correct = 0
-    loader = video_loader(test_ds, ev.batch_size, False, ev.num_workers, ev.seed)
+    probs, videos = [], []
+    loader = video_loader(test_ds, rt.batch_size, False, rt.num_workers, rt.seed)
     with torch.no_grad():
-        for video_BCTHW, label_B, pos_B in tqdm(
-            loader, desc=f"{desc} test", disable=not ev.progress
-        ):
-            p = F.softmax(model(video_BCTHW.to(device)).float(), dim=1).cpu()
-            clip_correct += int((p.argmax(1) == label_B).sum())
-            np.add.at(probs, pos_B.numpy(), p.numpy())
+        for video_BCTHW, _, pos_B in tqdm(loader, desc=f"{desc} test", disable=not rt.progress):
+            probs.append(F.softmax(model(video_BCTHW.to(rt.device)).float(), dim=1).cpu().numpy())
+            videos.append(pos_B.numpy())
     labels = idx.label[plan.test_rows].astype(np.int64)
-    return FineTuneResult(
-        acc_clip=clip_correct / max(1, len(test_ds)),
-        acc_video=float((probs.argmax(1) == labels).mean()),
-        video_probs=probs / ev.clips_per_video,
-        labels=labels,
-        final_loss=loss_value,
+    acc_clip, acc_video, video_probs = video_accuracy(
+        np.concatenate(probs), np.concatenate(videos), labels
     )
+    return FineTuneResult(acc_clip, acc_video, video_probs, labels, loss_value)
 
 
-def run_action(job: str, cfg, pre, idx, out_dir: Path, log) -> dict[str, float]:
+def run_finetune(
+    cfg: FinetuneConfig, pre: Pretrained, plans: list[SplitPlan], io: JobIO
+) -> dict[str, float]:
     """Fine-tune per split (+ scratch baseline); returns the metrics it logged."""
-    device = pick_device(cfg.eval.device)
-    ev = cfg.eval
-    plans = split_plans(idx, ev, usable=idx.has_video.astype(bool))
+    idx, rt, log, title = io.idx, io.rt, io.log, io.title
     metrics: dict[str, float] = {}
-    variants = [("pretrained", True)] + ([("scratch", False)] if ev.scratch_baseline else [])
+    variants = [("pretrained", True)] + ([("scratch", False)] if cfg.scratch_baseline else [])
     for variant, pretrained in variants:
         clip_accs, video_accs = [], []
         for plan in plans:
-            torch.manual_seed(ev.seed)
-            net = pre.video_net(pretrained=pretrained, seed=ev.seed)
+            torch.manual_seed(rt.seed)
+            net = pre.video_net(pretrained=pretrained, seed=rt.seed)
             res = finetune_video(
-                net, idx, plan, cfg, device=device, desc=f"{job} {variant} {plan.name}"
+                net, idx, plan, cfg, data=io.data, rt=rt, desc=f"{title} {variant} {plan.name}"
             )
             m = {
                 f"{variant}/{plan.name}/acc_clip": res.acc_clip,
@@ -116,11 +134,11 @@ def run_action(job: str, cfg, pre, idx, out_dir: Path, log) -> dict[str, float]:
             video_accs.append(res.acc_video)
             cm = confusion(res.labels, res.video_probs.argmax(1), len(idx.classes))
             write_class_artifacts(
-                out_dir,
+                io.out_dir,
                 f"{variant}_{plan.name}",
                 cm,
                 idx.classes,
-                f"{job} {variant} {plan.name}: video acc {res.acc_video:.3f}",
+                f"{title} {variant} {plan.name}: video acc {res.acc_video:.3f}",
             )
         mean = {
             f"{variant}/acc_clip_mean": float(np.mean(clip_accs)),
@@ -131,7 +149,7 @@ def run_action(job: str, cfg, pre, idx, out_dir: Path, log) -> dict[str, float]:
     # Headline names (the pretrained net) for comparison tables.
     metrics["acc_video"] = metrics["pretrained/acc_video_mean"]
     metrics["acc_clip"] = metrics["pretrained/acc_clip_mean"]
-    if ev.scratch_baseline:
+    if cfg.scratch_baseline:
         metrics["gain_over_scratch"] = metrics["acc_video"] - metrics["scratch/acc_video_mean"]
     log({k: metrics[k] for k in ("acc_video", "acc_clip", "gain_over_scratch") if k in metrics})
     return metrics

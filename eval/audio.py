@@ -1,79 +1,116 @@
 """Audio classification on frozen features (ESC-50, DCASE2014, the synthetic labels).
 
-No fine-tuning: the pretrained audio net gives pooled features from ``eval.feature_layer``
-(averaged over ``eval.audio_windows`` log-mel windows per clip); a linear SVM or logistic
-regression is trained per official fold and the accuracy is averaged over folds.
+No fine-tuning: the pretrained audio net gives pooled features from
+``eval.probe.feature_layer`` (averaged over ``eval.probe.windows`` log-mel windows per clip); a
+linear SVM or logistic regression is trained per official fold and the accuracy is averaged over
+folds.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from avts_dist.config import LinearProbeConfig
 from eval.common import (
+    JobIO,
     audio_features,
     confusion,
     fit_linear,
-    pick_device,
-    split_plans,
     write_class_artifacts,
 )
+from eval.registry import EvalError
+from eval.splits import SplitPlan
 
-__all__ = ["run_audio"]
+__all__ = ["ProbeFold", "check_feature_layer", "probe_folds", "run_probe"]
 
 
-def run_audio(job: str, cfg, pre, idx, out_dir: Path, log) -> dict[str, float]:
-    ev = cfg.eval
-    device = pick_device(ev.device)
-    net = pre.audio_net()
-    if ev.feature_layer not in net.stage_names:
-        from eval.common import EvalError
+@dataclass
+class ProbeFold:
+    name: str
+    y_true: np.ndarray
+    y_pred: np.ndarray
 
+    @property
+    def acc(self) -> float:
+        return float((self.y_pred == self.y_true).mean())
+
+
+def probe_folds(
+    features_RC: np.ndarray,
+    labels_R: np.ndarray,
+    plans: list[SplitPlan],
+    cfg: LinearProbeConfig,
+    seed: int = 0,
+) -> list[ProbeFold]:
+    """One linear classifier per plan on frozen features; ``features_RC`` and ``labels_R`` are
+    indexed by index row."""
+    folds = []
+    for plan in plans:
+        clf = fit_linear(
+            cfg.classifier, features_RC[plan.train_rows], labels_R[plan.train_rows], cfg.c, seed
+        )
+        pred = clf.predict(features_RC[plan.test_rows])
+        folds.append(ProbeFold(plan.name, labels_R[plan.test_rows], pred))
+    return folds
+
+
+def check_feature_layer(net: torch.nn.Module, layer: str) -> None:
+    if layer not in net.stage_names:
         raise EvalError(
-            f"eval.feature_layer={ev.feature_layer!r} is not a layer of the audio net "
+            f"eval.probe.feature_layer={layer!r} is not a layer of the audio net "
             f"(choose from {net.stage_names})"
         )
-    plans = split_plans(idx, ev, usable=idx.has_audio.astype(bool))
+
+
+def run_probe(
+    cfg: LinearProbeConfig, net: torch.nn.Module, plans: list[SplitPlan], io: JobIO
+) -> dict[str, float]:
+    """Linear probe of the audio net ``net`` over ``plans``; returns the metrics it logged."""
+    idx, rt, log = io.idx, io.rt, io.log
+    check_feature_layer(net, cfg.feature_layer)
     # Each clip's features are computed once, whatever number of folds use it.
     needed = np.unique(np.concatenate([np.r_[p.train_rows, p.test_rows] for p in plans]))
-    feats = audio_features(
+    feats, num_failed = audio_features(
         net,
         idx,
         needed,
-        cfg.data,
-        layer=ev.feature_layer,
-        num_windows=ev.audio_windows,
-        batch_size=ev.batch_size,
-        device=device,
-        progress=ev.progress,
-        desc=f"{job} features",
+        io.data,
+        layer=cfg.feature_layer,
+        num_windows=cfg.windows,
+        rt=rt,
+        desc=f"{io.title} features",
     )
-    where = {int(r): i for i, r in enumerate(needed)}
-    labels = idx.label.astype(np.int64)
-    accs = []
+    features_RC = np.zeros((len(idx), feats.shape[1]), dtype=feats.dtype)
+    features_RC[needed] = feats
+    folds = probe_folds(features_RC, idx.label.astype(np.int64), plans, cfg, rt.seed)
+    metrics: dict[str, float] = {
+        "feature_dim": float(feats.shape[1]),
+        "num_audio_decode_errors": float(num_failed),
+    }
     cm_total = np.zeros((len(idx.classes), len(idx.classes)), dtype=np.int64)
-    metrics: dict[str, float] = {"feature_dim": float(feats.shape[1])}
-    for plan in plans:
-        xtr = feats[[where[int(r)] for r in plan.train_rows]]
-        xte = feats[[where[int(r)] for r in plan.test_rows]]
-        clf = fit_linear(ev.classifier, xtr, labels[plan.train_rows], ev.svm_c, ev.seed)
-        pred = clf.predict(xte)
-        acc = float((pred == labels[plan.test_rows]).mean())
-        accs.append(acc)
-        cm_total += confusion(labels[plan.test_rows], pred, len(idx.classes))
-        metrics[f"{plan.name}/acc"] = acc
-        log({f"{plan.name}/acc": acc})
+    for fold in folds:
+        metrics[f"{fold.name}/acc"] = fold.acc
+        log({f"{fold.name}/acc": fold.acc})
+        cm_total += confusion(fold.y_true, fold.y_pred, len(idx.classes))
+    accs = [fold.acc for fold in folds]
     metrics["acc"] = float(np.mean(accs))
     metrics["acc_std"] = float(np.std(accs))
-    metrics["num_folds"] = float(len(plans))
-    log({k: metrics[k] for k in ("acc", "acc_std", "num_folds", "feature_dim")})
+    metrics["num_folds"] = float(len(folds))
+    log(
+        {
+            k: metrics[k]
+            for k in ("acc", "acc_std", "num_folds", "feature_dim", "num_audio_decode_errors")
+        }
+    )
     write_class_artifacts(
-        out_dir,
+        io.out_dir,
         "folds",
         cm_total,
         idx.classes,
-        f"{job} {ev.classifier} on {ev.feature_layer}: "
-        f"{metrics['acc']:.3f} over {len(plans)} folds",
+        f"{io.title} {cfg.classifier} on {cfg.feature_layer}: "
+        f"{metrics['acc']:.3f} over {len(folds)} folds",
     )
     return metrics

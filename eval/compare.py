@@ -3,37 +3,23 @@ metrics as columns (``<job>/<metric>``), plus the parameters that differ between
 
 Everything is read through MLflow's search API (``MlflowClient.search_runs``,
 ``get_metric_history``), so a local store and a tracking server work alike.
-Outputs: a terminal table, ``compare.csv``, ``compare.html`` (with the plots embedded) and PNGs:
-``training_curves.png``, ``sync_vs_offset.png``, ``downstream.png``.
+Outputs: a terminal table and, with ``out_dir``, the report of ``eval/report.py``
+(``compare.html``, ``compare.csv``, ``compare_groups.csv`` and the PNG figures).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eval.report import write_report
+
 __all__ = ["Comparison", "compare_runs"]
 
 DEFAULT_CURVES = ("loss", "train/loss", "val/sync_acc_easy", "val/sync_acc_hard")
-# Headline downstream metrics, (column, bar label) pairs; scratch baselines next to pretrained.
-BAR_METRICS = (
-    ("sync/acc_easy", "sync (easy)"),
-    ("sync/acc_hard", "sync (hard)"),
-    ("ucf101/acc_video", "UCF101"),
-    ("ucf101/scratch/acc_video_mean", "UCF101 scratch"),
-    ("hmdb51/acc_video", "HMDB51"),
-    ("hmdb51/scratch/acc_video_mean", "HMDB51 scratch"),
-    ("esc50/acc", "ESC-50"),
-    ("dcase2014/acc", "DCASE"),
-    ("multimodal/acc", "multimodal"),
-    ("synthetic/video/acc_video", "synthetic video"),
-    ("synthetic/video/scratch/acc_video_mean", "synthetic video scratch"),
-    ("synthetic/audio/acc", "synthetic audio"),
-)
 _DETAIL = re.compile(
     r"(^|/)(main/|split\d|fold\d+|num_|offset_|reject_|pair_acc_offset|threshold|tpr)"
 )
@@ -182,145 +168,12 @@ def compare_runs(
         columns, rows, groups={pid: [c.info.run_id for c in cs] for pid, cs in groups.items()}
     )
     if out_dir is not None:
-        _write_outputs(comp, client, Path(out_dir), list(curves or DEFAULT_CURVES))
+        title = "avts compare: " + ("selected runs" if run_ids else experiment or "avts")
+        write_report(
+            comp, client, Path(out_dir), list(curves or DEFAULT_CURVES),
+            tracking_uri=client.tracking_uri, title=title,
+        )  # fmt: skip
     for row in rows:
         row.pop("_run")
         row.pop("_children")
     return comp
-
-
-def _write_outputs(comp: Comparison, client, out: Path, curves: list[str]) -> None:
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "compare.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([*comp.columns, "run_id_full"])
-        for r in comp.rows:
-            w.writerow(
-                [_fmt(r.get(c)) if r.get(c) is not None else "" for c in comp.columns]
-                + [r["_run"].info.run_id]
-            )
-    comp.files["csv"] = str(out / "compare.csv")
-
-    # Training curves of the pretraining runs (only metrics some run has: no empty panels).
-    logged = {k for r in comp.rows for k in r["_run"].data.metrics}
-    curves = [c for c in curves if c in logged] or curves[:1]
-    fig, axes = plt.subplots(
-        1, max(1, len(curves)), figsize=(4.2 * max(1, len(curves)), 3.2), squeeze=False
-    )
-    drawn = 0
-    for ax, metric in zip(axes[0], curves, strict=False):
-        for r in comp.rows:
-            run = r["_run"]
-            if run.data.tags.get("avts.kind") == "eval" or metric not in run.data.metrics:
-                continue
-            hist = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step)
-            ax.plot([m.step for m in hist], [m.value for m in hist], label=r["run"])
-            drawn += 1
-        ax.set_title(metric, fontsize=9)
-        ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "training_curves.png", dpi=100)
-    plt.close(fig)
-    comp.files["training_curves"] = str(out / "training_curves.png")
-
-    # Sync accuracy against offset (metric history with step = offset in ms).
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for r in comp.rows:
-        for child in r["_children"]:
-            if "sync/acc_vs_offset" in child.data.metrics:
-                hist = sorted(
-                    client.get_metric_history(child.info.run_id, "sync/acc_vs_offset"),
-                    key=lambda m: m.step,
-                )
-                ax.plot(
-                    [m.step / 1000 for m in hist], [m.value for m in hist], "o-", label=r["run"]
-                )
-    ax.axhline(0.5, c="k", lw=0.5)
-    ax.set_xlabel("audio offset (s)")
-    ax.set_ylabel("balanced sync accuracy")
-    ax.set_ylim(0, 1.02)
-    if ax.lines[1:]:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "sync_vs_offset.png", dpi=100)
-    plt.close(fig)
-    comp.files["sync_vs_offset"] = str(out / "sync_vs_offset.png")
-
-    # Downstream accuracy bars, one group per benchmark, one bar per run.
-    present = [
-        (m, label)
-        for m, label in BAR_METRICS
-        if any(r.get(m) is not None or _child_metric(r, m) is not None for r in comp.rows)
-    ]
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(present) * max(1, len(comp.rows)) / 2), 3.8))
-    n = max(1, len(comp.rows))
-    width = 0.8 / n
-    for i, r in enumerate(comp.rows):
-        vals = [r.get(m) if r.get(m) is not None else _child_metric(r, m) for m, _ in present]
-        xs = [j + i * width for j in range(len(present))]
-        ax.bar(xs, [v if v is not None else 0 for v in vals], width, label=r["run"])
-    ax.set_xticks(
-        [j + 0.4 - width / 2 for j in range(len(present))],
-        [label for _, label in present],
-        rotation=30,
-        ha="right",
-        fontsize=8,
-    )
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.02)
-    if present:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "downstream.png", dpi=100)
-    plt.close(fig)
-    comp.files["downstream"] = str(out / "downstream.png")
-
-    rows_html = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in comp.columns) + "</tr>"
-        for r in comp.rows
-    )
-    children_html = "".join(
-        f"<li><b>{html.escape(r['run'])}</b> ({r['_run'].info.run_id}): "
-        + ", ".join(
-            f"{html.escape(c.data.tags.get('avts.eval', '?'))} {c.info.run_id[:8]}"
-            for c in r["_children"]
-        )
-        + "</li>"
-        for r in comp.rows
-    )
-    imgs = "".join(
-        f'<figure><img src="{Path(p).name}"><figcaption>{k}</figcaption></figure>'
-        for k, p in comp.files.items()
-        if p.endswith(".png")
-    )
-    (out / "compare.html").write_text(
-        "<!doctype html><meta charset=utf-8><title>avts compare</title>"
-        "<style>body{font-family:sans-serif}table{border-collapse:collapse;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px}th{background:#eee}"
-        "figure{display:inline-block;margin:8px}</style>"
-        "<h1>avts compare</h1><table><tr>"
-        + "".join(f"<th>{html.escape(c)}</th>" for c in comp.columns)
-        + "</tr>"
-        + rows_html
-        + "</table><h2>Evaluation runs per pretraining run</h2><ul>"
-        + children_html
-        + "</ul>"
-        + imgs
-    )
-    comp.files["html"] = str(out / "compare.html")
-
-
-def _child_metric(row: dict[str, Any], metric: str) -> float | None:
-    for child in reversed(row.get("_children", [])):
-        if metric in child.data.metrics:
-            return child.data.metrics[metric]
-    return None

@@ -8,71 +8,108 @@ the video probabilities alone, and are counted (``num_test_without_audio``).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+import torch
 
+from avts_dist.config import FinetuneConfig, LinearProbeConfig
 from eval.action import finetune_video
+from eval.audio import check_feature_layer
 from eval.common import (
+    JobIO,
     audio_features,
     confusion,
     fit_linear,
-    pick_device,
-    split_plans,
     write_class_artifacts,
 )
+from eval.pretrained import Pretrained
+from eval.splits import SplitPlan
 
-__all__ = ["run_multimodal"]
+__all__ = ["late_fusion", "run_multimodal"]
 
 
-def run_multimodal(job: str, cfg, pre, idx, out_dir: Path, log) -> dict[str, float]:
-    ev = cfg.eval
-    device = pick_device(ev.device)
-    plans = split_plans(idx, ev, usable=idx.has_video.astype(bool))
+def late_fusion(
+    video_probs_NC: np.ndarray, audio_probs_MC: np.ndarray, has_audio_N: np.ndarray
+) -> np.ndarray:
+    """Mean of video and audio probabilities where the clip has audio (``audio_probs_MC`` holds
+    those clips' rows, in order); video alone elsewhere."""
+    fused = np.array(video_probs_NC, dtype=np.float64, copy=True)
+    fused[has_audio_N] = 0.5 * (fused[has_audio_N] + audio_probs_MC)
+    return fused
+
+
+def _audio_probs(
+    probe: LinearProbeConfig, net: torch.nn.Module, plan: SplitPlan, io: JobIO
+) -> np.ndarray | None:
+    """Class probabilities of the test clips with audio, or None when no classifier can train."""
+    idx = io.idx
+    has_audio = idx.has_audio.astype(bool)
+    labels = idx.label.astype(np.int64)
+    train = plan.train_rows[has_audio[plan.train_rows]]
+    test = plan.test_rows[has_audio[plan.test_rows]]
+    if not train.size or not test.size or len(set(labels[train].tolist())) < 2:
+        return None
+    rows = np.unique(np.r_[train, test])
+    feats, _ = audio_features(
+        net,
+        idx,
+        rows,
+        io.data,
+        layer=probe.feature_layer,
+        num_windows=probe.windows,
+        rt=io.rt,
+        desc=f"{io.title} audio",
+    )
+    where = {int(r): i for i, r in enumerate(rows)}
+    # Late fusion needs class probabilities: logistic regression, whatever eval.probe.classifier.
+    clf = fit_linear(
+        "logreg", feats[[where[int(r)] for r in train]], labels[train], probe.c, io.rt.seed
+    )
+    probs = np.zeros((test.size, len(idx.classes)))
+    probs[:, clf.classes_] = clf.predict_proba(feats[[where[int(r)] for r in test]])
+    return probs
+
+
+def run_multimodal(
+    finetune: FinetuneConfig,
+    probe: LinearProbeConfig,
+    pre: Pretrained,
+    plans: list[SplitPlan],
+    io: JobIO,
+) -> dict[str, float]:
+    idx, rt, log, title = io.idx, io.rt, io.log, io.title
     has_audio = idx.has_audio.astype(bool)
     labels = idx.label.astype(np.int64)
     num_classes = len(idx.classes)
     audio_net = pre.audio_net()
-    results = {"video": [], "audio": [], "fused": []}
+    check_feature_layer(audio_net, probe.feature_layer)
+    results: dict[str, list[float]] = {"video": [], "audio": [], "fused": []}
     metrics: dict[str, float] = {}
     cm_total = np.zeros((num_classes, num_classes), dtype=np.int64)
     for plan in plans:
         video = finetune_video(
-            pre.video_net(seed=ev.seed), idx, plan, cfg, device=device, desc=f"{job} {plan.name}"
+            pre.video_net(seed=rt.seed),
+            idx,
+            plan,
+            finetune,
+            data=io.data,
+            rt=rt,
+            desc=f"{title} {plan.name}",
         )
-        probs = video.video_probs.copy()
-        tr_a = plan.train_rows[has_audio[plan.train_rows]]
-        te_mask = has_audio[plan.test_rows]
+        test_has_audio = has_audio[plan.test_rows]
+        audio_probs = _audio_probs(probe, audio_net, plan, io)
+        probs = video.video_probs
         audio_acc = float("nan")
-        if tr_a.size and te_mask.any() and len(set(labels[tr_a].tolist())) > 1:
-            rows = np.unique(np.r_[tr_a, plan.test_rows[te_mask]])
-            feats = audio_features(
-                audio_net,
-                idx,
-                rows,
-                cfg.data,
-                layer=ev.feature_layer,
-                num_windows=ev.audio_windows,
-                batch_size=ev.batch_size,
-                device=device,
-                progress=ev.progress,
-                desc=f"{job} audio",
+        if audio_probs is not None:
+            audio_acc = float(
+                (audio_probs.argmax(1) == labels[plan.test_rows[test_has_audio]]).mean()
             )
-            where = {int(r): i for i, r in enumerate(rows)}
-            clf = fit_linear(
-                "logreg", feats[[where[int(r)] for r in tr_a]], labels[tr_a], ev.svm_c, ev.seed
-            )
-            te_rows = plan.test_rows[te_mask]
-            p_audio = np.zeros((te_rows.size, num_classes))
-            p_audio[:, clf.classes_] = clf.predict_proba(feats[[where[int(r)] for r in te_rows]])
-            audio_acc = float((p_audio.argmax(1) == labels[te_rows]).mean())
-            probs[te_mask] = 0.5 * (probs[te_mask] + p_audio)
+            probs = late_fusion(probs, audio_probs, test_has_audio)
         fused_acc = float((probs.argmax(1) == video.labels).mean())
         m = {
             f"{plan.name}/acc_video_only": video.acc_video,
             f"{plan.name}/acc_audio_only": audio_acc,
             f"{plan.name}/acc_fused": fused_acc,
-            f"{plan.name}/num_test_without_audio": float((~te_mask).sum()),
+            f"{plan.name}/num_test_without_audio": float((~test_has_audio).sum()),
             f"{plan.name}/num_train_without_audio": float((~has_audio[plan.train_rows]).sum()),
         }
         log(m)
@@ -81,13 +118,12 @@ def run_multimodal(job: str, cfg, pre, idx, out_dir: Path, log) -> dict[str, flo
         results["audio"].append(audio_acc)
         results["fused"].append(fused_acc)
         cm_total += confusion(video.labels, probs.argmax(1), num_classes)
+    audio_accs = [a for a in results["audio"] if not np.isnan(a)]
     metrics.update(
         {
             "acc": float(np.mean(results["fused"])),
             "acc_video_only": float(np.mean(results["video"])),
-            "acc_audio_only": float(np.nanmean(results["audio"]))
-            if not all(np.isnan(results["audio"]))
-            else float("nan"),
+            "acc_audio_only": float(np.mean(audio_accs)) if audio_accs else float("nan"),
             "num_test_without_audio": float(
                 sum(metrics[f"{p.name}/num_test_without_audio"] for p in plans)
             ),
@@ -100,6 +136,6 @@ def run_multimodal(job: str, cfg, pre, idx, out_dir: Path, log) -> dict[str, flo
         }
     )
     write_class_artifacts(
-        out_dir, "fused", cm_total, idx.classes, f"{job} late fusion: {metrics['acc']:.3f}"
+        io.out_dir, "fused", cm_total, idx.classes, f"{title} late fusion: {metrics['acc']:.3f}"
     )
     return metrics

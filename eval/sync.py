@@ -1,194 +1,298 @@
 """Audio-visual synchronisation accuracy on held-out clips.
 
-For each held-out clip (deterministic per clip and ``eval.seed``): a video window at ``t_v``, the
-in-sync audio window, and negatives of each kind:
+Each held-out clip (windows drawn per clip from ``eval.seed``) gives a video window, its in-sync
+audio, and one negative of each kind, placed by :func:`avts_dist.data.pairs.plan_pair` exactly
+as training places them:
 
-- easy: another clip's audio (the paper's protocol; ``acc_easy`` is the headline figure);
+- easy: audio of another video (the paper's protocol; ``acc_easy`` is the headline figure);
 - hard: the same clip's audio from a window that does not overlap the video window;
 - superhard: the same clip, overlapping but shifted by ``[data.min_shift, clip length)``;
-- offset sweep: the same clip shifted by each of ``eval.sync_offsets`` seconds.
+- offset sweep: the same clip shifted by each of ``eval.sync.offsets`` seconds.
 
-A pair is called in sync when the fusion head's logit is > 0, or else when the embedding distance
-is below ``eval.sync_threshold`` (default ``loss.margin / 2``, on L2-normalised embeddings when
-``loss.normalize``). Balanced accuracy per kind = mean of the positive hit rate and the negative
-rejection rate; ``pair_acc_<kind>`` (positive scored above its negative) needs no threshold.
+A kind that a clip cannot give (a clip shorter than two windows has no hard negative) is left
+out for that clip and counted in ``num_<kind>``. A pair is called in sync when the fusion head's
+logit is > 0, or else when the embedding distance is below ``eval.sync.threshold`` (default
+``loss.margin / 2``, on L2-normalised embeddings when ``loss.normalize``). Balanced accuracy per
+kind = mean of the positive hit rate (``tpr``) and the negative rejection rate (``reject_<kind>``);
+``pair_acc_<kind>`` (the positive scored strictly above its own negative) needs no threshold.
 """
 
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
-from eval.common import EvalError, pick_device
+from avts_dist.config import LossConfig, SyncEvalConfig
+from avts_dist.data import DatasetIndex, read_member
+from avts_dist.data.decode import DecodeError, audio_window, decode_audio, decode_video, logmel
+from avts_dist.data.pairs import NEGATIVE_KINDS, plan_pair
+from eval.common import JobIO
+from eval.registry import EvalError
 
-__all__ = ["run_sync"]
+__all__ = ["ClipPairs", "distance_scores", "offset_name", "plan_clip", "run_sync", "sync_metrics"]
 
 
-def _audio_start(rng, t_v: float, clip_s: float, last: float, lo: float, hi: float):
-    """A start ``t_a`` in ``[0, last]`` with ``lo <= |t_a - t_v| < hi``, or None."""
-    options = []
-    for sign in (-1, 1):
-        a, b = sorted((t_v + sign * lo, t_v + sign * min(hi, 1e9)))
-        a, b = max(a, 0.0), min(b, last)
-        if b > a:
-            options.append((a, b))
-    if not options:
+def offset_name(offset_s: float) -> str:
+    return f"offset_{offset_s:g}s"
+
+
+@dataclass(frozen=True)
+class ClipPairs:
+    """The windows of one held-out clip: its video start and, per negative kind it can give,
+    the negative's ``(row, audio start)``."""
+
+    row: int
+    video_start: float
+    negatives: dict[str, tuple[int, float]]
+
+
+def _offset_start(
+    t_v: float, offset_s: float, last: float, rng: np.random.Generator
+) -> float | None:
+    """``t_v - offset`` or ``t_v + offset`` (drawn when both fit in ``[0, last]``), or None."""
+    fits = [t for t in (t_v - offset_s, t_v + offset_s) if -1e-9 <= t <= last + 1e-9]
+    if not fits:
         return None
-    a, b = options[int(rng.integers(len(options)))]
-    return float(rng.uniform(a, b))
+    return float(np.clip(fits[int(rng.integers(len(fits)))], 0.0, max(last, 0.0)))
 
 
-def run_sync(job: str, cfg, pre, idx, out_dir: Path, log) -> dict[str, float]:
-    from tqdm.auto import tqdm
+def plan_clip(
+    seed: int,
+    row: int,
+    pool: np.ndarray,
+    durations: np.ndarray,
+    video_ids: np.ndarray,
+    *,
+    clip_s: float,
+    min_shift: float,
+    offsets: list[float],
+) -> ClipPairs:
+    """The pairs of clip ``row``: a pure function of ``(seed, row)`` and the index."""
+    negatives: dict[str, tuple[int, float]] = {}
+    video_start = 0.0
+    for kind in NEGATIVE_KINDS:
+        # A fresh generator with the same seed for each kind: plan_pair makes its draws in a
+        # fixed order whatever the mix, so every kind shares one video window. train=True draws
+        # that window uniformly (not centred), so the offset sweep has room on both sides.
+        plan = plan_pair(
+            np.random.default_rng((seed, row)),
+            row,
+            pool,
+            durations,
+            video_ids,
+            clip_s,
+            min_shift,
+            {kind: 1.0},
+            train=True,
+        )
+        video_start = plan.video_start
+        if not plan.fell_back:
+            negatives[kind] = (plan.neg_row, plan.neg_start)
+    rng = np.random.default_rng((seed, row, 1))
+    last = float(durations[row]) - clip_s
+    for offset_s in offsets:
+        start = _offset_start(video_start, offset_s, last, rng)
+        if start is not None:
+            negatives[offset_name(offset_s)] = (row, start)
+    return ClipPairs(row, video_start, negatives)
 
-    from avts_dist.data.decode import DecodeError, audio_window, decode_audio, decode_video, logmel
-    from avts_dist.data.shards import read_member
 
-    ev, data = cfg.eval, cfg.data
-    device = pick_device(ev.device)
-    split = ev.sync_split or data.val_split
-    rows = idx.rows(split=split, status="ok")
-    rows = rows[idx.has_audio[rows].astype(bool) & idx.has_video[rows].astype(bool)]
+def distance_scores(
+    video_ND: torch.Tensor, audio_ND: torch.Tensor, normalize: bool
+) -> torch.Tensor:
+    """Higher = more in sync: minus the L2 distance of each pair (of unit vectors if normalize)."""
+    if normalize:
+        video_ND, audio_ND = F.normalize(video_ND, dim=1), F.normalize(audio_ND, dim=1)
+    return -(video_ND - audio_ND).norm(dim=1)
+
+
+def sync_metrics(
+    pos_scores_N: torch.Tensor,
+    neg_scores: dict[str, torch.Tensor],
+    neg_clips: dict[str, torch.Tensor],
+    cut: float,
+) -> dict[str, float]:
+    """Metrics from pair scores (higher = more in sync; in sync iff score > ``cut``).
+
+    ``pos_scores_N`` has one score per clip; ``neg_scores[kind]`` one per negative, whose clip
+    is ``neg_clips[kind]`` (indices into ``pos_scores_N``).
+    """
+    in_sync = pos_scores_N > cut
+    tpr = float(in_sync.float().mean())
+    metrics: dict[str, float] = {"tpr": tpr, "num_clips": float(pos_scores_N.numel())}
+    for kind, scores in neg_scores.items():
+        if scores.numel() == 0:
+            continue
+        reject = float((scores <= cut).float().mean())
+        pair = float((pos_scores_N[neg_clips[kind]] > scores).float().mean())
+        metrics[f"acc_{kind}"] = 0.5 * (tpr + reject)
+        metrics[f"reject_{kind}"] = reject
+        metrics[f"pair_acc_{kind}"] = pair
+        metrics[f"num_{kind}"] = float(scores.numel())
+    if "acc_easy" in metrics:
+        metrics["acc"] = metrics["acc_easy"]
+    return metrics
+
+
+def _video_ids(idx: DatasetIndex) -> np.ndarray:
+    """What makes two clips the same video (the loader's rule): ``video_id``, else the key."""
+    if "video_id" in idx.extra_columns:
+        return np.asarray(idx.column("video_id"))
+    return idx.key_bytes
+
+
+@dataclass
+class _Embeddings:
+    video: list[torch.Tensor]
+    audio: dict[str, list[torch.Tensor]]
+    clips: dict[str, list[int]]
+
+
+def run_sync(
+    cfg: SyncEvalConfig, model: torch.nn.Module, loss: LossConfig, io: JobIO
+) -> dict[str, float]:
+    """Sync accuracy of ``model`` (an :class:`AVTSModel`, trained with ``loss``) on ``io.idx``;
+    returns the metrics it logged."""
+    idx, data, rt = io.idx, io.data, io.rt
+    split = cfg.split or data.val_split
     clip_s = data.clip_seconds
-    rows = rows[idx.duration[rows] >= clip_s]
-    if ev.sync_max_clips and rows.size > ev.sync_max_clips:
-        rows = rows[np.linspace(0, rows.size - 1, ev.sync_max_clips).astype(int)]
-    if rows.size < 2:
+    pool = idx.rows(split=split, status="ok")
+    pool = pool[idx.has_audio[pool].astype(bool) & idx.has_video[pool].astype(bool)]
+    pool = pool[idx.duration[pool] >= clip_s]
+    rows = pool
+    if cfg.max_clips and rows.size > cfg.max_clips:
+        rows = rows[np.linspace(0, rows.size - 1, cfg.max_clips).astype(int)]
+    video_ids = _video_ids(idx)
+    if rows.size < 2 or np.unique(video_ids[pool]).size < 2:
         raise EvalError(
             f"{idx.url}: split {split!r} has {rows.size} usable clips with audio and video of at "
-            f"least {clip_s:.2f}s; sync evaluation needs >= 2 (set eval.sync_split)"
+            f"least {clip_s:.2f}s from {np.unique(video_ids[pool]).size} video(s); sync "
+            "evaluation needs >= 2 of each (set eval.sync.split)"
         )
-    model = pre.model().eval().to(device)
+    model = model.eval().to(rt.device)
     fusion = "fusion" in model.heads
-    threshold = ev.sync_threshold or cfg.loss.margin / 2
-    offsets = [float(o) for o in ev.sync_offsets]
-    kinds = ["pos", "hard", "superhard", *[f"off{o:g}" for o in offsets]]
+    threshold = cfg.threshold or loss.margin / 2
+    durations = idx.duration.astype(np.float64)
     fs = idx.open_fs()
 
-    def mel(wave, sr, t):
-        return logmel(
-            audio_window(wave, sr, t, clip_s, strict=False),
-            sr,
-            data.num_mel_bins,
-            data.mel_win_ms,
-            data.mel_hop_ms,
-        )
+    def mel(wave: np.ndarray, start_s: float) -> torch.Tensor:
+        window = audio_window(wave, data.sample_rate, start_s, clip_s, strict=False)
+        return logmel(window, data.sample_rate, data.num_mel_bins, data.mel_win_ms, data.mel_hop_ms)
 
-    video_embs, audio_embs = [], {k: [] for k in kinds}
-    batch_v, batch_a, valid = [], {k: [] for k in kinds}, {k: [] for k in kinds}
+    kinds = [*NEGATIVE_KINDS, *(offset_name(o) for o in cfg.offsets)]
+    emb = _Embeddings([], {k: [] for k in ["pos", *kinds]}, {k: [] for k in kinds})
+    batch_video: list[torch.Tensor] = []
+    batch_audio: list[tuple[str, torch.Tensor]] = []
     num_skipped = 0
 
-    def flush():
-        if not batch_v:
+    @torch.no_grad()
+    def flush() -> None:
+        if not batch_video:
             return
-        with torch.no_grad():
-            v = model.encode_video(torch.stack(batch_v).to(device)).float()
-            video_embs.append(v.cpu())
-            for k in kinds:
-                a = model.encode_audio(torch.stack(batch_a[k]).to(device)).float()
-                audio_embs[k].append(a.cpu())
-        batch_v.clear()
-        for k in kinds:
-            batch_a[k].clear()
+        emb.video.append(model.encode_video(torch.stack(batch_video).to(rt.device)).float().cpu())
+        audio = model.encode_audio(torch.stack([m for _, m in batch_audio]).to(rt.device))
+        for (kind, _), a in zip(batch_audio, audio.float().cpu(), strict=True):
+            emb.audio[kind].append(a[None])
+        batch_video.clear()
+        batch_audio.clear()
 
-    for row in tqdm(rows, desc=f"{job} pairs", disable=not ev.progress, unit="clip"):
-        row = int(row)
-        rng = np.random.default_rng((ev.seed, row))
-        last = float(idx.duration[row]) - clip_s
-        t_v = float(rng.uniform(0, max(last, 0.0)))
-        media = read_member(fs, idx, row, "mp4")
+    for row in tqdm(rows, desc="sync pairs", disable=not rt.progress, unit="clip"):
+        pairs = plan_clip(
+            rt.seed,
+            int(row),
+            pool,
+            durations,
+            video_ids,
+            clip_s=clip_s,
+            min_shift=data.min_shift,
+            offsets=list(cfg.offsets),
+        )
+        media = read_member(fs, idx, pairs.row, "mp4")
         try:
-            video = decode_video(media, t_v, data.num_frames, data.fps, data.size, False)
+            video = decode_video(
+                media,
+                pairs.video_start,
+                data.num_frames,
+                data.fps,
+                data.size,
+                False,
+                decoder=data.video_decoder,
+            )
             wave = decode_audio(media, data.sample_rate)
         except DecodeError:
             num_skipped += 1
             continue
-        starts = {
-            "pos": t_v,
-            "hard": _audio_start(rng, t_v, clip_s, last, clip_s, 1e9),
-            "superhard": _audio_start(rng, t_v, clip_s, last, data.min_shift, clip_s),
-        }
-        for o in offsets:
-            starts[f"off{o:g}"] = _audio_start(rng, t_v, clip_s, last, o, o + 1e-6)
-        batch_v.append(video)
-        for k in kinds:
-            t = starts[k]
-            valid[k].append(t is not None)
-            batch_a[k].append(mel(wave, data.sample_rate, t if t is not None else t_v))
-        if len(batch_v) >= ev.batch_size:
+        clip = sum(t.shape[0] for t in emb.video) + len(batch_video)
+        items = [("pos", mel(wave, pairs.video_start))]
+        for kind, (neg_row, start) in pairs.negatives.items():
+            if neg_row == pairs.row:
+                items.append((kind, mel(wave, start)))
+                continue
+            try:  # only the negative's window is decoded
+                neg_media = read_member(fs, idx, neg_row, idx.media_ext(neg_row))
+                neg_wave = decode_audio(neg_media, data.sample_rate, start, start + clip_s)
+            except DecodeError:
+                continue  # this clip has no easy negative; the other clips still do
+            items.append((kind, mel(neg_wave, 0.0)))
+        batch_video.append(video)
+        batch_audio.extend(items)
+        for kind, _ in items[1:]:
+            emb.clips[kind].append(clip)
+        if len(batch_video) >= rt.batch_size:
             flush()
     flush()
-    if not video_embs:
+    if not emb.video:
         raise EvalError(f"{idx.url}: no clip of split {split!r} could be decoded")
 
-    v = torch.cat(video_embs)
-    a = {k: torch.cat(audio_embs[k]) for k in kinds}
-    # Easy negatives: the next clip's in-sync audio (a different video).
-    a["easy"] = torch.roll(a["pos"], shifts=1, dims=0)
-    valid_t = {k: torch.tensor(valid[k]) for k in kinds}
-    valid_t["easy"] = torch.ones(len(v), dtype=torch.bool)
+    video = torch.cat(emb.video)
+    audio = {k: torch.cat(v) if v else torch.zeros(0, video.shape[1]) for k, v in emb.audio.items()}
+    clips = {k: torch.tensor(v, dtype=torch.long) for k, v in emb.clips.items()}
 
-    def score(audio):  # higher = more in sync
+    @torch.no_grad()
+    def score(video_ND: torch.Tensor, audio_ND: torch.Tensor) -> torch.Tensor:
         if fusion:
-            with torch.no_grad():
-                return model.heads["fusion"](v.to(device), audio.to(device)).float().cpu()
-        va, aa = (
-            (F.normalize(v, dim=1), F.normalize(audio, dim=1)) if cfg.loss.normalize else (v, audio)
-        )
-        return -(va - aa).norm(dim=1)
+            head = model.heads["fusion"]
+            return head(video_ND.to(rt.device), audio_ND.to(rt.device)).float().cpu().reshape(-1)
+        return distance_scores(video_ND, audio_ND, loss.normalize)
 
-    cut = 0.0 if fusion else -threshold
-    s_pos = score(a["pos"])
-    tpr = float((s_pos > cut).float().mean())
-    metrics: dict[str, float] = {
-        "tpr": tpr,
-        "num_clips": float(len(v)),
-        "num_skipped": float(num_skipped),
-        "threshold": float(threshold),
-    }
-    curve = []
-    for k in ["easy", "hard", "superhard", *[f"off{o:g}" for o in offsets]]:
-        m = valid_t[k]
-        if not bool(m.any()):
-            continue
-        s_neg = score(a[k])[m]
-        tnr = float((s_neg <= cut).float().mean())
-        pair = float((s_pos[m] > s_neg).float().mean())
-        name = k if not k.startswith("off") else f"offset_{k[3:]}s"
-        metrics[f"acc_{name}"] = 0.5 * (tpr + tnr)
-        metrics[f"reject_{name}"] = tnr
-        metrics[f"pair_acc_{name}"] = pair
-        metrics[f"num_{name}"] = float(m.sum())
-        if k.startswith("off"):
-            curve.append((float(k[3:]), 0.5 * (tpr + tnr), pair, int(m.sum())))
-    metrics["acc"] = metrics["acc_easy"]
-    log(metrics)
+    metrics = sync_metrics(
+        score(video, audio["pos"]),
+        {k: score(video[clips[k]], audio[k]) for k in kinds if clips[k].numel()},
+        clips,
+        0.0 if fusion else -threshold,
+    )
+    metrics["num_skipped"] = float(num_skipped)
+    metrics["threshold"] = float(threshold)
+    io.log(metrics)
+    curve = [
+        (o, metrics[f"acc_{offset_name(o)}"], metrics[f"pair_acc_{offset_name(o)}"])
+        for o in cfg.offsets
+        if f"acc_{offset_name(o)}" in metrics
+    ]
     # Accuracy against offset as a metric history too (step = offset in ms), for avts compare.
-    for o, acc, pair, _ in curve:
-        log({"acc_vs_offset": acc, "pair_acc_vs_offset": pair}, step=int(round(o * 1000)))
-    _write_curve(out_dir, curve, metrics)
+    for o, acc, pair in curve:
+        io.log({"acc_vs_offset": acc, "pair_acc_vs_offset": pair}, step=int(round(o * 1000)))
+    _write_curve(io.out_dir, curve, metrics)
     return metrics
 
 
-def _write_curve(out_dir: Path, curve, metrics) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _write_curve(out_dir: Path, curve: list[tuple[float, float, float]], metrics) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "sync_vs_offset.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["offset_s", "balanced_acc", "pair_acc", "num_pairs"])
-        w.writerows(curve)
+        w.writerows((o, acc, pair, int(metrics[f"num_{offset_name(o)}"])) for o, acc, pair in curve)
     with (out_dir / "sync_per_kind.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["kind", "balanced_acc", "reject_rate", "pair_acc", "num_pairs"])
-        for k in ("easy", "hard", "superhard"):
+        for k in NEGATIVE_KINDS:
             if f"acc_{k}" in metrics:
                 w.writerow(
                     [
@@ -199,7 +303,9 @@ def _write_curve(out_dir: Path, curve, metrics) -> None:
                         int(metrics[f"num_{k}"]),
                     ]
                 )
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    # Figure, not pyplot: no GUI backend, no global figure state.
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     if curve:
         xs = [c[0] for c in curve]
         ax.plot(xs, [c[1] for c in curve], "o-", label="balanced acc (threshold)")
@@ -215,4 +321,3 @@ def _write_curve(out_dir: Path, curve, metrics) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "sync_vs_offset.png", dpi=100)
-    plt.close(fig)

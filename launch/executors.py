@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avts_dist.config import ConfigError, LaunchConfig
+import submitit
+from submitit.slurm.slurm import _make_sbatch_string
+
+from avts_dist.config import REPO_ROOT, ConfigError, LaunchConfig
+
+LOCAL_SLURM = REPO_ROOT / "launch" / "local_slurm.sh"
 
 # Terminal SLURM job states (REQUEUED/PENDING/RUNNING... are not).
 TERMINAL_STATES = {
@@ -102,11 +107,6 @@ def check_options(launch: LaunchConfig) -> None:
             f"launch.tasks_per_node: {launch.tasks_per_node} tasks for {launch.gpus_per_node} GPUs "
             "per node; training runs one task per GPU"
         )
-    if launch.max_requeues < 0:
-        raise LaunchError("launch.max_requeues: must be >= 0")
-    sig = launch.signal.upper().removeprefix("SIG")
-    if sig not in ("USR1", "USR2", "TERM", "INT", "HUP"):
-        raise LaunchError(f"launch.signal: {launch.signal!r}; use USR2 (default), USR1 or TERM")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +127,23 @@ class Partition:
 
 def slurm_available() -> bool:
     return shutil.which("sbatch") is not None and shutil.which("scontrol") is not None
+
+
+def use_local_slurm_conf() -> None:
+    """Points SLURM clients at the local cluster's config when the machine has none of its own."""
+    local_conf = Path(os.environ.get("AVTS_SLURM_DIR", "/tmp/avts-slurm")) / "slurm.conf"
+    no_system_conf = not Path("/etc/slurm/slurm.conf").exists()
+    if "SLURM_CONF" not in os.environ and local_conf.exists() and no_system_conf:
+        os.environ["SLURM_CONF"] = str(local_conf)
+
+
+def local_cluster(action: str) -> int:
+    """``launch/local_slurm.sh ACTION`` (up, down, status, mn-up, ...); its exit status."""
+    if os.geteuid() != 0 and not action.endswith("status"):
+        raise LaunchError(
+            "the local SLURM cluster needs root (it installs packages, starts daemons)"
+        )
+    return subprocess.run(["bash", str(LOCAL_SLURM), action], check=False).returncode
 
 
 def query_partitions(timeout_s: float = 15.0) -> dict[str, Partition]:
@@ -217,6 +234,31 @@ def check_against_cluster(launch: LaunchConfig, parts: dict[str, Partition]) -> 
     return part
 
 
+def check_cluster(launch: LaunchConfig, dry_run: bool) -> str:
+    """Every check before anything is submitted; returns what was checked, in words.
+
+    A dry run needs no cluster: when none is reachable, or the reachable one would refuse the
+    job, it says so (``REFUSED ...``) instead of failing, so the script is still shown.
+    """
+    check_options(launch)
+    if launch.cluster != "slurm":
+        return f"cluster={launch.cluster}: no SLURM checks"
+    if dry_run:
+        if not slurm_available():
+            return "no SLURM cluster reachable: partition/time checked only by syntax"
+        try:
+            parts = query_partitions()
+        except LaunchError as exc:
+            return f"not checked against a cluster ({exc})"
+        try:
+            part = check_against_cluster(launch, parts)
+        except LaunchError as exc:
+            return f"REFUSED by the reachable cluster: {exc}"
+    else:
+        part = check_against_cluster(launch, query_partitions())
+    return f"checked against partition {part.name!r} (MaxTime {part.raw.get('MaxTime')})"
+
+
 # ---------------------------------------------------------------------------------------------
 # Executors and scripts
 
@@ -225,7 +267,7 @@ def slurm_parameters(
     launch: LaunchConfig, job_name: str, *, dependency: str | None = None
 ) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters (sbatch names) for this launch config."""
-    sig = launch.signal.upper().removeprefix("SIG")
+    sig = launch.signal
     params: dict[str, Any] = {
         "job_name": job_name,
         "time": time_minutes(launch.time),
@@ -269,8 +311,6 @@ def submitit_command(folder: str | Path, python: str | None = None) -> str:
 
 def render_sbatch(params: dict[str, Any], folder: str | Path) -> str:
     """The sbatch script submitit would write, without a cluster."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     return _make_sbatch_string(command=submitit_command(folder), folder=folder, **params)
 
 
@@ -283,8 +323,6 @@ def make_executor(
     max_requeues: int | None = None,
 ):
     """A submitit AutoExecutor for launch.cluster (slurm | local | debug)."""
-    import submitit
-
     max_timeout = launch.max_requeues if max_requeues is None else max_requeues
     if launch.cluster == "slurm":
         ex = submitit.AutoExecutor(
@@ -312,12 +350,11 @@ def dist_env_summary(launch: LaunchConfig) -> dict[str, str]:
     env["WORLD_SIZE"] = str(launch.nodes * tpn)
     env["LOCAL_WORLD_SIZE"] = str(tpn)
     if launch.gpus_per_node:
-        env["CUDA_VISIBLE_DEVICES"] = "$SLURM_LOCALID (one GPU per task)"
-        env["backend"] = "nccl"
+        env["CUDA_VISIBLE_DEVICES"] = "as SLURM sets it; the task's GPU is LOCAL_RANK's"
+        env["backend"] = "cpu:gloo,cuda:nccl"
     else:
         env["backend"] = "gloo"
-    sig = launch.signal.upper().removeprefix("SIG")
-    env["AVTS_PREEMPT_SIGNAL"] = f"{sig} ({launch.grace_s}s before the time limit)"
+    env["AVTS_PREEMPT_SIGNAL"] = f"{launch.signal} ({launch.grace_s}s before the time limit)"
     return env
 
 
@@ -390,22 +427,3 @@ def wait_for_jobs(
         if deadline is not None and time.monotonic() > deadline:
             return {jid: final.get(jid, last.get(jid, "UNKNOWN")) for jid in job_ids}
         time.sleep(poll_s)
-
-
-def start_now(job_id: str) -> None:
-    """Releases a requeued job that SLURM holds until its begin time (about 2 minutes)."""
-    subprocess.run(
-        ["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
-        capture_output=True,
-        timeout=15,
-        check=False,
-    )
-
-
-def slurm_env() -> dict[str, str]:
-    """The SLURM_CONF of the local cluster when none is set (so `avts launch` finds it)."""
-    env = dict(os.environ)
-    local = Path(os.environ.get("AVTS_SLURM_DIR", "/tmp/avts-slurm")) / "slurm.conf"
-    if "SLURM_CONF" not in env and local.exists() and not Path("/etc/slurm/slurm.conf").exists():
-        env["SLURM_CONF"] = str(local)
-    return env

@@ -36,6 +36,23 @@ install_packages() {
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# Runs a daemon (or what starts one) detached from its caller: a new Unix session, stdin from
+# /dev/null, stdout and stderr appended to LOG, and none of the caller's other descriptors. A
+# daemon keeps every descriptor it inherits for as long as it runs: a caller's lock would stay
+# held, and a pipe a CI runner reads would never reach EOF. munged, for one, closes only 0-2.
+detach() { # LOG command...
+    local logfile="$1"
+    shift
+    (
+        for fd in /proc/"$BASHPID"/fd/*; do
+            fd="${fd##*/}"
+            if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+        done
+        # --wait: when setsid must fork (a process-group leader), still return the exit status.
+        exec setsid --wait "$@" </dev/null >>"$logfile" 2>&1
+    )
+}
+
 mem_mb() { awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo; }
 
 # The settings both clusters share (single node, and two nodes in network namespaces).
@@ -110,7 +127,8 @@ start_munge() {
     chmod 0600 /etc/munge/munge.key
     [ -e /var/log/munge/munged.log ] && chown munge:munge /var/log/munge/munged.log
     rm -f /run/munge/munged.pid
-    runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
+    mkdir -p "$STATE/log"
+    detach "$STATE/log/munged.out" runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
     for _ in $(seq 50); do
         [ -s /run/munge/munged.pid ] && break
         sleep 0.1
@@ -125,7 +143,8 @@ start_daemon() { # name pidfile command...
     if alive "$pidfile"; then
         return
     fi
-    "$@" || die "$name failed to start (see $STATE/log/$name.log)"
+    mkdir -p "$STATE/log"
+    detach "$STATE/log/$name.out" "$@" || die "$name failed to start (see $STATE/log/$name.log)"
     for _ in $(seq 100); do
         alive "$pidfile" && break
         sleep 0.1

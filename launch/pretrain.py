@@ -20,7 +20,6 @@ If a signal reaches submitit's own handler (before the trainer installed its han
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Any
 import submitit
 
 from avts_dist.config import config_from_dict
+from launch.executors import job_state
 
 log = logging.getLogger("avts.launch")
 
@@ -47,15 +47,17 @@ def resolve_callable(target: str):
 
 
 def export_distributed_env() -> dict[str, int]:
-    """torch.distributed env (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) from submitit."""
+    """torch.distributed env (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) from submitit.
+
+    ``CUDA_VISIBLE_DEVICES`` stays as SLURM set it: every GPU of the node (then the task's GPU is
+    ordinal ``LOCAL_RANK``, as under torchrun) or only the task's own (``--gpus-per-task``/
+    ``--gpu-bind``: ordinal 0). ``collectives.cuda_device_index`` picks the ordinal, so each
+    task lands on a device that exists; narrowing it here while keeping ``LOCAL_RANK`` would
+    point local ranks 1-7 at ordinals that do not exist.
+    """
     env = submitit.JobEnvironment()
     dist_env = submitit.helpers.TorchDistributedEnvironment()
     dist_env.export(set_cuda_visible_devices=False, overwrite=True)
-    # One GPU per task: the local rank's entry of what SLURM made visible (the ids need not be
-    # 0..N-1 without device cgroups). On a CPU partition there is nothing to narrow.
-    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    if visible and visible[0] not in ("-1", "NoDevFiles") and len(visible) > dist_env.local_rank:
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible[dist_env.local_rank]
     os.environ["MASTER_ADDR"] = _reachable_address(dist_env.master_addr)
     return {
         "rank": dist_env.rank,
@@ -171,8 +173,6 @@ class PretrainJob(submitit.helpers.Checkpointable):
 
     def _requeue(self, job_id: str) -> None:
         """Rank 0, after every rank saved: the next submission, then ``scontrol requeue``."""
-        from launch.executors import job_state
-
         # scancel also signals (SIGTERM) but must not be undone: only a RUNNING job requeues.
         state = job_state(job_id).get("JobState", "UNKNOWN")
         if state != "RUNNING":
@@ -207,8 +207,6 @@ class PretrainJob(submitit.helpers.Checkpointable):
 
         Leaving first would be a bad exit that could stop rank 0 before it requeued.
         """
-        from launch.executors import job_state
-
         deadline = time.monotonic() + max_wait_s
         while time.monotonic() < deadline:
             state = job_state(job_id).get("JobState", "UNKNOWN")
@@ -219,9 +217,3 @@ class PretrainJob(submitit.helpers.Checkpointable):
                 sys.stdout.flush()
                 os._exit(0)
             time.sleep(0.5)
-
-
-def result_summary(result: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(result):
-        return dataclasses.asdict(result)
-    return dict(vars(result)) if hasattr(result, "__dict__") else {"result": result}

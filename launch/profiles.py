@@ -19,7 +19,15 @@ from typing import Any
 
 import yaml
 
-from avts_dist.config import REPO_ROOT, ConfigError, LaunchConfig
+from avts_dist.config import (
+    REPO_ROOT,
+    Config,
+    ConfigError,
+    LaunchConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
 
 PROFILE_DIR = REPO_ROOT / "configs" / "cluster"
 
@@ -64,3 +72,24 @@ def profile_overrides(name: str) -> list[str]:
             text = text.rsplit("\n", 1)[0].strip()
         out.append(f"launch.{key}={text}")
     return out
+
+
+def resolve_launch_config(
+    config: str | None,
+    overrides: list[str],
+    *,
+    profile: str | None = None,
+    flags: dict[str, Any] | None = None,
+) -> Config:
+    """The config with its cluster options layered (lowest first): the YAML's ``launch:``
+    section, the profile (``profile`` or ``launch.profile``), ``overrides``, then ``flags``
+    (``LaunchConfig`` field -> value, the explicit ``avts launch`` options). Every layer is
+    checked by the dataclasses."""
+    base = load_config(config, overrides)
+    profile = profile or base.launch.profile
+    cfg = load_config(config, [*profile_overrides(profile), *overrides]) if profile else base
+    data = config_to_dict(cfg)
+    data["launch"].update(flags or {})
+    if profile:
+        data["launch"]["profile"] = profile
+    return config_from_dict(data)

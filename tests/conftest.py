@@ -5,4 +5,7 @@ pytest_plugins = [
     "tests.fixtures.slurm",
     "tests.fixtures.layouts",
     "tests.fixtures.mlflow_server",
+    "tests.fixtures.tiny_run",
+    "tests.fixtures.browser",
+    "tests.fixtures.mlflow_runs",
 ]

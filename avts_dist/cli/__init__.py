@@ -9,6 +9,8 @@ import json
 import sys
 
 from avts_dist import __version__
+from avts_dist.config import ConfigError
+from avts_dist.storage import StorageError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -20,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("avts_dist.cli.export", "export consolidated fp32 weights from a checkpoint"),
     "compare": ("avts_dist.cli.compare", "compare MLflow runs side by side"),
     "launch": ("avts_dist.cli.launch", "submit jobs to SLURM through submitit"),
+    "status": ("avts_dist.cli.status", "how a pretraining run is doing (step, ETA, checkpoint)"),
 }
 
 
@@ -48,9 +51,18 @@ def add_storage_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def not_built(name: str) -> int:
-    print(f"avts {name}: not built yet", file=sys.stderr)
-    return 2
+def accept_trailing_overrides(parser: argparse.ArgumentParser) -> None:
+    """Lets ``key=value`` overrides follow options: argparse takes all positionals in one run, so
+    ``job --checkpoint X k=v`` would reject ``k=v``; such stray words join ``args.overrides``."""
+    parse = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extras = parse(args, namespace)
+        moved = [x for x in extras if "=" in x and not x.startswith("-")]
+        ns.overrides = [*(getattr(ns, "overrides", None) or []), *moved]
+        return ns, [x for x in extras if x not in moved]
+
+    parser.parse_known_args = parse_known_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,9 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from avts_dist.config import ConfigError
-    from avts_dist.storage import StorageError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Deferred: MLflow and matplotlib load only when comparing, not for `avts --help`.
     from eval.compare import compare_runs
 
     try:

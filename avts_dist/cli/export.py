@@ -23,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Deferred: torch and DeepSpeed load only when exporting, not for `avts --help`.
     from avts_dist.train.export import ExportFailed, export_checkpoint
 
     try:
@@ -31,5 +32,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ExportFailed as exc:
         raise CLIError(str(exc)) from None
-    print(f"avts export: wrote {out} (step {step})")
+    from avts_dist.models import model_card_path
+
+    print(f"avts export: wrote {out} (step {step}) and {model_card_path(out)}")
     return 0

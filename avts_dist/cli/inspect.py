@@ -1,4 +1,5 @@
-"""avts inspect: summarize a sharded dataset (clips, hours, shards, classes, audio, broken clips).
+"""avts inspect: summarize a sharded dataset (clips, hours, shards, classes, audio, broken clips,
+and the encoding profile `avts prepare` recorded).
 
 avts inspect data/synth
 avts inspect s3://bucket/ds --json
@@ -50,11 +51,32 @@ def summarize(idx) -> dict[str, Any]:
         "broken_by_reason": dict(sorted(broken.items())),
         "splits": splits,
         "members": idx.members,
+        "profile": idx.profile,
     }
 
 
+def describe_profile(profile: dict[str, Any] | None) -> str:
+    """One line for the encoding profile recorded in the index header."""
+    if not profile:
+        return "not recorded"
+    if profile.get("name") != "training":
+        details = ", ".join(f"{k} {v}" for k, v in profile.items() if k != "name")
+        return f"{profile.get('name')}" + (f" ({details})" if details else "")
+    fps = (
+        f"{profile['fps']:g} fps"
+        if profile["fps"]
+        else f"source fps, at most {profile['max_fps']:g}"
+    )
+    return (
+        f"training: {profile['video_codec'].upper()} {profile['pix_fmt']}, short side "
+        f"{profile['short_side']} (never upscaled), {fps}, a keyframe every "
+        f"{profile['keyframe_interval_s']:g} s, {profile['audio_codec'].upper()} mono "
+        f"{profile['sample_rate']} Hz" + (", faststart" if profile.get("faststart") else "")
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    from avts_dist.data.shards import DatasetIndex
+    from avts_dist.data.index import DatasetIndex
 
     idx = DatasetIndex.load(args.url, args.storage_options)
     summary = summarize(idx)
@@ -76,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         f"audio     {100 * summary['audio_share']:.1f}% of clips have an audio track",
         f"broken    {summary['broken_clips']} ({reasons})",
         f"splits    {split_text}",
+        f"profile   {describe_profile(summary['profile'])}",
     ]
     if args.verify:
         problems = summary["problems"]

@@ -13,10 +13,11 @@ from typing import Any
 _EXPORTS = {
     "AVLoader": "avts_dist.data.loader",
     "build_loader": "avts_dist.data.loader",
-    "DatasetError": "avts_dist.data.shards",
-    "DatasetIndex": "avts_dist.data.shards",
-    "ShardWriter": "avts_dist.data.shards",
-    "read_member": "avts_dist.data.shards",
+    "DatasetError": "avts_dist.data.index",
+    "DatasetIndex": "avts_dist.data.index",
+    "SkippedClipsError": "avts_dist.data.health",
+    "ShardWriter": "avts_dist.data.writer",
+    "read_member": "avts_dist.data.index",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -39,7 +39,8 @@ from typing import Any
 import av
 import numpy as np
 
-from avts_dist.data.shards import DatasetIndex, ShardWriter
+from avts_dist.data.index import DatasetIndex
+from avts_dist.data.writer import ShardWriter
 
 __all__ = [
     "BROKEN_KINDS",

@@ -9,12 +9,18 @@ gradient with respect to them -- never divided or multiplied by the world size. 
 averages over its local anchors, and DeepSpeed/DDP's gradient averaging (sum over ranks / N)
 turns that into the gradient of the global-batch mean: the same as one process on the whole
 global batch (tested in ``tests/integration/test_gather_exactness.py``).
+
+Backends: ``auto`` is ``cpu:gloo,cuda:nccl`` with CUDA (torch's multi-backend group: NCCL for GPU
+tensors, gloo for CPU tensors, so a CPU-side collective such as an object broadcast stays legal
+on a GPU cluster) and ``gloo`` without.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import random
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,22 +31,31 @@ import torch.distributed as dist
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
+BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")
+
 __all__ = [
+    "BACKENDS",
     "DistContext",
+    "agree_on_flags",
     "all_gather_no_grad",
+    "all_gather_object",
     "all_gather_with_grad",
     "all_ranks_finite",
     "all_reduce_max",
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
+    "cuda_device_index",
     "destroy",
+    "free_port",
     "get_local_rank",
     "get_rank",
     "get_world_size",
     "init_distributed",
     "is_dist",
     "is_main_process",
+    "resolve_backend",
+    "set_determinism",
 ]
 
 
@@ -78,36 +93,110 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def _resolve_backend(backend: str) -> str:
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a local rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """The process-group backend string for ``deepspeed.backend``; ValueError if unusable here."""
+    if backend not in BACKENDS:
+        raise ValueError(f"distributed backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"distributed backend must be auto, gloo or nccl, got {backend!r}")
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError("distributed backend 'nccl' needs CUDA, and none is available")
+        return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if "nccl" in backend and not torch.cuda.is_available():
+        raise ValueError(f"distributed backend {backend!r} needs CUDA, and none is available")
     return backend
 
 
+def _has_nccl() -> bool:
+    return is_dist() and "nccl" in dist.get_backend()
+
+
+def _has_gloo() -> bool:
+    return is_dist() and "gloo" in dist.get_backend()
+
+
+def cuda_device_index(local_rank: int, num_visible: int) -> int:
+    """The CUDA ordinal of a task: its local rank when every GPU of the node is visible
+    (torchrun, plain srun), 0 when its launcher narrowed ``CUDA_VISIBLE_DEVICES`` to one GPU
+    (SLURM's ``--gpus-per-task``/``--gpu-bind``): always a device that exists."""
+    if num_visible < 1:
+        raise RuntimeError("the nccl backend needs a visible CUDA device, and this task sees none")
+    return local_rank % num_visible
+
+
 def _device_for(backend: str, local_rank: int) -> torch.device:
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    if "nccl" not in backend:
+        return torch.device("cpu")
+    index = cuda_device_index(local_rank, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def _export_slurm_env() -> None:
+    """``srun python -m avts_dist train`` sets no RANK/WORLD_SIZE: derive them and the rendezvous
+    from SLURM's task variables (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the first
+    node of the job; a port drawn from the job id, as submitit does), or fail with the fix."""
+    num_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if num_tasks <= 1 or "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    try:
+        # Lazy on purpose: only srun-started ranks need submitit (its SLURM node-list parser).
+        from submitit.slurm.slurm import SlurmJobEnvironment
+
+        job = SlurmJobEnvironment()
+        values = {
+            "RANK": job.global_rank,
+            "WORLD_SIZE": num_tasks,
+            "LOCAL_RANK": job.local_rank,
+            "MASTER_ADDR": job.hostnames[0],
+            "MASTER_PORT": random.Random(job.job_id).randint(20000, 60000),
+        }
+    except Exception as exc:
+        raise RuntimeError(
+            f"started by srun as {num_tasks} tasks without RANK/WORLD_SIZE, and they could not be "
+            f"derived from SLURM's variables ({exc}); export RANK, WORLD_SIZE, LOCAL_RANK, "
+            "MASTER_ADDR and MASTER_PORT, or use `avts launch pretrain`"
+        ) from None
+    for key, value in values.items():
+        os.environ.setdefault(key, str(value))
+
+
+def set_determinism(deterministic: bool, device: torch.device) -> None:
+    """Deterministic kernels, or cuDNN's autotuner when determinism is not asked for."""
+    if device.type == "cuda":
+        if deterministic:
+            # cuBLAS reads it when its handle is made, at the first matmul (after this).
+            value = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            if value not in (":4096:8", ":16:8"):
+                raise ValueError(
+                    f"train.deterministic=true on CUDA needs CUBLAS_WORKSPACE_CONFIG=:4096:8 or "
+                    f":16:8, not {value!r} (or set train.deterministic=false)"
+                )
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        # warn_only: an op without a deterministic kernel warns once instead of stopping a run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistContext:
     """Joins the process group described by the launcher's environment.
 
     ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` come from torchrun,
-    the DeepSpeed launcher or the submitit/SLURM launch layer. With none of them set this is a
-    single process: it still gets a process group of one (an in-memory store, no port), so that
-    DeepSpeed, which insists on an initialised group, and the collectives below run unchanged.
-    Calling it again returns the existing context.
+    the DeepSpeed launcher, the submitit/SLURM launch layer or, under a bare ``srun``, from
+    SLURM's task variables. With none of them set this is a single process: it still gets a
+    process group of one (an in-memory store, no port), so that DeepSpeed, which insists on an
+    initialised group, and the collectives below run unchanged. Calling it again returns the
+    existing context.
     """
-    backend = _resolve_backend(backend)
-    local_rank = get_local_rank()
+    backend = resolve_backend(backend)
     if is_dist():
         actual = dist.get_backend()
+        local_rank = get_local_rank()
         return DistContext(
             dist.get_rank(),
             dist.get_world_size(),
@@ -115,20 +204,19 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistCo
             _device_for(actual, local_rank),
             actual,
         )
+    _export_slurm_env()
+    local_rank = get_local_rank()
     timeout = datetime.timedelta(seconds=timeout_s)
+    device = _device_for(backend, local_rank)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise RuntimeError(
                 f"RANK/WORLD_SIZE are set but {', '.join(missing)} is not: cannot join the group"
             )
-        device = _device_for(backend, local_rank)
-        kwargs: dict[str, Any] = {}
-        if backend == "nccl":
-            kwargs["device_id"] = device
+        kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, init_method="env://", timeout=timeout, **kwargs)
     else:
-        device = _device_for(backend, local_rank)
         dist.init_process_group(
             backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
         )
@@ -142,7 +230,7 @@ def destroy() -> None:
 
 def barrier() -> None:
     if is_dist() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
+        if _has_nccl() and not _has_gloo():
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()
@@ -155,7 +243,7 @@ def _world() -> int:
 class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather forward; backward sums every rank's gradient for this rank's slice.
 
-    The backward is a reduce-scatter with SUM (all_reduce + slice on gloo, which has no
+    The backward is a reduce-scatter with SUM on NCCL (all_reduce + slice on gloo, which has no
     reduce_scatter). No 1/N or N factor: averaging belongs to the optimizer side (DeepSpeed).
     """
 
@@ -171,7 +259,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad_out = grad_out.contiguous()
-        if dist.get_backend() == "nccl":
+        if grad_out.is_cuda and _has_nccl():
             grad_local = grad_out.new_empty((ctx.rows, *grad_out.shape[1:]))
             _reduce_scatter_flat(grad_local, grad_out, op=dist.ReduceOp.SUM)
             return grad_local
@@ -185,6 +273,7 @@ def all_gather_with_grad(local_BD: torch.Tensor) -> torch.Tensor:
     """Concatenates every rank's ``[b, ...]`` tensor along dim 0 (rank order), with exact grads.
 
     Every rank must pass the same shape. Without a group (or with one rank) it returns the input.
+    The backward communicates in the input's dtype: pass fp32 for an fp32 gradient reduction.
     """
     if _world() == 1:
         return local_BD
@@ -220,6 +309,16 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def agree_on_flags(flags: torch.Tensor) -> list[float]:
+    """Every rank's health flags combined (max over ranks), read on the host.
+
+    ``flags`` is a small vector on the engine's device (e.g. [non-finite loss, stop requested]).
+    One all-reduce on that device and one host sync: the trainer's only sync per optimizer step,
+    and after it every rank takes the same branch.
+    """
+    return all_reduce_max(flags.float()).tolist()
+
+
 def all_ranks_finite(t: torch.Tensor) -> bool:
     """True only if ``t`` is finite on every rank: all ranks take the same branch after it.
 
@@ -229,13 +328,23 @@ def all_ranks_finite(t: torch.Tensor) -> bool:
     return bool(all_reduce_sum(num_bad).item() == 0)
 
 
+# Object collectives pickle into a byte tensor; torch sends it on CPU through gloo when the
+# group has gloo (a multi-backend group included), else on the current CUDA device (NCCL only).
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank (picklable objects: run ids, paths, decisions)."""
     if _world() == 1:
         return obj
     box = [obj]
-    device = (
-        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    )
-    dist.broadcast_object_list(box, src=src, device=device)
+    dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (small picklable objects)."""
+    if _world() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

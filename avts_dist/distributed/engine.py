@@ -1,5 +1,7 @@
-"""The DeepSpeed engine: its JSON config generated from the typed config, initialize, sharded
-save/load, and conversion to DeepSpeed's universal checkpoint for a different world size.
+"""The DeepSpeed engine: its JSON config generated from the typed config, initialize, the
+optimizer step, and everything that knows DeepSpeed's checkpoint files (the sharded save/load,
+which files a rank writes, the fp32 consolidation with ``zero_to_fp32`` and the conversion to a
+universal checkpoint with ``ds_to_universal``). Nothing outside this module names those files.
 
 The generated JSON covers what the typed config names (ZeRO stage, precision, gradient
 accumulation and clipping, AdamW/Adam/SGD, warmup + cosine or constant LR). Any other DeepSpeed
@@ -10,48 +12,43 @@ key goes through the escape hatch ``deepspeed.extra``: a mapping merged recursiv
       extra:
         zero_optimization: {contiguous_gradients: true}
         comms_logger: {enabled: true}
+
+``deepspeed`` itself is imported inside the functions that need it, on purpose: importing it
+costs seconds and probes the accelerator, and the config builder, the export of a ZeRO-0
+checkpoint and the unit tests need none of that.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from avts_dist.config import DeepSpeedConfig, OptimConfig
+from avts_dist.config import DeepSpeedConfig, OptimConfig, deep_merge
+from avts_dist.distributed.collectives import free_port, resolve_backend
 
 __all__ = [
     "build_ds_config",
+    "consolidated_fp32_state_dict",
     "convert_to_universal",
     "initialize_engine",
     "load_engine_checkpoint",
-    "resolve_backend",
+    "optimizer_step",
+    "read_client_state",
     "save_engine_checkpoint",
 ]
 
 # Written into every checkpoint's client state: ds_to_universal refuses a checkpoint without it.
 UNIVERSAL_CHECKPOINT_INFO = {"universal_checkpoint_version": 0.2}
-
-
-def resolve_backend(backend: str = "auto") -> str:
-    if backend != "auto":
-        return backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+# The model-states file of ZeRO 0-2 (written by data-parallel rank 0), and of ZeRO-3's rank 0.
+_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 def build_ds_config(
@@ -64,7 +61,18 @@ def build_ds_config(
     load_universal: bool = False,
     use_cuda: bool | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run; ``ds.extra`` is merged over it last."""
+    """The DeepSpeed JSON for this run; ``ds.extra`` is merged over it last.
+
+    Needs no compiled DeepSpeed op on any device: the optimizer is torch's own (fused kernels on
+    CUDA), never DeepSpeed's JIT-built FusedAdam. Gradients are accumulated and all-reduced in
+    fp32 at every precision (``data_types.grad_accum_dtype``, ``communication_data_type``).
+
+    ``precision=bf16`` is torch.autocast through DeepSpeed's ``torch_autocast``: convolutions and
+    matmuls compute in bf16, while weights (the fp32 master copy at any ZeRO stage), gradients,
+    optimizer state and BatchNorm (with its running statistics) stay fp32. DeepSpeed's own
+    ``bf16`` mode is not used: it casts the weights, and since 0.19.2 keeps the buffers fp32, so a
+    BatchNorm gets bf16 weights beside fp32 running statistics, which torch's batch_norm rejects.
+    """
     use_cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
     if global_batch_size % (world_size * ds.grad_accum_steps):
         raise ValueError(
@@ -76,8 +84,12 @@ def build_ds_config(
     opt_params: dict[str, Any] = {"lr": optim.lr, "weight_decay": optim.weight_decay}
     if optim.name in ("adamw", "adam"):
         opt_params["betas"] = list(optim.betas)
-        # DeepSpeed's fused Adam needs a compiled CUDA op; torch's own is the CPU path.
-        opt_params["torch_adam"] = not use_cuda
+        # torch.optim's Adam/AdamW instead of DeepSpeed's FusedAdam, which is JIT-compiled at
+        # start (minutes, and an nvcc matching torch's CUDA) when DeepSpeed is installed with
+        # DS_BUILD_OPS=0. torch's fused CUDA kernel needs no build.
+        opt_params["torch_adam"] = True
+        if use_cuda:
+            opt_params["fused"] = True
     else:
         opt_params["momentum"] = optim.betas[0]
     warmup = max(0, min(optim.warmup_steps, total_steps - 1))
@@ -86,8 +98,9 @@ def build_ds_config(
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": max(total_steps, 1),
-                "warmup_num_steps": warmup,
-                "warmup_min_ratio": 0.0,
+                # DeepSpeed wants >= 1 warmup step: with none asked for, that step is at full LR.
+                "warmup_num_steps": max(warmup, 1),
+                "warmup_min_ratio": 0.0 if warmup else 1.0,
                 "cos_min_ratio": optim.min_lr_ratio,
                 "warmup_type": "linear",
             },
@@ -103,7 +116,7 @@ def build_ds_config(
             },
         }
     zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.zero_stage > 0 and resolve_backend(ds.backend) == "gloo":
+    if ds.zero_stage > 0 and (not use_cuda or ds.backend == "gloo"):
         # gloo has no reduce_scatter; ZeRO then reduces with all-reduce.
         zero["reduce_scatter"] = False
     if ds.zero_stage in (1, 2) and not use_cuda:
@@ -123,23 +136,24 @@ def build_ds_config(
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": bool(load_universal)},
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
     }
     if ds.precision == "bf16":
-        config["bf16"] = {"enabled": True}
-    elif ds.precision == "fp16":
-        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
-    return _deep_merge(config, dict(ds.extra or {}))
+        # No module is "lower-precision safe": DeepSpeed would all-reduce those gradients in bf16.
+        config["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],
+        }
+    return deep_merge(config, dict(ds.extra or {}))
 
 
 def _quiet_deepspeed() -> None:
-    import logging
-
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if os.environ.get("AVTS_DS_SHM_COMM", "0") != "1":
         # DeepSpeed's CPU shared-memory all-reduce is JIT-compiled on first use (minutes, and a
         # compiler); gloo does the same job here. AVTS_DS_SHM_COMM=1 turns it back on.
-        import importlib
-
         # By module path: the attribute deepspeed.comm.torch is the torch package itself.
         ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
         ds_torch_comm.build_shm_op = lambda: None
@@ -150,18 +164,20 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any], *, back
     _quiet_deepspeed()
     import deepspeed
 
-    # DeepSpeed checks the launcher's variables even when the group already exists.
+    # DeepSpeed checks the launcher's variables even when the group already exists, and reads
+    # LOCAL_RANK as its CUDA ordinal: give it the device the group was set up on.
     if torch.distributed.is_initialized():
         os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
         os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
-        os.environ.setdefault("LOCAL_RANK", "0")
     else:
         # A single process without launcher: DeepSpeed still wants a process group.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        os.environ["LOCAL_RANK"] = str(torch.cuda.current_device())
+    os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend=resolve_backend(backend), verbose=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
@@ -170,21 +186,49 @@ def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any], *, back
     return engine
 
 
-def _free_port() -> int:
-    import socket
+def optimizer_step(engine, *, skip: bool) -> bool:
+    """``engine.step()`` for the last micro-batch of an optimizer step; returns whether the
+    weights were updated.
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    ``skip`` (a non-finite loss on some rank, agreed by every rank) leaves weights, optimizer
+    state and LR schedule as they were. ZeRO >= 1: DeepSpeed's own overflow check finds the
+    non-finite gradient norm, clears its gradient partitions and skips the update. ZeRO-0 has no
+    such check: the gradients are dropped here and the update is not called; only DeepSpeed's
+    micro-step counter moves on, so that the next accumulation boundary stays where it was.
+    """
+    if skip and not engine.zero_optimization():
+        engine.zero_grad()
+        engine.micro_steps += 1
+        return False
+    engine.step()
+    return bool(engine.was_step_applied()) and not skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files
 
 
 def save_engine_checkpoint(
     engine, save_dir: str | Path, tag: str, client_state: dict[str, Any]
-) -> None:
-    """Sharded save on every rank; ``latest`` is not touched (the checkpoint manager publishes)."""
+) -> list[str]:
+    """Sharded save on every rank; returns the files this rank wrote (relative to the tag dir).
+
+    ``latest`` is not touched: the checkpoint manager publishes a tag once it is whole.
+    """
     state = dict(client_state)
     state.setdefault("universal_checkpoint_info", dict(UNIVERSAL_CHECKPOINT_INFO))
+    # Every rank creates the tag dir: on node-local disks DeepSpeed's rank 0 sees only its own.
+    (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=state, save_latest=False)
+    written = []
+    if engine.save_non_zero_checkpoint:
+        written.append(engine._get_ckpt_name(str(save_dir), tag))
+    if engine.save_zero_checkpoint:
+        written.append(engine._get_zero_ckpt_name(str(save_dir), tag))
+    missing = [p for p in written if not os.path.isfile(p)]
+    if missing:
+        raise RuntimeError(f"DeepSpeed did not write the files its layout names: {missing}")
+    return [os.path.relpath(p, Path(save_dir) / tag) for p in written]
 
 
 def load_engine_checkpoint(engine, load_dir: str | Path, tag: str) -> dict[str, Any]:
@@ -199,6 +243,48 @@ def load_engine_checkpoint(engine, load_dir: str | Path, tag: str) -> dict[str, 
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir}/{tag}")
     return client_state or {}
+
+
+def _model_states_file(tag_dir: Path) -> Path:
+    for name in _MODEL_STATES:
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model states ({_MODEL_STATES[0]})")
+
+
+def read_client_state(tag_dir: str | Path) -> dict[str, Any]:
+    """The client state saved with a checkpoint tag (plus DeepSpeed's own keys)."""
+    # Our own DeepSpeed checkpoint (it pickles its config objects): weights_only=False is needed.
+    return torch.load(_model_states_file(Path(tag_dir)), map_location="cpu", weights_only=False)
+
+
+def consolidated_fp32_state_dict(
+    tag_dir: str | Path, zero_stage: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The full fp32 model state dict of a local checkpoint tag, and its client state.
+
+    ZeRO >= 1: the fp32 master weights, gathered from the optimizer shards by DeepSpeed's
+    ``zero_to_fp32``. ZeRO-0: the module weights, which are the fp32 master weights at every
+    precision here (bf16 is autocast); a checkpoint with low-precision weights is refused.
+    """
+    tag_dir = Path(tag_dir)
+    client = read_client_state(tag_dir)
+    if zero_stage > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:
+        state = client["module"]
+        low = sorted(
+            k for k, v in state.items() if v.is_floating_point() and v.dtype != torch.float32
+        )
+        if low:
+            raise ValueError(
+                f"{tag_dir} is a ZeRO-0 checkpoint with {state[low[0]].dtype} weights ({low[0]}, "
+                "...) and no fp32 master copy"
+            )
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, client
 
 
 def convert_to_universal(tag_dir: str | Path, out_dir: str | Path, *, num_workers: int = 1) -> Path:

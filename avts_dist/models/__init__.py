@@ -7,7 +7,9 @@ Pure ``torch.nn`` (no ``torch.distributed``): parallelism is applied from outsid
 - ``build_video_net(cfg.model)``, ``build_audio_net(cfg.model)``, ``build_model(cfg.model)``
   (``AVTSModel`` or ``EarlyFusionModel``).
 - ``VideoClassifier`` / ``AudioClassifier``: a subnetwork alone, with a classification head.
+- ``load_pretrained(path_or_url, part="video"|"audio")``: a pretrained subnetwork, plain nn.Module.
 - ``load_exported(path)``, ``build_{video,audio}_net_from_export(path)``: pretrained weights.
+- ``init_video_from(net, path)``: torchvision-layout weights into a video net (model.init_from).
 """
 
 from avts_dist.models.audio import AUDIO_ARCHS, AudioVGG, audio_vgg
@@ -36,9 +38,14 @@ from avts_dist.models.export import (
     build_video_net_from_export,
     export_payload,
     load_exported,
+    load_pretrained,
+    model_card,
+    model_card_path,
     model_config_from_export,
     save_exported,
+    write_model_card,
 )
+from avts_dist.models.init_from import init_video_from
 from avts_dist.models.video import (
     VIDEO_ARCHS,
     VideoResNet,
@@ -72,12 +79,17 @@ __all__ = [
     "build_video_net",
     "build_video_net_from_export",
     "export_payload",
+    "init_video_from",
     "load_exported",
+    "load_pretrained",
     "load_torchvision_weights",
     "mc3_18",
+    "model_card",
+    "model_card_path",
     "model_config_from_export",
     "r2plus1d_18",
     "r3d_18",
     "save_exported",
     "silent_logmel",
+    "write_model_card",
 ]

@@ -13,6 +13,7 @@ from torch import nn
 
 from avts_dist.config import ModelConfig
 from avts_dist.models.audio import AudioVGG
+from avts_dist.models.init_from import init_video_from
 from avts_dist.models.video import VideoResNet
 
 __all__ = [
@@ -157,12 +158,16 @@ def _time_bins(feats_BCT: torch.Tensor, num_bins: int) -> torch.Tensor:
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """``AVTSModel`` (``model.arch=two_stream``) or ``EarlyFusionModel`` (``early_fusion``)."""
+    """``AVTSModel`` (``model.arch=two_stream``, its video net fresh or from ``cfg.init_from``)
+    or ``EarlyFusionModel`` (``early_fusion``)."""
     if cfg.arch == "early_fusion":
         from avts_dist.models.early_fusion import EarlyFusionModel  # it imports this module
 
         return EarlyFusionModel(cfg)
-    return AVTSModel(cfg)
+    model = AVTSModel(cfg)
+    if cfg.init_from:
+        init_video_from(model.video, cfg.init_from)
+    return model
 
 
 class StreamClassifier(nn.Module):

@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-# MLflow 3 keeps the local file store (./mlruns, the default here) behind this switch.
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+
+# MLflow 3 keeps the local file store (./mlruns, the default here) behind this switch, which it
+# reads each time a store is opened.
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 __all__ = ["EvalRun", "resolve_tracking_uri"]
 
 
 def resolve_tracking_uri(uri: str) -> str:
-    """Empty means the local store ``./mlruns`` (as an absolute ``file:`` URI)."""
-    if uri:
-        return uri if "://" in uri or uri.startswith("file:") else Path(uri).resolve().as_uri()
-    return Path("mlruns").resolve().as_uri()
+    """A tracking URI as MLflow takes it (``http://...``, ``file:...``, ``sqlite:///...``); a
+    plain path becomes an absolute ``file:`` URI; empty means the local store ``./mlruns``."""
+    if uri and urlparse(uri).scheme:
+        return uri
+    return Path(uri or "mlruns").resolve().as_uri()
 
 
 class EvalRun:
@@ -38,8 +45,6 @@ class EvalRun:
         experiment: str = "avts",
         tags: dict[str, str] | None = None,
     ) -> None:
-        from mlflow import MlflowClient
-
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         experiment_id = None
@@ -63,17 +68,11 @@ class EvalRun:
         self.parent_run_id = parent_run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         items = [
             Metric(k, float(v), now, step)

@@ -3,10 +3,13 @@
 - ``tracking.uri`` empty: the local store ``./mlruns`` (MLflow's file store; MLflow 3 keeps it in
   maintenance mode behind ``MLFLOW_ALLOW_FILE_STORE``, which this module sets); ``http://...``:
   a tracking server; any other MLflow URI (``sqlite:///...``) as is.
-- Params are the flattened resolved config with secrets replaced (:func:`avts_dist.storage.redact`
-  plus any value that looks like a credential), so no credential reaches the store.
+- Params are the flattened resolved config with storage options redacted by an allowlist
+  (:func:`avts_dist.storage.redact`; passwords in URLs masked), so no credential reaches the store.
 - Resume: the run id is kept in the checkpoint and in ``<run.dir>/mlflow_run_id``; the same run
   continues, its metrics go on at the resumed step.
+
+``mlflow`` is imported inside the functions on purpose: the import costs seconds, and a run with
+``tracking.enabled=false`` (or a machine without mlflow) never needs it.
 """
 
 from __future__ import annotations
@@ -16,22 +19,31 @@ import logging
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
+import yaml
+
+from avts_dist.config import config_to_dict, flatten_config
 from avts_dist.storage import redact
+from avts_dist.tracking.eval_runs import resolve_tracking_uri
 
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
 log = logging.getLogger("avts.tracking")
 
-__all__ = ["TrainRun", "start_child_run", "start_or_resume_run", "tracking_uri_for"]
+__all__ = [
+    "NoTracking",
+    "TrainRun",
+    "open_train_run",
+    "start_or_resume_run",
+    "tracking_uri_for",
+]
 
 _PARAM_MAX = 6000
 
 
 def tracking_uri_for(uri: str) -> str:
-    from avts_dist.tracking.eval_runs import resolve_tracking_uri
-
     return resolve_tracking_uri(uri)
 
 
@@ -44,8 +56,17 @@ def _redacted_params(params: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+class NoTracking:
+    """The tracker of ranks > 0 and of runs with ``tracking.enabled=false``: does nothing."""
+
+    run_id = ""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 class TrainRun:
-    """The active pretraining run; all methods are no-ops once ended."""
+    """The active pretraining run (rank 0)."""
 
     def __init__(self, run_id: str, tracking_uri: str, system_metrics: bool) -> None:
         from mlflow import MlflowClient
@@ -107,6 +128,14 @@ class TrainRun:
     def log_dict(self, data: dict, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
 
+    def log_checkpoint(self, url: str, step: int, save_s: float) -> None:
+        self.log_dict({"checkpoint": url, "step": step}, "checkpoints/latest.json")
+        self.log_metrics({"checkpoint/save_s": save_s}, step=step, flush=True)
+
+    def log_curriculum(self, history: list[dict[str, Any]], stage: str) -> None:
+        self.log_dict({"events": history}, "curriculum/history.json")
+        self.set_tags({"avts.curriculum_stage": stage})
+
     def end(self, status: str = "FINISHED") -> None:
         """status: FINISHED, KILLED (preempted: the run continues on resume) or FAILED."""
         self.flush()
@@ -158,10 +187,33 @@ def start_or_resume_run(
     return run
 
 
-def start_child_run(parent_run_id: str, name: str, tracking_uri: str, experiment: str = "avts"):
-    """A child run under the pretraining run (evaluation jobs); see ``eval_runs.EvalRun``."""
-    from avts_dist.tracking.eval_runs import EvalRun
+def open_train_run(
+    cfg,
+    *,
+    run_dir: Path,
+    run_id: str = "",
+    step: int = 0,
+    resumed_from: str = "",
+    world_size: int = 1,
+) -> TrainRun:
+    """Rank 0 of a pretraining run: the MLflow run started, or continued on resume.
 
-    return EvalRun(
-        name, tracking_uri=tracking_uri, parent_run_id=parent_run_id, experiment=experiment
+    The run id comes from the checkpoint (``run_id``) or, for a run resumed past its last
+    checkpoint's tracking, from ``<run_dir>/mlflow_run_id``, which is (re)written here. Logs the
+    redacted resolved config as params and as the ``config.yaml`` artifact.
+    """
+    id_file = Path(run_dir) / "mlflow_run_id"
+    if not run_id and step > 0 and id_file.exists():
+        run_id = id_file.read_text().strip()
+    run = start_or_resume_run(
+        cfg.tracking,
+        run_name=cfg.run.name,
+        run_id=run_id,
+        params=flatten_config(cfg),
+        tags={"avts.world_size": str(world_size)},
     )
+    id_file.write_text(run.run_id + "\n")
+    run.log_text(yaml.safe_dump(redact(config_to_dict(cfg)), sort_keys=False), "config.yaml")
+    if resumed_from:
+        run.set_tags({"avts.resumed_from": resumed_from})
+    return run

@@ -1,7 +1,26 @@
 """avts_dist.train: the DeepSpeed pretraining loop, its checkpoints and ``run_training``."""
 
-from avts_dist.train.checkpoint import CheckpointManager, find_latest_complete
+from avts_dist.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    CheckpointRef,
+    ResumePlan,
+    list_checkpoints,
+    resolve_checkpoint,
+)
+from avts_dist.train.hooks import TrainHooks
 from avts_dist.train.run import run_training
 from avts_dist.train.trainer import Trainer, TrainResult
 
-__all__ = ["CheckpointManager", "TrainResult", "Trainer", "find_latest_complete", "run_training"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "CheckpointRef",
+    "ResumePlan",
+    "TrainHooks",
+    "TrainResult",
+    "Trainer",
+    "list_checkpoints",
+    "resolve_checkpoint",
+    "run_training",
+]

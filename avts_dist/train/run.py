@@ -1,4 +1,7 @@
-"""``run_training(cfg)``: one rank of a pretraining run, under any launcher or none."""
+"""``run_training(cfg)``: one rank of a pretraining run, under any launcher or none.
+
+The entry point is parse -> build -> train -> close, in ``try/finally``.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from avts_dist.config import Config, ConfigError, load_config
 from avts_dist.distributed import collectives as C
+from avts_dist.train.hooks import TrainHooks
 from avts_dist.train.trainer import Trainer, TrainResult
 
 __all__ = ["PREEMPT_SIGNALS", "resolve_config", "run_training"]
@@ -24,8 +29,6 @@ def resolve_config(cfg: Config | str | Path, overrides: list[str] | None = None)
     if isinstance(cfg, (str, Path)):
         return load_config(cfg, overrides)
     if overrides:
-        from omegaconf.errors import OmegaConfBaseException
-
         try:
             merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist(overrides))
             cfg = OmegaConf.to_object(merged)
@@ -47,11 +50,17 @@ class _SignalBox:
             self.trainer.stop_signal = signum
 
 
-def run_training(cfg: Config | str | Path, overrides: list[str] | None = None) -> TrainResult:
+def run_training(
+    cfg: Config | str | Path,
+    overrides: list[str] | None = None,
+    *,
+    hooks: TrainHooks | None = None,
+) -> TrainResult:
     """Trains this rank to the end, a preemption signal or a failure (see :class:`TrainResult`).
 
     The process group comes from the launcher's environment (torchrun, deepspeed, srun,
-    submitit, ``avts train --nproc``); without one it is a single process.
+    submitit, ``avts train --nproc``); without one it is a single process. ``hooks`` are the
+    callbacks tests install (:class:`TrainHooks`); production passes none.
     """
     cfg = resolve_config(cfg, overrides)
     ctx = C.init_distributed(cfg.deepspeed.backend)
@@ -65,7 +74,7 @@ def run_training(cfg: Config | str | Path, overrides: list[str] | None = None) -
             previous[sig] = signal.signal(sig, box)
     trainer = None
     try:
-        trainer = Trainer(cfg, ctx)
+        trainer = Trainer(cfg, ctx, hooks)
         box.trainer = trainer
         if box.pending is not None:
             trainer.stop_signal = box.pending

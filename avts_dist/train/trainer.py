@@ -4,13 +4,12 @@ Resumable state, each under a fixed key of the checkpoint's client state (format
 ``trainer`` (step, epoch, skipped-step counts), ``curriculum``, ``loader`` (global: identical on
 every rank and valid at any world size), ``rng`` (rank 0; every rank also writes its own
 ``rng_rank_*.pt``), ``mlflow_run_id`` and ``config`` (the resolved config). Model, optimizer and
-LR scheduler go through DeepSpeed's sharded checkpoint.
+LR scheduler go through DeepSpeed's sharded checkpoint (``train/checkpoint.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import signal
@@ -19,26 +18,40 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from avts_dist.config import Config, config_to_dict, flatten_config, save_config
+from avts_dist.config import Config, redacted_config_dict, save_config
+from avts_dist.curriculum import Curriculum
+from avts_dist.data import build_loader
 from avts_dist.distributed import collectives as C
-from avts_dist.distributed.engine import build_ds_config, convert_to_universal, initialize_engine
-from avts_dist.storage import redact
+from avts_dist.distributed.engine import (
+    build_ds_config,
+    initialize_engine,
+    load_engine_checkpoint,
+    optimizer_step,
+)
+from avts_dist.losses import build_loss, reduce_metrics
+from avts_dist.models import build_model
+from avts_dist.tracking import (
+    MetricsLogger,
+    NoTracking,
+    ProgressBar,
+    StepRecord,
+    StepTimer,
+    open_train_run,
+)
+from avts_dist.train.batch import micro_batches, to_device
 from avts_dist.train.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
-    COMPLETE,
     CheckpointManager,
-    find_latest_complete,
     get_rng_state,
     set_rng_state,
 )
+from avts_dist.train.hooks import TrainHooks
+from avts_dist.train.validation import build_val_loaders, sync_accuracy
 
 log = logging.getLogger("avts.train")
 
-__all__ = ["TrainResult", "Trainer"]
-
-VAL_KINDS = ("easy", "hard")
+__all__ = ["StepOutput", "TrainResult", "Trainer"]
 
 
 @dataclasses.dataclass
@@ -52,162 +65,69 @@ class TrainResult:
     message: str = ""
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None):
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-        out[key] = value
-    return out
+@dataclasses.dataclass
+class StepOutput:
+    terms: dict[str, torch.Tensor]  # the loss function's output for the last micro-batch
+    loss: torch.Tensor | None  # mean loss over the micro-batches, on the device; None if skipped
+    applied: bool
 
 
 class Trainer:
     """Builds every component for this rank; ``train()`` runs to the end, a signal or a failure."""
 
-    def __init__(self, cfg: Config, ctx: C.DistContext) -> None:
-        from avts_dist.curriculum import Curriculum
-        from avts_dist.data import build_loader
-        from avts_dist.losses import build_loss
-        from avts_dist.models import build_model
-
-        self.cfg, self.ctx = cfg, ctx
-        self.rank, self.world_size = ctx.rank, ctx.world_size
-        self.is_main = ctx.rank == 0
+    def __init__(self, cfg: Config, ctx: C.DistContext, hooks: TrainHooks | None = None) -> None:
+        self.cfg, self.ctx, self.hooks = cfg, ctx, hooks or TrainHooks()
+        self.rank, self.world_size, self.is_main = ctx.rank, ctx.world_size, ctx.rank == 0
         self.run_dir = Path(cfg.run.dir)
         self.stop_signal: int | None = None
-        self.step = 0
-        self.num_skipped_steps = 0
-        self.num_nonfinite_in_row = 0
+        self.step = self.num_skipped_steps = self.num_nonfinite_in_row = 0
         self.val_metrics: dict[str, float] = {}
-        self.mlflow_run_id: str = ""
-        self.tracker = None
-        self._pending_losses: list[tuple[int, int, torch.Tensor, float, dict]] = []
-        self._last_loss: float | None = None
-
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.mlflow_run_id = ""
+        self.tracker = NoTracking()
+        C.set_determinism(cfg.train.deterministic, ctx.device)
         torch.manual_seed(cfg.data.seed)
-
         self.ckpt = CheckpointManager(
-            cfg.checkpoint,
-            run_dir=self.run_dir,
-            rank=self.rank,
-            world_size=self.world_size,
-            barrier=C.barrier,
-        )
-        resume = self._find_resume()  # (local root, tag, meta) or None, identical on every rank
-
-        self.loader = build_loader(cfg.data, rank=self.rank, world_size=self.world_size, train=True)
+            cfg.checkpoint, run_dir=self.run_dir, rank=self.rank, world_size=self.world_size,
+            on_event=self.hooks.on_checkpoint_event,
+        )  # fmt: skip
+        self.resume_plan = self.ckpt.plan_resume(cfg.resume)
+        self.loader = build_loader(cfg.data, rank=self.rank, world_size=self.world_size)
         self.val_loaders = {}
         if cfg.train.val_every_steps > 0:
-            for kind in VAL_KINDS:
-                data_cfg = dataclasses.replace(cfg.data, negative_mix={kind: 1.0})
-                self.val_loaders[kind] = build_loader(
-                    data_cfg, rank=self.rank, world_size=self.world_size, train=False
-                )
-        self.max_steps = (
-            cfg.train.epochs * self.loader.steps_per_epoch
-            if cfg.train.epochs > 0
-            else cfg.train.max_steps
-        )
-
-        model = build_model(cfg.model)
+            self.val_loaders = build_val_loaders(
+                cfg.data, rank=self.rank, world_size=self.world_size
+            )
+        self.max_steps = self._run_length()
         self.loss_fn = build_loss(cfg.loss)
         self.curriculum = Curriculum(cfg.curriculum)
-
-        load_universal = False
-        load_root, load_tag = None, None
-        if resume is not None:
-            load_root, load_tag, meta = resume
-            if meta["world_size"] != self.world_size and meta.get("zero_stage", 0) > 0:
-                load_tag = self._universal(load_root, load_tag)
-                load_universal = True
+        plan = self.resume_plan
         ds_config = build_ds_config(
-            cfg.deepspeed,
-            cfg.optim,
-            global_batch_size=cfg.data.global_batch_size,
-            world_size=self.world_size,
-            total_steps=self.max_steps,
-            load_universal=load_universal,
-        )
-        self.engine = initialize_engine(model, ds_config, backend=cfg.deepspeed.backend)
+            cfg.deepspeed, cfg.optim, global_batch_size=cfg.data.global_batch_size,
+            world_size=self.world_size, total_steps=self.max_steps,
+            load_universal=plan is not None and plan.universal, use_cuda=ctx.device.type == "cuda",
+        )  # fmt: skip
+        self.engine = initialize_engine(build_model(cfg.model), ds_config, backend=ctx.backend)
         self.device = self.engine.device
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision)
-        self.micro_batches = cfg.deepspeed.grad_accum_steps
-
-        if resume is not None:
-            from avts_dist.distributed.engine import load_engine_checkpoint
-
-            client = load_engine_checkpoint(self.engine, load_root, load_tag)
-            self.load_state_dict(client, rng_file=self.ckpt.rng_path(load_root, resume[1]))
+        self.micro_steps = cfg.deepspeed.grad_accum_steps
+        self.metrics = MetricsLogger(
+            self.run_dir / "metrics.jsonl", device=self.device, world_size=self.world_size,
+            is_main=self.is_main,
+        )  # fmt: skip
+        if plan is not None:
+            client = load_engine_checkpoint(self.engine, plan.local_root, plan.load_tag)
+            self.load_state_dict(client, rng_file=plan.rng_file(self.rank))
             if self.is_main:
-                log.info("resumed from %s/%s at step %d", load_root, resume[1], self.step)
+                log.info("resumed from %s at step %d", plan.source.url, self.step)
         else:
             self.loader.set_negative_mix(self.curriculum.negative_mix)
-        self.resumed_from = None if resume is None else f"{load_root}/{resume[1]}"
 
-    # ---- resume helpers ----
-
-    def _find_resume(self):
-        cfg = self.cfg
-        choice = None
-        if self.is_main and cfg.resume not in ("", "none"):
-            if cfg.resume == "auto":
-                found = self.ckpt.latest()
-                if found is not None:
-                    choice = (cfg.checkpoint.dir, found[0], found[1])
-            else:
-                path = cfg.resume.rstrip("/")
-                marker = Path(path) / COMPLETE
-                if marker.is_file():
-                    choice = (
-                        str(Path(path).parent),
-                        Path(path).name,
-                        json.loads(marker.read_text()),
-                    )
-                else:
-                    found = find_latest_complete(path, cfg.checkpoint.storage_options or None)
-                    if found is None:
-                        choice = ("error", f"no complete checkpoint under resume={path}", {})
-                    else:
-                        choice = (path, found[0], found[1])
-        choice = C.broadcast_object(choice)
-        if choice is None:
-            return None
-        if choice[0] == "error":
-            raise ValueError(choice[1])
-        source, tag, meta = choice
-        local_root = self.ckpt.fetch(tag, source=source)
-        return Path(local_root), tag, meta
-
-    def _universal(self, root: Path, tag: str) -> str:
-        """DeepSpeed's universal form of ``tag`` (converted once by rank 0, then reused)."""
-        utag = f"{tag}_universal"
-        if self.is_main and not (root / utag / COMPLETE).is_file():
-            t0 = time.perf_counter()
-            tmp = root / f".tmp-{utag}"
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-            convert_to_universal(root / tag, tmp)
-            for rng in (root / tag).glob("rng_rank_*.pt"):
-                shutil.copy(rng, tmp / rng.name)
-            (tmp / COMPLETE).write_text((root / tag / COMPLETE).read_text())
-            shutil.rmtree(root / utag, ignore_errors=True)
-            tmp.rename(root / utag)
-            log.info(
-                "converted %s to a universal checkpoint in %.1fs (world size change)",
-                tag,
-                time.perf_counter() - t0,
-            )
-        C.barrier()
-        return utag
+    def _run_length(self) -> int:
+        """train.max_steps, or data.epochs of the loader's steps, whichever ends first."""
+        max_steps = self.cfg.train.max_steps
+        if self.cfg.data.epochs > 0:
+            epoch_steps = self.cfg.data.epochs * self.loader.steps_per_epoch
+            return min(max_steps, epoch_steps) if max_steps > 0 else epoch_steps
+        return max_steps
 
     # ---- state ----
 
@@ -226,7 +146,8 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "rng": get_rng_state(),
             "mlflow_run_id": self.mlflow_run_id,
-            "config": config_to_dict(self.cfg),
+            # Redacted: checkpoints are copied and uploaded; credentials come from the user again.
+            "config": redacted_config_dict(self.cfg),
             "world_size": self.world_size,
         }
 
@@ -239,11 +160,11 @@ class Trainer:
         saved_model = state.get("config", {}).get("model")
         if saved_model is not None and saved_model != dataclasses.asdict(self.cfg.model):
             raise ValueError("the checkpoint's model config differs from this run's model.* keys")
-        tr = state["trainer"]
-        self.step = int(tr["step"])
-        self.num_skipped_steps = int(tr["num_skipped_steps"])
-        self.num_nonfinite_in_row = int(tr["num_nonfinite_in_row"])
-        self.val_metrics = dict(tr.get("val_metrics", {}))
+        trainer = state["trainer"]
+        self.step = int(trainer["step"])
+        self.num_skipped_steps = int(trainer["num_skipped_steps"])
+        self.num_nonfinite_in_row = int(trainer["num_nonfinite_in_row"])
+        self.val_metrics = dict(trainer.get("val_metrics", {}))
         self.curriculum.load_state_dict(state["curriculum"])
         self.loader.load_state_dict(state["loader"])
         self.mlflow_run_id = state.get("mlflow_run_id") or ""
@@ -256,340 +177,198 @@ class Trainer:
 
     # ---- one step ----
 
-    def train_step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], bool]:
+    def _forward_loss(self, batch: dict[str, Any], **loss_kwargs) -> dict[str, torch.Tensor]:
+        emb = self.engine(batch["video"], batch["audio"], batch["neg_audio"])
+        # fp32 before the gather, so that its backward reduce-scatter sums gradients in fp32.
+        emb = {k: v.float() for k, v in emb.items() if v is not None}
+        return self.loss_fn(
+            emb["video_emb"],
+            emb["audio_emb"],
+            emb.get("neg_audio_emb"),
+            batch["neg_kind"],
+            rank=self.rank,
+            world_size=self.world_size,
+            sync_logit=emb.get("sync_logit"),
+            neg_sync_logit=emb.get("neg_sync_logit"),
+            **loss_kwargs,
+        )
+
+    def train_step(self, batch: dict[str, Any]) -> StepOutput:
         """One optimizer step over this rank's batch (``grad_accum_steps`` micro-batches).
 
-        Returns the loss output of the last micro-batch and whether the step was applied: a
-        non-finite loss on any rank skips the backward and the update on every rank.
+        The health flags (a non-finite loss here, a stop signal here) stay on the device and are
+        agreed by every rank in one all-reduce: one host sync per step. A non-finite loss on any
+        rank skips the update on every rank (see ``engine.optimizer_step``).
         """
-        batch = _to_device(batch, self.device, self.dtype)
-        local = batch["video"].shape[0]
-        micro = local // self.micro_batches
-        weights = self.curriculum.loss_weights or None
-        applied = True
-        out: dict[str, torch.Tensor] = {}
-        for i in range(self.micro_batches):
-            sl = slice(i * micro, (i + 1) * micro)
-            emb = self.engine(batch["video"][sl], batch["audio"][sl], batch["neg_audio"][sl])
-            out = self.loss_fn(
-                emb["video_emb"],
-                emb["audio_emb"],
-                emb.get("neg_audio_emb"),
-                batch["neg_kind"][sl],
-                rank=self.rank,
-                world_size=self.world_size,
-                weights=weights,
-                sync_logit=emb.get("sync_logit"),
-                neg_sync_logit=emb.get("neg_sync_logit"),
-                step=self.step,
-            )
-            loss = out["loss"]
-            if (self.step + 1) in self.cfg.train.inject_nan_at_steps:
-                loss = loss * float("nan")
-                out["loss"] = loss
-            # One all-reduce carries both decisions every ranks must share: skip, and stop.
-            flags = torch.tensor(
-                [
-                    float(not torch.isfinite(loss.detach()).item()),
-                    float(self.stop_signal is not None),
-                ]
-            )
-            flags = C.all_reduce_max(flags)
-            if flags[1] > 0 and self.stop_signal is None:
-                self.stop_signal = signal.SIGTERM  # another rank got it
-            if flags[0] > 0:
-                applied = False
-                if self.micro_batches == 1:
-                    break  # exact skip: no backward, no update, DeepSpeed state untouched
-                # With accumulation, earlier micro-batches already ran backward: this one adds a
-                # zero gradient so DeepSpeed's accumulation boundary stays where it is.
-                loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0
+        parts = micro_batches(to_device(batch, self.device), self.micro_steps)
+        nonfinite = torch.zeros((), device=self.device)
+        losses, terms = [], {}
+        for i, part in enumerate(parts):
+            weights = self.curriculum.loss_weights or None
+            terms = self._forward_loss(part, weights=weights, step=self.step)
+            loss = terms["loss"]
+            if self.hooks.on_loss is not None:
+                loss = terms["loss"] = self.hooks.on_loss(self.step + 1, loss)
+            nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
+            losses.append(loss.detach().float())
             self.engine.backward(loss)
-            self.engine.step()
-        return out, applied
+            if i < len(parts) - 1:
+                self.engine.step()  # inside the accumulation: DeepSpeed only counts it
+        stop = nonfinite.new_full((), float(self.stop_signal is not None))
+        skip, stop_anywhere = C.agree_on_flags(torch.stack([nonfinite, stop]))
+        if stop_anywhere and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM  # another rank got it
+        applied = optimizer_step(self.engine, skip=skip > 0)
+        mean_loss = torch.stack(losses).mean() if applied else None
+        return StepOutput(terms=terms, loss=mean_loss, applied=applied)
 
     # ---- validation ----
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        from avts_dist.losses import reduce_metrics
-
         self.engine.eval()
-        results: dict[str, float] = {}
-        gbs = self.cfg.data.global_batch_size
-        for kind, loader in self.val_loaders.items():
-            # Only full global batches: every rank must take part in each gathered loss.
-            num_batches = min(self.cfg.train.val_batches, len(loader.sampler) // gbs)
-            if num_batches == 0:
-                continue
-            accs = []
-            it = iter(loader)
-            for _ in range(num_batches):
-                batch = _to_device(next(it), self.device, self.dtype)
-                emb = self.engine(batch["video"], batch["audio"], batch["neg_audio"])
-                out = self.loss_fn(
-                    emb["video_emb"],
-                    emb["audio_emb"],
-                    emb.get("neg_audio_emb"),
-                    batch["neg_kind"],
-                    rank=self.rank,
-                    world_size=self.world_size,
-                    sync_logit=emb.get("sync_logit"),
-                    neg_sync_logit=emb.get("neg_sync_logit"),
-                )
-                reduced = reduce_metrics(out, self.world_size)
-                if f"acc/{kind}" in reduced:
-                    accs.append(reduced[f"acc/{kind}"])
-            it.close()
-            if accs:
-                results[f"val/sync_acc_{kind}"] = sum(accs) / len(accs)
-                # The loss's own metric name too, for plateau triggers written against it.
-                results[f"val/acc/{kind}"] = results[f"val/sync_acc_{kind}"]
-        self.engine.train()
-        return results
+        try:
+            return sync_accuracy(
+                lambda batch: self._forward_loss(to_device(batch, self.device)),
+                self.val_loaders,
+                max_batches=self.cfg.train.val_batches,
+                global_batch_size=self.cfg.data.global_batch_size,
+                world_size=self.world_size,
+            )
+        finally:
+            self.engine.train()
 
     # ---- the loop ----
 
-    def _flush_metrics(self, force_mlflow: bool = False) -> None:
-        """Writes the buffered per-step lines: one all-reduce and one host sync per flush."""
-        if not self._pending_losses:
-            return
-        losses = torch.stack([p[2].detach().float().reshape(()) for p in self._pending_losses])
-        losses = (C.all_reduce_sum(losses) / self.world_size).tolist()
-        lines = []
-        for (step, epoch, _, lr, extra), loss in zip(self._pending_losses, losses, strict=True):
-            line = {
-                "step": step,
-                "epoch": epoch,
-                # null, not NaN, for a skipped step: the file stays strict JSON.
-                "loss": loss if math.isfinite(loss) else None,
-                "lr": lr,
-                "samples_seen": step * self.cfg.data.global_batch_size,
-            }
-            line.update(extra)
-            lines.append(line)
-        self._pending_losses = []
-        finite = [ln["loss"] for ln in lines if ln["loss"] is not None]
-        if finite:
-            self._last_loss = finite[-1]
-        if not self.is_main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
-        if self.tracker is not None:
-            for line in lines:
-                metrics = {
-                    k: v
-                    for k, v in line.items()
-                    if k not in ("step", "curriculum", "skipped_step")
-                    and isinstance(v, (int, float))
-                }
-                self.tracker.log_metrics(metrics, step=line["step"])
-            if force_mlflow:
-                self.tracker.flush()
-
-    def _start_tracking(self) -> None:
-        cfg = self.cfg
+    def _open_tracking(self) -> None:
+        """Rank 0: config.yaml, metrics.jsonl cut back to the resumed step, the MLflow run."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            metrics_path = self.run_dir / "metrics.jsonl"
-            # Steps after the checkpoint we resume from are replayed: drop their old lines.
-            if metrics_path.exists():
-                kept = [
-                    ln
-                    for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= self.step
-                ]
-                metrics_path.write_text("".join(ln + "\n" for ln in kept))
-            if cfg.tracking.enabled:
-                from avts_dist.tracking import start_or_resume_run
-
-                run_id = self.mlflow_run_id
-                id_file = self.run_dir / "mlflow_run_id"
-                if not run_id and self.step > 0 and id_file.exists():
-                    run_id = id_file.read_text().strip()
-                self.tracker = start_or_resume_run(
-                    cfg.tracking,
-                    run_name=cfg.run.name,
-                    run_id=run_id,
-                    params=flatten_config(cfg),
-                    tags={"avts.world_size": str(self.world_size)},
-                )
-                self.mlflow_run_id = self.tracker.run_id
-                id_file.write_text(self.mlflow_run_id + "\n")
-                self.tracker.log_text(
-                    yaml.safe_dump(redact(config_to_dict(cfg)), sort_keys=False), "config.yaml"
-                )
-                if self.resumed_from:
-                    self.tracker.set_tags({"avts.resumed_from": self.resumed_from})
-        self.mlflow_run_id = C.broadcast_object(self.mlflow_run_id)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            self.metrics.truncate_after(self.step)
+            if self.cfg.tracking.enabled:
+                source = self.resume_plan.source.url if self.resume_plan else ""
+                self.tracker = self.metrics.tracker = open_train_run(
+                    self.cfg, run_dir=self.run_dir, run_id=self.mlflow_run_id, step=self.step,
+                    resumed_from=source, world_size=self.world_size,
+                )  # fmt: skip
+        self.mlflow_run_id = C.broadcast_object(self.tracker.run_id or self.mlflow_run_id)
 
     def save_checkpoint(self) -> str:
-        self._flush_metrics()
-        tag = self.ckpt.save(
-            self.engine,
-            self.step,
-            self.state_dict(),
-            meta={
-                "zero_stage": self.cfg.deepspeed.zero_stage,
-                "global_batch_size": self.cfg.data.global_batch_size,
-                "mlflow_run_id": self.mlflow_run_id,
-                "epoch": self.loader.epoch,
-            },
-        )
-        if self.is_main and self.tracker is not None:
-            self.tracker.log_dict(
-                {"checkpoint": f"{self.cfg.checkpoint.dir.rstrip('/')}/{tag}", "step": self.step},
-                "checkpoints/latest.json",
-            )
-            self.tracker.log_metrics(
-                {"checkpoint/save_s": self.ckpt.last_save_s}, step=self.step, flush=True
-            )
+        self.metrics.flush()
+        meta = {
+            "zero_stage": self.cfg.deepspeed.zero_stage,
+            "global_batch_size": self.cfg.data.global_batch_size,
+            "mlflow_run_id": self.mlflow_run_id,
+            "epoch": self.loader.epoch,
+        }
+        tag = self.ckpt.save(self.engine, self.step, self.state_dict(), meta)
+        url = f"{self.cfg.checkpoint.dir.rstrip('/')}/{tag}"
+        self.tracker.log_checkpoint(url, self.step, self.ckpt.last_save_s)
         return tag
+
+    def _step_extras(self, out: StepOutput, timer: StepTimer) -> tuple[dict, bool]:
+        """Skip counts, log-step metrics, validation and curriculum of the step just taken;
+        returns the line's extra fields and whether to flush the metrics now."""
+        cfg, extra = self.cfg, {}
+        self.num_nonfinite_in_row = 0 if out.applied else self.num_nonfinite_in_row + 1
+        if not out.applied:
+            self.num_skipped_steps += 1
+            extra.update(skipped_step=True, num_skipped_steps=self.num_skipped_steps)
+        log_step = self.step % cfg.train.log_every == 0 or self.step == self.max_steps
+        if log_step and out.applied:
+            terms = reduce_metrics(
+                {k: v for k, v in out.terms.items() if k != "loss"}, self.world_size
+            )
+            extra.update({f"train/{k}": v for k, v in terms.items()})
+            extra.update(timer.take(self.loader.telemetry()))
+        validated = bool(self.val_loaders) and self.step % cfg.train.val_every_steps == 0
+        if validated:
+            self.val_metrics = self.validate()
+            extra.update(self.val_metrics)
+        events = self.curriculum.update(
+            step=self.step,
+            epoch=self.loader.epoch,
+            val_metrics=self.val_metrics if validated else None,
+        )
+        if events:
+            self.loader.set_negative_mix(self.curriculum.negative_mix)
+            extra.update(curriculum=events)
+            extra["curriculum/stage_index"] = self.curriculum.stage_index
+            for ev in events if self.is_main else []:
+                log.info(
+                    "curriculum: %s -> %s at step %d", ev["from_stage"], ev["to_stage"], self.step
+                )
+            self.tracker.log_curriculum(self.curriculum.history, self.curriculum.stage.name)
+        return extra, log_step or bool(events) or validated
+
+    def _stop_reason(self) -> tuple[str, str] | None:
+        """(status, message) when the run must stop after this step's checkpoint."""
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.num_nonfinite_in_row >= limit:
+            return "failed", (
+                f"stopping: {self.num_nonfinite_in_row} optimizer steps in a row had a non-finite "
+                f"loss (train.max_nonfinite_steps={limit}); checkpoint saved at step {self.step}"
+            )
+        if self.stop_signal is not None:
+            return "preempted", (
+                f"preempted by signal {self.stop_signal}: checkpoint at step {self.step}"
+            )
+        return None
 
     def train(self) -> TrainResult:
         cfg = self.cfg
-        self._start_tracking()
-        progress = None
-        if self.is_main and cfg.train.progress:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step")
+        self._open_tracking()
+        progress = ProgressBar(
+            self.is_main and cfg.train.progress, total=self.max_steps, initial=self.step
+        )
         status, message = "completed", ""
         data_iter = iter(self.loader)
-        wait_s = compute_s = 0.0
-        # A resumed run already has its starting step on disk.
-        last_saved = self.step if self.resumed_from else -1
+        timer = StepTimer()
+        last_saved = self.step if self.resume_plan else -1  # a resumed step is on disk already
         try:
             while self.step < self.max_steps:
                 t0 = time.perf_counter()
-                try:
-                    batch = next(data_iter)
-                except StopIteration:
+                batch = next(data_iter, None)
+                if batch is None:
                     break
                 t1 = time.perf_counter()
-                out, applied = self.train_step(batch)
-                t2 = time.perf_counter()
-                wait_s += t1 - t0
-                compute_s += t2 - t1
+                out = self.train_step(batch)
+                timer.add(wait_s=t1 - t0, compute_s=time.perf_counter() - t1)
                 self.step += 1
-                epoch = self.loader.epoch
-                extra: dict[str, Any] = {}
-                if not applied:
-                    self.num_skipped_steps += 1
-                    self.num_nonfinite_in_row += 1
-                    extra["skipped_step"] = True
-                    extra["num_skipped_steps"] = self.num_skipped_steps
-                else:
-                    self.num_nonfinite_in_row = 0
-                lr = float(self.engine.get_lr()[0])
-                log_step = self.step % cfg.train.log_every == 0 or self.step == self.max_steps
-                if log_step and out and applied:
-                    from avts_dist.losses import reduce_metrics
-
-                    terms = reduce_metrics(
-                        {k: v for k, v in out.items() if k != "loss"}, self.world_size
-                    )
-                    extra.update({f"train/{k}": v for k, v in terms.items()})
-                    tel = self.loader.telemetry()
-                    total = wait_s + compute_s
-                    extra["data/wait_fraction"] = wait_s / total if total > 0 else 0.0
-                    extra["data/clips_per_s"] = tel["clips_per_s"]
-                    extra["data/skipped_total"] = tel["skipped_total"]
-                    extra["train/step_s"] = total / max(1, cfg.train.log_every)
-                    wait_s = compute_s = 0.0
-                if self.val_loaders and self.step % cfg.train.val_every_steps == 0:
-                    self.val_metrics = self.validate()
-                    extra.update(self.val_metrics)
-                events = self.curriculum.update(
-                    step=self.step,
-                    epoch=epoch,
-                    val_metrics=self.val_metrics if "val/sync_acc_easy" in extra else None,
+                extra, flush = self._step_extras(out, timer)
+                lr, samples = float(self.engine.get_lr()[0]), self.step * cfg.data.global_batch_size
+                self.metrics.record(
+                    StepRecord(self.step, self.loader.epoch, lr, samples, out.loss, extra)
                 )
-                if events:
-                    self.loader.set_negative_mix(self.curriculum.negative_mix)
-                    extra["curriculum"] = events
-                    extra["curriculum/stage_index"] = self.curriculum.stage_index
-                    if self.is_main:
-                        for ev in events:
-                            log.info(
-                                "curriculum: %s -> %s at step %d",
-                                ev["from_stage"],
-                                ev["to_stage"],
-                                self.step,
-                            )
-                        if self.tracker is not None:
-                            self.tracker.log_dict(
-                                {"events": self.curriculum.history}, "curriculum/history.json"
-                            )
-                            self.tracker.set_tags(
-                                {"avts.curriculum_stage": self.curriculum.stage.name}
-                            )
-                pending = out["loss"] if (out and applied) else torch.tensor(float("nan"))
-                self._pending_losses.append((self.step, epoch, pending.detach(), lr, extra))
-                if log_step or events or "val/sync_acc_easy" in extra:
-                    self._flush_metrics()
-                    if progress is not None and self._last_loss is not None:
-                        progress.set_postfix(loss=f"{self._last_loss:.4f}", refresh=False)
-                if progress is not None:
-                    progress.update(1)
-                if self.num_nonfinite_in_row >= cfg.train.max_nonfinite_steps:
-                    self.save_checkpoint()
-                    last_saved = self.step
-                    status = "failed"
-                    message = (
-                        f"stopping: {self.num_nonfinite_in_row} optimizer steps in a row had a "
-                        f"non-finite loss (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}"
-                        f"); checkpoint saved at step {self.step}"
-                    )
-                    break
-                if self.stop_signal is not None:
-                    self.save_checkpoint()
-                    last_saved = self.step
-                    status = "preempted"
-                    message = (
-                        f"preempted by signal {self.stop_signal}: checkpoint at step {self.step}"
-                    )
-                    break
+                if flush:
+                    self.metrics.flush()
+                progress.update(self.metrics.last_loss)
+                stop = self._stop_reason()
                 every = cfg.checkpoint.every_steps
-                if every and self.step % every == 0:
+                if stop is not None or (every and self.step % every == 0):
                     self.save_checkpoint()
                     last_saved = self.step
+                if stop is not None:
+                    status, message = stop
+                    break
             if status == "completed" and last_saved != self.step:
                 self.save_checkpoint()
-            self._flush_metrics(force_mlflow=True)
+            self.metrics.flush(flush_tracker=True)
         except BaseException:
             status = "failed"
-            if self.tracker is not None:
-                self.tracker.end("FAILED")
-                self.tracker = None
             raise
         finally:
-            if progress is not None:
-                progress.close()
-            if hasattr(data_iter, "close"):
-                data_iter.close()
-            if self.tracker is not None:
-                mlflow_status = {"completed": "FINISHED", "preempted": "KILLED"}.get(
-                    status, "FAILED"
-                )
-                self.tracker.end(mlflow_status)
+            progress.close()
+            data_iter.close()
+            self.tracker.end({"completed": "FINISHED", "preempted": "KILLED"}.get(status, "FAILED"))
         if message and self.is_main:
             log.warning(message)
-        final = (
-            self._last_loss if self._last_loss is None or math.isfinite(self._last_loss) else None
-        )
+        last = self.metrics.last_loss
+        final = last if last is not None and math.isfinite(last) else None
         return TrainResult(
-            status=status,
-            step=self.step,
-            final_loss=final,
-            run_dir=str(self.run_dir),
-            checkpoint_dir=self.cfg.checkpoint.dir,
-            mlflow_run_id=self.mlflow_run_id or None,
-            message=message,
-        )
+            status, self.step, final, str(self.run_dir), cfg.checkpoint.dir,
+            self.mlflow_run_id or None, message,
+        )  # fmt: skip
 
     def close(self) -> None:
         self.loader.close()

@@ -32,14 +32,14 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from avts_dist.data.shards import (  # noqa: E402
+from avts_dist.data.index import (  # noqa: E402
     FORMAT_VERSION,
     INDEX_NAME,
     DatasetIndex,
-    _commit,
     open_dataset_fs,
     shard_name,
 )
+from avts_dist.data.writer import _commit  # noqa: E402
 from avts_dist.storage import join  # noqa: E402
 
 CLIPS_PER_SHARD = 1000

@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     from avts_dist.distributed import collectives as C
     from avts_dist.losses import build_loss
     from avts_dist.models import build_model
-    from avts_dist.train.trainer import Trainer, _to_device
+    from avts_dist.train.batch import to_device
+    from avts_dist.train.trainer import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     corpus = args.corpus
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Batches in memory (both sides use the very same tensors).
     it = iter(trainer.loader)
     num_batches = 4
-    batches = [_to_device(next(it), trainer.device, trainer.dtype) for _ in range(num_batches)]
+    batches = [to_device(next(it), trainer.device) for _ in range(num_batches)]
     it.close()
 
     torch.manual_seed(cfg.data.seed)

@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from avts_dist.config import DataConfig  # noqa: E402
 from avts_dist.data.decode import audio_window, decode_audio, decode_video, logmel  # noqa: E402
-from avts_dist.data.shards import DatasetIndex, read_member  # noqa: E402
+from avts_dist.data.index import DatasetIndex, read_member  # noqa: E402
 from avts_dist.models import (  # noqa: E402
     FusedClassifier,
     VideoClassifier,

@@ -14,10 +14,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "index": ["bench_index.py"],
+    "decode": ["bench_decode.py"],
     "loader": ["bench_loader.py"],
+    "blocks": ["bench_blocks.py"],
     "models": ["bench_models.py"],
     "loss": ["bench_loss.py"],
     "train": ["bench_train.py"],
+    # On the checked-in inputs; `sim_scale.py --decode-json bench-results/decode.json` takes
+    # the decode figures of this run instead.
+    "scale": ["sim_scale.py"],
 }
 
 

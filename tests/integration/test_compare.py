@@ -1,15 +1,27 @@
 """`avts compare` over real MLflow runs in a local store: two pretraining runs (curriculum on and
-off) with loss curves, each with child evaluation runs created by the eval tracking helper."""
+off) with loss curves, each with child evaluation runs created by the eval tracking helper; and
+the report (`--out`) over a seeded ablation (tests/fixtures/mlflow_runs.py): configurations,
+intervals, legend, figures beside their tables, links to the MLflow UI of a tracking server.
+(The report in a real browser: test_report_browser.py.)"""
 
 from __future__ import annotations
 
 import csv
+import json
+import math
+import re
+import urllib.request
 
+import numpy as np
 import pytest
 
 import avts_dist.tracking.eval_runs  # noqa: F401  (allows MLflow's local file store)
 from avts_dist.cli import main
 from avts_dist.tracking.eval_runs import EvalRun
+from tests.fixtures.mlflow_runs import log_seeded_comparison
+
+# Student's t quantile for a 95% interval with 2 degrees of freedom (3 seeds), from tables.
+T_975_DF2 = 4.3027
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +94,8 @@ def test_compare_groups_children_and_writes_outputs(store, tmp_path, capsys):
     by_run = {r["run"]: r for r in rows}
     assert by_run["curriculum"]["run_id_full"] == store["parents"]["curriculum"]
     assert float(by_run["no_curriculum"]["ucf101/acc_video"]) == pytest.approx(0.4)
-    html = (out / "compare.html").read_text()
-    assert "no_curriculum" in html and "downstream.png" in html
+    html = (out / "compare.html").read_text().replace("<wbr>", "")
+    assert "no_curriculum" in html and html.count('src="data:image/png;base64,') == 3
     for png in ("training_curves.png", "sync_vs_offset.png", "downstream.png"):
         data = (out / png).read_bytes()
         assert data[:4] == b"\x89PNG" and len(data) > 5000
@@ -125,3 +137,105 @@ def test_compare_and_eval_runs_on_a_tracking_server(mlflow_server, capsys):
     lines = lines[start:]
     assert lines[0].split() == ["pretrain-srv"]
     assert any(line.split()[:2] == ["esc50/acc", "0.7500"] for line in lines)
+
+
+@pytest.fixture(scope="module")
+def seeded(seeded_report) -> dict:
+    return {**seeded_report, "html": seeded_report["page"].read_text()}
+
+
+def _sections(page: str) -> dict[str, str]:
+    """HTML after each <h2> heading, up to the next one."""
+    parts = re.split(r"<h2>(.*?)</h2>", page)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_report_groups_seeds_into_configurations_with_intervals(seeded):
+    values = seeded["comparison"].values
+    with (seeded["out"] / "compare_groups.csv").open() as f:
+        rows = {(r["configuration"], r["metric"]): r for r in csv.DictReader(f)}
+    # Configurations are named after their runs (curriculum-s0, -s1, -s2 -> curriculum).
+    assert {k[0] for k in rows} == set(values)
+    for arm, metrics in values.items():
+        for metric in ("sync/acc", "sync/acc_hard", "synthetic/video/acc_video", "loss"):
+            xs = np.array(metrics[metric])
+            row = rows[(arm, metric)]
+            assert int(row["n"]) == 3
+            assert float(row["mean"]) == pytest.approx(xs.mean(), rel=1e-5)
+            half = T_975_DF2 * xs.std(ddof=1) / math.sqrt(3)
+            assert float(row["ci95_half_width"]) == pytest.approx(half, rel=1e-4)
+        assert rows[(arm, "loss")]["better"] == "lower"
+        assert rows[(arm, "sync/acc")]["better"] == "higher"
+    # Cells show mean +- half width and n; the best configuration per row is bold.
+    page = seeded["html"].replace("<wbr>", "")
+    xs = np.array(values["curriculum"]["sync/acc"])
+    half = T_975_DF2 * xs.std(ddof=1) / math.sqrt(3)
+    assert (
+        f'<span class="v">{xs.mean():.3f}</span> <span class="ci">&plusmn;&nbsp;{half:.3f}' in page
+    )
+    best = max(values, key=lambda arm: np.mean(values[arm]["sync/acc"]))
+    cell = re.search(
+        r'<th class="name">sync/acc <span class="dir" title="higher is better">&uarr;</span></th>'
+        r"(.*?)</tr>",
+        page,
+    ).group(1)
+    bold = re.findall(r'<td class="num best"><span class="v">([\d.]+)</span>', cell)
+    assert bold == [f"{np.mean(values[best]['sync/acc']):.3f}"]
+
+
+def test_report_legend_and_figures_beside_their_tables(seeded):
+    page = seeded["html"].replace("<wbr>", "")
+    # Self-contained: no script, no stylesheet link, every image inline.
+    assert "<script" not in page and "<link" not in page
+    assert re.findall(r'<img [^>]*src="(?!data:image/png;base64,)', page) == []
+    sections = _sections(page)
+    legend = sections["Reading this report"]
+    for metric, better in (
+        ("loss", "Lower"),
+        ("sync/acc_hard", "Higher"),
+        ("val/sync_acc_easy", "Higher"),
+    ):
+        assert re.search(
+            rf"<dt>{re.escape(metric)} <span[^>]*>.*?</dt><dd>[^<]+<i>{better} is better", legend
+        ), metric
+    assert "data.seed, loss.seed form one configuration" in legend
+    for title, alt, metric in (
+        ("Pretraining", "training curves", "val/sync_acc_hard"),
+        ("Synchronisation", "sync accuracy against audio offset", "sync/acc_superhard"),
+        ("Downstream", "downstream accuracy", "synthetic/video/gain_over_scratch"),
+    ):
+        pair = re.search(r'<div class="pair">(.*)', sections[title], re.S).group(1)
+        assert f'alt="{alt}"' in pair and f'<th class="name">{metric} ' in pair, title
+    # The configuration table spells out what differs; the runs table lists every run.
+    configs = sections["Configurations"]
+    assert "curriculum.enabled" in configs and '"superhard"' in configs.replace("&quot;", '"')
+    runs = sections["Runs"]
+    assert all(f"{arm}-s{seed}" in runs for arm in seeded["comparison"].values for seed in range(3))
+    assert "#/experiments/" not in page  # a local store has no UI to link to
+
+
+def test_report_links_runs_to_the_mlflow_ui(mlflow_server, tmp_path):
+    arms = {
+        "curriculum": (True, "easy_then_hard", 0.85),
+        "no_curriculum": (False, "easy_then_hard", 0.8),
+    }
+    comparison = log_seeded_comparison(
+        mlflow_server, "report-links", arms=arms, seeds=(0, 1), steps=20
+    )
+    out = tmp_path / "out"
+    args = ["compare", "--experiment", "report-links", "--tracking-uri", mlflow_server]
+    assert main([*args, "--out", str(out)]) == 0
+    links = set(re.findall(r'<a href="([^"]+)">', (out / "compare.html").read_text()))
+    expected = {
+        f"{mlflow_server}/#/experiments/{comparison.experiment_id}/runs/{rid}"
+        for parent in comparison.parents.values()
+        for rid in [parent, *comparison.children[parent]]
+    }
+    assert expected <= links
+    # Each linked run is the one MLflow's own API returns for that experiment.
+    for link in sorted(expected)[:3]:
+        exp_id, run_id = re.search(r"/experiments/(\w+)/runs/(\w+)$", link).groups()
+        with urllib.request.urlopen(
+            f"{mlflow_server}/api/2.0/mlflow/runs/get?run_id={run_id}"
+        ) as r:
+            assert json.load(r)["run"]["info"]["experiment_id"] == exp_id

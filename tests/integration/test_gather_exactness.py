@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from avts_dist.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -176,18 +177,12 @@ def _worker(rank, world_size, port, out_path):
     destroy()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"world{n}")
 def exactness(request, tmp_path_factory):
     world_size = request.param
     out_path = tmp_path_factory.mktemp(f"exact{world_size}") / "results.json"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(world_size, _free_port(), str(out_path)), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), str(out_path)), nprocs=world_size, join=True)
     return json.loads(out_path.read_text())
 
 

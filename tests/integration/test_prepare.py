@@ -1,5 +1,6 @@
 """`avts prepare` on small fixtures in every real layout (generated with PyAV, see
-tests/fixtures/layouts.py): shards, index columns, skip reports, resume, S3 output."""
+tests/fixtures/layouts.py): shards, index columns, skip reports, resume, S3 output, the training
+profile checked with PyAV, untrimmed downloads cut to their segment, and --copy."""
 
 from __future__ import annotations
 
@@ -8,13 +9,22 @@ import io
 import json
 import tarfile
 
+import av
 import numpy as np
 import pytest
 
 from avts_dist.cli import main
+from avts_dist.data.converters.media import MediaError, segment_cut
 from avts_dist.data.decode import decode_audio, decode_video
-from avts_dist.data.shards import DatasetIndex, read_member
-from tests.fixtures.layouts import make_esc50, wav_duration
+from avts_dist.data.index import DatasetIndex, read_member
+from tests.fixtures.layouts import (
+    audio_onset_s,
+    flash_frame,
+    make_esc50,
+    make_folder,
+    wav_duration,
+    write_video,
+)
 
 
 def _index(prepared, name) -> DatasetIndex:
@@ -24,6 +34,42 @@ def _index(prepared, name) -> DatasetIndex:
 
 def _report(prepared, name) -> dict:
     return json.loads(prepared[name]["stdout"])
+
+
+def _prepare(*argv) -> str:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["prepare", *map(str, argv), "--workers", "1", "--no-progress"])
+    assert rc == 0, buf.getvalue()
+    return buf.getvalue()
+
+
+def _streams(mp4: bytes) -> dict:
+    """What PyAV reads from one MP4: codecs, size, frame rate, keyframe times, audio, layout."""
+    with av.open(io.BytesIO(mp4)) as container:
+        video = container.streams.video[0]
+        audio = container.streams.audio[0] if container.streams.audio else None
+        info = {
+            "video": (video.codec_context.name, video.codec_context.pix_fmt),
+            "size": (video.codec_context.width, video.codec_context.height),
+            "fps": float(video.average_rate),
+            "audio": None,
+        }
+        if audio is not None:
+            ctx = audio.codec_context
+            info["audio"] = (ctx.name, ctx.sample_rate, ctx.layout.nb_channels)
+        keyframes = [p for p in container.demux(video) if p.is_keyframe and p.pts is not None]
+        info["keyframes_s"] = sorted(round(float(p.pts * p.time_base), 3) for p in keyframes)
+    # faststart: the index (moov) is written before the media (mdat).
+    info["faststart"] = 0 <= mp4.find(b"moov") < mp4.find(b"mdat")
+    return info
+
+
+def _frames_and_wave(mp4: bytes) -> tuple[np.ndarray, np.ndarray, float]:
+    with av.open(io.BytesIO(mp4)) as container:
+        fps = float(container.streams.video[0].average_rate)
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    return frames, decode_audio(mp4, 16000), fps
 
 
 def test_ucf101_avi_transcoded_splits_and_silent_videos_kept(prepared_datasets, layout_sources):
@@ -112,6 +158,113 @@ def test_audioset_and_kinetics_csv_matching(prepared_datasets, layout_sources):
     # Pretraining corpora need audio: the silent clip is flagged by the probe.
     assert sorted(kin.status.tolist()).count("no_audio") == 1
     assert kin.classes == layout_sources["kinetics"][1]["classes"]
+    # The default profile, recorded in the header; audio-only datasets record theirs.
+    for idx in (aset, kin):
+        assert idx.profile["name"] == "training" and idx.profile["short_side"] == 128
+        fs = idx.open_fs()
+        for row in range(len(idx)):
+            got = _streams(read_member(fs, idx, row, "mp4"))
+            # 32-px sources at 8 or 10 fps: not upscaled, their own rate, a keyframe a second.
+            assert got["size"] == (32, 32) and got["fps"] in (8.0, 10.0) and got["faststart"]
+            assert idx.fps[row] == got["fps"]
+            assert got["keyframes_s"] == [float(t) for t in range(int(idx.duration[row] + 0.5))]
+    assert _index(prepared_datasets, "esc50").profile["name"] == "wav"
+
+
+@pytest.mark.parametrize("name", ["audioset", "kinetics"])
+def test_untrimmed_downloads_are_cut_to_their_segment(prepared_datasets, layout_sources, name):
+    idx = _index(prepared_datasets, name)
+    made = layout_sources[name][1]["untrimmed"]
+    start, end = made["segment"]
+    fs = idx.open_fs()
+    cut_rows = []
+    for row in range(len(idx)):
+        meta = json.loads(read_member(fs, idx, row, "json"))
+        if "cut_s" in meta:
+            cut_rows.append(row)
+            assert meta["cut_s"] == [start, end]
+    # Only the id-only match was cut; the clips named by their segment were kept whole.
+    (row,) = cut_rows
+    assert idx.column("youtube_id")[row] == made["youtube_id"]
+    assert idx.duration[row] == pytest.approx(end - start, abs=0.15)
+    frames, wave, fps = _frames_and_wave(read_member(fs, idx, row, "mp4"))
+    # The marker sits where it was in the source, relative to the segment's start.
+    expected = made["marker_s"] - start
+    assert flash_frame(frames) / fps == pytest.approx(expected, abs=1.0 / fps + 1e-6)
+    assert audio_onset_s(wave, 16000) == pytest.approx(expected, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("duration", "named_by_segment", "expected"),
+    [
+        (10.0, False, None),  # already trimmed
+        (10.4, True, None),  # a loose cut, within the slack
+        (120.0, False, (30.0, 40.0)),  # the whole video: cut at the listed time
+        (120.0, True, (30.0, 40.0)),
+        (35.0, False, (30.0, 35.0)),  # ends inside the segment: cut to its end
+        (25.0, True, None),  # named by its segment, longer than it: trimmed loosely
+    ],
+)
+def test_segment_cut(duration, named_by_segment, expected):
+    assert segment_cut(duration, 30.0, 40.0, named_by_segment=named_by_segment) == expected
+
+
+def test_segment_past_the_end_of_an_id_only_match_is_skipped():
+    with pytest.raises(MediaError, match="segment_past_end"):
+        segment_cut(25.0, 30.0, 40.0, named_by_segment=False)
+
+
+def test_training_profile_checked_with_pyav(tmp_path, capsys):
+    src = tmp_path / "src"
+    # A 50 fps H.264/AAC source at 44.1 kHz, and an XviD/PCM AVI at 25 fps: both 64x48, 3 s.
+    write_video(src / "a" / "fast.mp4", cls=0, seconds=3.0, fps=50, size=48, width=64,
+                sample_rate=44100)  # fmt: skip
+    write_video(src / "b" / "old.avi", cls=1, seconds=3.0, fps=25, size=48, width=64)
+    cases = {
+        # Default: never upscaled, the source's rate capped at 30.
+        "default": ([], (64, 48), {"fast": 30.0, "old": 25.0}),
+        "small": (["--short-side", "24", "--fps", "10"], (32, 24), {"fast": 10.0, "old": 10.0}),
+    }
+    for name, (argv, size, fps) in cases.items():
+        out = tmp_path / name
+        _prepare("folder", "--src", src, "--out", out, *argv)
+        idx = DatasetIndex.load(str(out))
+        assert idx.profile["name"] == "training" and idx.profile["fps"] == (10.0 if argv else 0)
+        fs = idx.open_fs()
+        for row in range(len(idx)):
+            got = _streams(read_member(fs, idx, row, "mp4"))
+            stem = idx.column("source")[row].split("/")[1].split(".")[0]
+            assert got["video"] == ("h264", "yuv420p") and got["size"] == size
+            assert got["fps"] == fps[stem] and idx.fps[row] == pytest.approx(fps[stem])
+            assert got["keyframes_s"] == [0.0, 1.0, 2.0]
+            assert got["audio"] == ("aac", 16000, 1) and idx.sample_rate[row] == 16000
+            assert got["faststart"]
+            assert idx.duration[row] == pytest.approx(3.0, abs=0.1)
+    assert main(["inspect", str(tmp_path / "small")]) == 0
+    assert (
+        "profile   training: H264 yuv420p, short side 24 (never upscaled), 10 fps, a keyframe "
+        "every 1 s, AAC mono 16000 Hz, faststart"
+    ) in capsys.readouterr().out
+
+
+def test_copy_keeps_sources_untouched(tmp_path, capsys):
+    make_folder(tmp_path / "src", clips=1)
+    _prepare("folder", "--src", tmp_path / "src", "--out", tmp_path / "out", "--copy")
+    idx = DatasetIndex.load(str(tmp_path / "out"))
+    assert idx.profile["name"] == "copy"
+    fs = idx.open_fs()
+    for row, source in enumerate(idx.column("source")):
+        assert read_member(fs, idx, row, "mp4") == (tmp_path / "src" / source).read_bytes()
+    assert main(["inspect", str(tmp_path / "out"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["profile"]["name"] == "copy"
+
+
+def test_bad_profile_is_a_one_line_error(tmp_path, capsys):
+    make_folder(tmp_path / "src", clips=1)
+    argv = ["prepare", "folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--short-side", "33"]) == 2
+    err = capsys.readouterr().err
+    assert "short-side must be even" in err and err.count("\n") == 1
 
 
 def test_folder_layout(prepared_datasets):

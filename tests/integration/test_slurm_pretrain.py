@@ -1,28 +1,29 @@
 """The real trainer under the real local SLURM cluster, on the synthetic corpus.
 
-2 SLURM tasks per job (gloo), the tiny CPU model, a few steps. One uninterrupted run chained
-with export and the `sync` evaluation; one run preempted with USR2 (the signal a time limit
-sends) that is requeued, resumes and must end with the same final loss and the same MLflow run;
-one run stopped with scancel whose checkpoint must export.
+2 SLURM tasks per job (gloo), the tiny CPU model. One uninterrupted run chained with export and
+the `sync` evaluation; one run that reaches its time limit while training, is signalled, saves,
+is requeued, resumes and must end with every loss bitwise equal and the same MLflow run; one run
+stopped with scancel whose checkpoint must export. MAX_STEPS is long enough (about a minute of
+training on an idle machine) for the time-limit signal to land mid-training.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+import avts_dist.tracking.eval_runs  # noqa: F401  (allows MLflow's local file store)
 from avts_dist.cli import main as avts_main
 from tests.fixtures.slurm import scontrol_job, wait_state
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
-os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-MAX_STEPS = 10
+MAX_STEPS = 1000
 
 
 def _config(tmp: Path, name: str, corpus: str, mlruns: Path) -> Path:
@@ -41,7 +42,7 @@ checkpoint:
   every_steps: 0
 train:
   max_steps: {MAX_STEPS}
-  log_every: 1
+  log_every: 10
   val_every_steps: 0
   progress: false
 tracking:
@@ -99,19 +100,24 @@ def reference(tmp_path_factory, synth_corpus, mlruns):
 
 
 def test_two_task_run_checkpoint_mlflow_and_chained_sync_eval(reference, mlruns):
+    import torch
     from mlflow import MlflowClient
 
-    from avts_dist.train import find_latest_complete
+    from avts_dist.train import list_checkpoints
 
     status, info, run_dir = reference
     assert status == 0, info
     assert set(info["states"].values()) == {"COMPLETED"}
-    tag, meta = find_latest_complete(str(run_dir / "checkpoints"))
-    assert meta.get("step", int(tag.split("_")[-1])) == MAX_STEPS
+    newest = list_checkpoints(str(run_dir / "checkpoints"))[-1]
+    tag, meta = newest.tag, newest.meta
+    assert newest.step == MAX_STEPS and tag == f"step_{MAX_STEPS:06d}"
     # Both ranks ran: one log per rank, and the run saw world size 2.
+    assert meta["world_size"] == 2
     logs = sorted((run_dir / "slurm").glob(f"{info['pretrain']}_*_log.out"))
     assert [p.name.split("_")[1] for p in logs] == ["0", "1"]
-    assert (run_dir / "export" / "model.pt").exists()
+    # The chained export job consolidated that very checkpoint.
+    exported = torch.load(run_dir / "export" / "model.pt", weights_only=True)
+    assert exported["step"] == MAX_STEPS and exported["source_checkpoint"].endswith(tag)
 
     client = MlflowClient(tracking_uri=mlruns.as_uri())
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
@@ -130,22 +136,41 @@ def test_two_task_run_checkpoint_mlflow_and_chained_sync_eval(reference, mlruns)
     assert child.info.start_time >= parent.info.end_time
 
 
-def test_usr2_preemption_requeues_and_resumes_to_same_loss(
+def _run_seconds(job: str) -> float:
+    from launch.executors import parse_slurm_time
+
+    return parse_slurm_time(scontrol_job(job).get("RunTime", "0:0:0")) * 60
+
+
+def test_time_limit_signal_saves_requeues_and_finishes_bitwise(
     reference, tmp_path, capsys, synth_corpus, mlruns
 ):
+    """A real pretraining job reaches its time limit while training: SLURM signals every task
+    (USR2, grace_s before the limit), the trainer saves, rank 0 requeues, the requeued job
+    resumes and finishes with every step's loss bitwise equal to the uninterrupted reference.
+
+    The limit is set once training runs: SLURM keeps limits in whole minutes and checks them
+    every ~30 s, and the trainer's start-up takes 15-60 s depending on the machine's load, so a
+    limit fixed at submission would either signal before training or need minutes of slack.
+    With --grace-s 100 and a limit that ends 40-100 s ahead, the warning is due at once and
+    arrives at SLURM's next check; the save has the rest (and KillWait) to finish.
+    """
     _, _, ref_dir = reference
-    cfg = _config(tmp_path, "pre", synth_corpus, mlruns)
-    status, info = _launch(capsys, cfg)
-    assert status == 0
-    job, run_dir = info["pretrain"], tmp_path / "pre"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and len(_metrics(run_dir)) < 2:
+    cfg = _config(tmp_path, "limit", synth_corpus, mlruns)
+    capsys.readouterr()
+    argv = ["launch", "pretrain", "--json", "--config", str(cfg), "--tasks-per-node", "2"]
+    argv += ["--time", "00:10:00", "--grace-s", "100", "--max-requeues", "3"]
+    assert avts_main(argv) == 0
+    job = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pretrain"]
+    run_dir = tmp_path / "limit"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(_metrics(run_dir)) < 10:
         time.sleep(0.5)
-    assert _metrics(run_dir), "training never started"
+    assert len(_metrics(run_dir)) >= 10, "training never started"
     first_run_id = (run_dir / "mlflow_run_id").read_text().strip()
-    # What SLURM sends every task grace_s before a time limit (and on preemption).
-    subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    deadline = time.monotonic() + 240
+    limit_min = math.ceil((_run_seconds(job) + 40) / 60)
+    subprocess.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit_min}"], check=True)
+    deadline = time.monotonic() + 420
     state = ""
     while time.monotonic() < deadline:
         job_info = scontrol_job(job)
@@ -153,13 +178,22 @@ def test_usr2_preemption_requeues_and_resumes_to_same_loss(
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
             break
         if state == "PENDING" and job_info.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+            # Requeued: SLURM holds it ~2 minutes; release it with its normal limit back.
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=10"],
+                check=False,
+            )
         time.sleep(0.5)
-    assert state == "COMPLETED"
+    assert state == "COMPLETED", f"job {job} ended {state}"
     assert int(scontrol_job(job)["Restarts"]) >= 1
     err = (run_dir / "slurm" / f"{job}_0_log.err").read_text()
     assert "trainer returned preempted" in err and "requeue 1 of at most" in err
-    assert _final_loss(run_dir) == pytest.approx(_final_loss(ref_dir), rel=1e-5)
+    # The trainer saved mid-training, and the requeued job went on from that checkpoint.
+    saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert saved[0] < MAX_STEPS and saved[-1] == MAX_STEPS, saved
+    ref, got = _metrics(ref_dir), _metrics(run_dir)
+    assert [m["step"] for m in got] == list(range(1, MAX_STEPS + 1))
+    assert [m["loss"] for m in got] == [m["loss"] for m in ref]
     assert (run_dir / "mlflow_run_id").read_text().strip() == first_run_id
     from mlflow import MlflowClient
 
@@ -170,7 +204,7 @@ def test_usr2_preemption_requeues_and_resumes_to_same_loss(
 def test_scancel_leaves_an_exportable_checkpoint(tmp_path, capsys, synth_corpus, mlruns):
     import torch
 
-    from avts_dist.train import find_latest_complete
+    from avts_dist.train import list_checkpoints
 
     cfg = _config(tmp_path, "cancel", synth_corpus, mlruns)
     status, info = _launch(capsys, cfg, "train.max_steps=400")
@@ -184,11 +218,11 @@ def test_scancel_leaves_an_exportable_checkpoint(tmp_path, capsys, synth_corpus,
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and scontrol_job(job).get("JobState") != "CANCELLED":
         time.sleep(0.5)
-    found = None
-    while time.monotonic() < deadline and found is None:
-        found = find_latest_complete(str(run_dir / "checkpoints"))
+    found = []
+    while time.monotonic() < deadline and not found:
+        found = list_checkpoints(str(run_dir / "checkpoints"))
         time.sleep(0.5)
-    assert found is not None, "scancel left no complete checkpoint"
+    assert found, "scancel left no complete checkpoint"
     assert scontrol_job(job).get("Restarts") == "0", "a cancelled job must not requeue"
     out = tmp_path / "model.pt"
     assert (

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from avts_dist.cli import main
-from avts_dist.data.shards import INDEX_NAME, DatasetIndex, read_member
+from avts_dist.data.index import INDEX_NAME, DatasetIndex, read_member
 from avts_dist.data.synthetic import synthesize
 from avts_dist.storage import get_fs
 from tests.fixtures.corpus import SYNTH_CORPUS, audio_onsets, visual_onset_frames
@@ -209,8 +209,8 @@ def test_cli_process_reports_missing_bucket(s3_server):
     )
     assert out.returncode == 2
     assert out.stderr.strip() == (
-        "avts inspect: error: bucket 'no-such-bucket-avts' does not exist "
-        "(dataset URL 's3://no-such-bucket-avts/ds')"
+        f"avts inspect: error: bucket 'no-such-bucket-avts' does not exist at {s3_server} "
+        "(for s3://no-such-bucket-avts/ds)"
     )
 
 

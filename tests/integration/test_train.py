@@ -3,7 +3,9 @@ MP4 corpus, real MLflow stores (local file store and a tracking server).
 
 One 2-process reference run is shared. The other runs resume from it or are compared to it:
 kill during a save + resume=auto (bitwise same losses), 2 -> 1 and 1 -> 2 processes through
-DeepSpeed's universal checkpoint, export without DeepSpeed, NaN injection on the MLflow server.
+DeepSpeed's universal checkpoint, export without DeepSpeed, NaN injection with checkpoints on S3
+from two ranks that share no staging folder (as nodes without a shared filesystem), on the MLflow
+server. Faults are injected by the test-side hooks of ``tests/fixtures/train_hooks.py``.
 """
 
 from __future__ import annotations
@@ -55,9 +57,12 @@ def _config(tmp: Path, corpus: str) -> Path:
     return path
 
 
-def avts_train(cwd: Path, config: Path, *overrides: str, nproc: int = 1, env=None):
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
-    cmd = [sys.executable, "-m", "avts_dist", "train", "--config", str(config)]
+def avts_train(cwd: Path, config: Path, *overrides: str, nproc: int = 1, hooks=()):
+    """`avts train`, or with ``hooks`` (e.g. ``("--kill-at", "after_shards:6")``) its test-side
+    stand-in that installs fault-injecting hooks into the same run_training."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    entry = ["tests.fixtures.train_hooks", *hooks] if hooks else ["avts_dist", "train"]
+    cmd = [sys.executable, "-m", *entry, "--config", str(config)]
     cmd += ["--nproc", str(nproc), *overrides]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=400)
 
@@ -98,6 +103,7 @@ def test_two_process_training(ref_run):
     assert m[8]["loss"] < m[1]["loss"]
     # Validation at steps 4 and 8, and the curriculum moved to the hard stage at step 4.
     assert "val/sync_acc_easy" in m[4] and "val/sync_acc_hard" in m[8]
+    assert not any(k.startswith("val/acc") for k in m[4])  # one name per metric
     assert m[4]["curriculum"][0]["to_stage"] == "easy_hard"
     ckpts = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step_*")) == [
@@ -107,6 +113,13 @@ def test_two_process_training(ref_run):
     meta = json.loads((ckpts / "step_000008" / "COMPLETE").read_text())
     assert meta["world_size"] == 2 and meta["step"] == 8
     assert len(list((ckpts / "step_000008").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    # The manifest names every rank's files with their sizes, as they are on disk.
+    tag_dir = ckpts / "step_000008"
+    assert {n for n in meta["files"] if n.startswith("rng_rank_")} == {
+        "rng_rank_00000.pt", "rng_rank_00001.pt",
+    }  # fmt: skip
+    on_disk = {p.name: p.stat().st_size for p in tag_dir.iterdir() if p.name != "COMPLETE"}
+    assert meta["files"] == on_disk
     assert (run_dir / "config.yaml").is_file()
     # MLflow, local store: params from the resolved config, credentials redacted everywhere.
     from mlflow import MlflowClient
@@ -119,7 +132,7 @@ def test_two_process_training(ref_run):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["data.global_batch_size"] == "4"
-    assert run.data.params["checkpoint.storage_options.secret_access_key"] == "***"
+    assert run.data.params["checkpoint.storage_options.secret_access_key"] == "<redacted>"
     assert SECRET not in json.dumps(run.data.params) + json.dumps(run.data.tags)
     assert SECRET not in ref_run["proc"].stdout + ref_run["proc"].stderr
     history = client.get_metric_history(run_id, "loss")
@@ -131,7 +144,7 @@ def test_kill_during_save_then_resume_is_bitwise_identical(ref_run, tmp_path):
     cfg = ref_run["cfg"]
     # SIGKILL on both ranks after the step-6 shards are written, before it is published.
     killed = avts_train(
-        tmp_path, cfg, "run.name=kill", nproc=2, env={"AVTS_TEST_KILL_AT": "after_shards:6"}
+        tmp_path, cfg, "run.name=kill", nproc=2, hooks=("--kill-at", "after_shards:6")
     )
     assert killed.returncode != 0
     run_dir = tmp_path / "runs" / "kill"
@@ -182,12 +195,25 @@ def test_elastic_resume_two_to_one_and_back(ref_run, tmp_path):
     assert meta["world_size"] == 1
     run_id = (tmp_path / "runs/one/mlflow_run_id").read_text().strip()
 
-    # 1 -> 2 processes, continuing the 1-process run to step 10.
+    # 1 -> 2 processes, continuing the 1-process run to step 10; the reference continues its own
+    # (2-process) step-8 checkpoint to step 10 alongside, on the same samples.
     two = avts_train(tmp_path, cfg, "run.name=one", "resume=auto", "train.max_steps=10", nproc=2)
     _ok(two)
-    got = metrics(tmp_path / "runs" / "one")
-    assert sorted(got) == list(range(5, 11))
-    assert got[10]["samples_seen"] == 40 and got[10]["loss"] is not None
+    ref8 = ref_run["run_dir"] / "checkpoints" / "step_000008"
+    cont = avts_train(
+        tmp_path, cfg, "run.name=ref10", f"resume={ref8}", "train.max_steps=10", nproc=2
+    )
+    _ok(cont)
+    got, ref10 = metrics(tmp_path / "runs" / "one"), metrics(tmp_path / "runs" / "ref10")
+    assert sorted(got) == list(range(5, 11)) and sorted(ref10) == [9, 10]
+    for step in (9, 10):
+        # The universal checkpoint carried the trained weights, optimizer and LR position: the
+        # continuation tracks the reference's (fresh weights would be ~1.8 above it).
+        assert got[step]["samples_seen"] == ref10[step]["samples_seen"] == 4 * step
+        assert got[step]["lr"] == ref10[step]["lr"]
+        assert got[step]["loss"] == pytest.approx(ref10[step]["loss"], rel=5e-2)
+        assert got[step]["epoch"] == ref10[step]["epoch"]
+    assert got[9]["loss"] < ref[1]["loss"] - 0.5
     assert (tmp_path / "runs/one/mlflow_run_id").read_text().strip() == run_id
     meta = json.loads((tmp_path / "runs/one/checkpoints/step_000010/COMPLETE").read_text())
     assert meta["world_size"] == 2
@@ -231,15 +257,23 @@ def test_export_loads_without_deepspeed(ref_run, tmp_path):
     assert bad == 2
 
 
-def test_nan_injection_then_resume_from_s3(ref_run, tmp_path, mlflow_server, s3_bucket):
-    """NaN steps are skipped, 3 in a row stop the run after a checkpoint (uploaded to S3, moto
-    server), logged to a real MLflow server; the run then resumes from S3 and finishes."""
+def test_nan_injection_then_resume_from_s3_without_shared_staging(
+    ref_run, tmp_path, mlflow_server, s3_bucket
+):
+    """NaN steps are skipped, 3 in a row stop the run after a checkpoint on S3 (moto server),
+    logged to a real MLflow server; the run then resumes from S3 and finishes. The two ranks
+    stage their files in folders of their own (``$RANK``), as nodes without a shared filesystem:
+    each uploads its own files, COMPLETE lists both ranks', and to resume each downloads its copy.
+    """
     cfg = ref_run["cfg"]
     remote = f"s3://{s3_bucket}/ckpt"
-    common = ("run.name=nan", f"tracking.uri={mlflow_server}", f"checkpoint.dir={remote}")
+    common = (
+        "run.name=nan", f"tracking.uri={mlflow_server}", f"checkpoint.dir={remote}",
+        f"checkpoint.staging_dir={tmp_path}/stage_$RANK",
+    )  # fmt: skip
     proc = avts_train(
-        tmp_path, cfg, *common, "train.inject_nan_at_steps=[2,4,5,6]",
-        "train.max_nonfinite_steps=3", "checkpoint.every_steps=0",
+        tmp_path, cfg, *common, "train.max_nonfinite_steps=3", "checkpoint.every_steps=0",
+        nproc=2, hooks=("--nan-at", "2,4,5,6"),
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "non-finite loss" in proc.stderr and "checkpoint saved at step 6" in proc.stderr
@@ -249,12 +283,23 @@ def test_nan_injection_then_resume_from_s3(ref_run, tmp_path, mlflow_server, s3_
     for step in (2, 4, 5, 6):
         assert m[step]["skipped_step"] is True and m[step]["loss"] is None
     assert m[3]["loss"] is not None and m[6]["num_skipped_steps"] == 4
+    assert m[4]["lr"] == m[5]["lr"] == m[6]["lr"]  # skipped steps leave the LR schedule alone
     import s3fs
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     meta = json.loads(fs.cat_file(f"{s3_bucket}/ckpt/step_000006/COMPLETE"))
     assert meta["step"] == 6 and fs.cat_file(f"{s3_bucket}/ckpt/latest") == b"step_000006"
-    assert fs.exists(f"{s3_bucket}/ckpt/step_000006/mp_rank_00_model_states.pt")
+    remote_sizes = {
+        p.rsplit("/", 1)[1]: info["size"]
+        for p, info in fs.find(f"{s3_bucket}/ckpt/step_000006", detail=True).items()
+        if not p.endswith("COMPLETE")
+    }
+    assert meta["files"] == remote_sizes
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "rng_rank_00000.pt", "rng_rank_00001.pt", "mp_rank_00_model_states.pt"} == set(meta["files"])  # fmt: skip
+    # Each staging folder held only its rank's part: dropped once the upload was confirmed.
+    for rank in (0, 1):
+        assert not (tmp_path / f"stage_{rank}" / "step_000006").exists()
     # The tracking server holds the run, marked failed, with metrics and redacted params.
     from mlflow import MlflowClient
 
@@ -267,10 +312,12 @@ def test_nan_injection_then_resume_from_s3(ref_run, tmp_path, mlflow_server, s3_
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert "config.yaml" in artifacts and "checkpoints" in artifacts
 
-    # Resume from S3 alone: the local staging copy is gone, so it must be downloaded.
-    shutil.rmtree(run_dir / "checkpoint_staging")
-    resumed = avts_train(tmp_path, cfg, *common, "resume=auto")
+    # Resume from S3: every rank's filesystem fetches the whole checkpoint.
+    resumed = avts_train(tmp_path, cfg, *common, "resume=auto", nproc=2)
     _ok(resumed)
+    for rank in (0, 1):
+        fetched = tmp_path / f"stage_{rank}" / "step_000006"
+        assert set(json.loads((fetched / "COMPLETE").read_text())["files"]) == set(meta["files"])
     m = metrics(run_dir)
     assert sorted(m) == list(range(1, 9)) and m[8]["loss"] is not None
     assert fs.cat_file(f"{s3_bucket}/ckpt/latest") == b"step_000008"

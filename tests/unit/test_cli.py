@@ -36,3 +36,39 @@ def test_bad_storage_options_json_is_a_clear_error():
     assert out.returncode == 2
     assert "--storage-options" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_trailing_overrides_join_the_positionals():
+    import argparse
+
+    from avts_dist.cli import accept_trailing_overrides
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("job")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("overrides", nargs="*")
+    accept_trailing_overrides(parser)
+    args = parser.parse_args(["sync", "a=1", "--checkpoint", "x", "b=2", "c=3"])
+    assert (args.job, args.checkpoint, args.overrides) == ("sync", "x", ["a=1", "b=2", "c=3"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sync", "--checkpoint", "x", "stray"])  # not key=value: refused
+
+
+def test_eval_and_launch_call_libraries_not_the_cli():
+    """The package borders: nothing under eval/ or launch/ imports avts_dist.cli or reroutes
+    stdout (they call library functions: export, one evaluation)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    for path in sorted([*root.glob("eval/*.py"), *root.glob("launch/*.py")]):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.startswith("avts_dist.cli") for n in names), path
+            if isinstance(node, ast.Attribute):
+                assert node.attr != "redirect_stdout", path

@@ -54,6 +54,16 @@ def test_layers_merge_in_order(tmp_path):
         ),
         (["launch.time=forever"], "launch.time"),
         (["nonsense=1"], "nonsense"),
+        # Literal fields: OmegaConf names the key and the allowed values.
+        (["deepspeed.backend=mpi"], "deepspeed.backend"),
+        (["deepspeed.precision=fp16"], "deepspeed.precision"),
+        (["optim.name=lamb"], "optim.name"),
+        (["loss.negatives=some"], "loss.negatives"),
+        (["model.video_arch=resnet"], "model.video_arch"),
+        # The one epoch knob: a run needs a length.
+        (["train.max_steps=0"], "train.max_steps"),
+        (["train.epochs=3"], "train.epochs"),  # gone: data.epochs is the knob
+        (["train.inject_nan_at_steps=[2]"], "train.inject_nan_at_steps"),  # test hooks moved out
     ],
 )
 def test_bad_values_fail_naming_the_key(overrides, key):
@@ -104,3 +114,16 @@ def test_shipped_configs_load():
     files = sorted(root.glob("pretrain/*.yaml"))
     for f in files:
         load_config(f)
+
+
+def test_literal_errors_list_the_choices():
+    with pytest.raises(
+        ConfigError, match=r"deepspeed.precision.*expected one of \['fp32', 'bf16'\]"
+    ):
+        load_config(overrides=["deepspeed.precision=fp16"])
+
+
+def test_run_length_from_data_epochs():
+    cfg = load_config(overrides=["data.epochs=3", "train.max_steps=0"])
+    assert cfg.data.epochs == 3 and cfg.train.max_steps == 0
+    assert load_config(overrides=["deepspeed.precision=bf16"]).deepspeed.zero_stage == 0

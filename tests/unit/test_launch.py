@@ -1,14 +1,16 @@
-"""The launch layer without a cluster: times, profiles, sbatch rendering, cluster checks."""
+"""The launch layer without a cluster: times, profiles, sbatch rendering, cluster checks, the job
+plan that both --dry-run and submit use."""
 
 from __future__ import annotations
 
 import pytest
 
 from avts_dist.cli import main as avts_main
-from avts_dist.config import ConfigError, LaunchConfig
-from launch import executors
-from launch.evaljobs import array_items, eval_jobs_for, parse_suite
-from launch.profiles import load_profile, profile_overrides
+from avts_dist.config import ConfigError, LaunchConfig, load_config
+from eval.registry import JOBS, EvalError, parse_suite
+from launch import executors, plan
+from launch.evaljobs import ExportJob, array_items, eval_jobs_for
+from launch.profiles import load_profile, profile_overrides, resolve_launch_config
 
 
 @pytest.mark.parametrize(
@@ -42,8 +44,10 @@ def test_check_options_grace_and_tasks():
         executors.check_options(LaunchConfig(time="1", grace_s=60))
     with pytest.raises(executors.LaunchError, match="one task per GPU"):
         executors.check_options(LaunchConfig(gpus_per_node=8, tasks_per_node=4))
-    with pytest.raises(executors.LaunchError, match="launch.signal"):
-        executors.check_options(LaunchConfig(signal="KILL"))
+    with pytest.raises(ConfigError, match="launch.signal"):
+        load_config(None, ["launch.signal=KILL"])
+    with pytest.raises(ConfigError, match="launch.cluster"):
+        load_config(None, ["launch.cluster=kubernetes"])
 
 
 def _parts(**over):
@@ -136,7 +140,7 @@ def test_dry_run_64_nodes_by_8_gpus(tmp_path, capsys, monkeypatch):
         "#SBATCH --signal=USR2@120",
         "# WORLD_SIZE=512",
         "# LOCAL_WORLD_SIZE=8",
-        "# backend=nccl",
+        "# backend=cpu:gloo,cuda:nccl",
         "--kill-on-bad-exit=1",
         "#SBATCH --dependency='afterok:<pretrain job id>'",
         "#SBATCH --array=0-2%3",  # ucf101's three splits
@@ -172,17 +176,69 @@ def test_profile_then_flags_precedence(tmp_path, capsys, monkeypatch):
 
 def test_eval_suite_parsing_and_arrays():
     assert parse_suite("sync, ucf101") == ["sync", "ucf101"]
-    with pytest.raises(ConfigError, match="unknown evaluation"):
+    with pytest.raises(EvalError, match="unknown evaluation"):
         parse_suite("sync,imagenet")
     assert array_items("ucf101", [1, 2, 3]) == [1, 2, 3]
     assert array_items("esc50", [1, 2, 3]) == [None]
     jobs = eval_jobs_for(
-        ["sync", "hmdb51"], "/m.pt", splits=[1, 2], overrides=[], parent_run_id="abc"
+        ["sync", "hmdb51"], "/m.pt", splits=[1, 2], overrides=["eval.seed=3"], parent_run_id="abc"
     )
     assert len(jobs["sync"]) == 1 and len(jobs["hmdb51"]) == 2
-    argv = jobs["hmdb51"][1].argv("abc")
-    assert argv[:4] == ["eval", "hmdb51", "--checkpoint", "/m.pt"]
-    assert "--parent-run-id" in argv and "eval.splits=[2]" in argv
+    second = jobs["hmdb51"][1]
+    assert (second.name, second.checkpoint, second.parent()) == ("hmdb51", "/m.pt", "abc")
+    assert second.overrides == ["eval.seed=3", "eval.splits=[2]"]
+    assert jobs["sync"][0].overrides == ["eval.seed=3"]
+
+
+def test_one_eval_registry_for_eval_and_launch(capsys):
+    """`avts eval` choices, `avts launch --suite` and the job arrays all come from JOBS."""
+    with pytest.raises(SystemExit):
+        avts_main(["eval", "--help"])
+    assert "{" + ",".join(JOBS) + "}" in capsys.readouterr().out
+    assert parse_suite(",".join(JOBS)) == list(JOBS)  # synthetic included: launchable too
+    arrays = {name for name, spec in JOBS.items() if spec.array_over_splits}
+    assert arrays == {"ucf101", "hmdb51", "multimodal"}
+
+
+def _plan_config(tmp_path, *overrides):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"run:\n  name: p\n  dir: {tmp_path / 'p'}\n")
+    return resolve_launch_config(str(cfg), list(overrides), flags={"partition": "gpu"})
+
+
+def test_pretrain_plan_chains_export_and_eval_arrays(tmp_path, monkeypatch):
+    monkeypatch.setattr(executors, "slurm_available", lambda: False)
+    cfg = _plan_config(tmp_path, "eval.splits=[1,3]")
+    jobs = plan.pretrain_plan(cfg, eval_suite="sync,ucf101", eval_time="00:20:00", dry_run=True)
+    assert [j.key for j in jobs.jobs] == ["pretrain", "export", "eval-sync", "eval-ucf101"]
+    assert [j.after for j in jobs.jobs] == [None, "pretrain", "export", "export"]
+    assert [len(j.tasks) for j in jobs.jobs] == [1, 1, 1, 2]
+    pretrain, export, _, ucf = jobs.jobs
+    assert pretrain.tasks[0].config["resume"] == "auto" and pretrain.distributed
+    assert isinstance(export.tasks[0], ExportJob)
+    assert export.tasks[0].out == str(tmp_path / "p" / "export" / "model.pt")
+    assert [t.overrides for t in ucf.tasks] == [["eval.splits=[1]"], ["eval.splits=[3]"]]
+    assert ucf.tasks[0].checkpoint == export.tasks[0].out
+    assert ucf.tasks[0].parent_run_dir == str(tmp_path / "p")
+    assert ucf.launch.time == "00:20:00" and ucf.launch.tasks_per_node == 1
+    assert cfg.resume == "none", "the plan works on its own copy of the config"
+    # Dependencies: placeholders in the dry run, the predecessor's real id when submitting.
+    assert jobs.dependency(ucf, {}) == "afterok:<export job id>"
+    assert jobs.dependency(ucf, {"pretrain": "7", "export": "8"}) == "afterok:8"
+    text = plan.render(jobs)
+    assert text.count("#SBATCH --dependency=") == 3
+    assert "#SBATCH --array=0-1%2" in text and "#SBATCH --job-name=p-eval-ucf101" in text
+
+
+def test_plan_refuses_before_submitting(tmp_path, monkeypatch):
+    monkeypatch.setattr(executors, "slurm_available", lambda: False)
+    cfg = _plan_config(tmp_path, "launch.cluster=local")
+    with pytest.raises(executors.LaunchError, match="needs --cluster slurm"):
+        plan.pretrain_plan(cfg, eval_suite="sync", dry_run=True)
+    with pytest.raises(executors.LaunchError, match="--eval-suite: unknown evaluation"):
+        plan.pretrain_plan(_plan_config(tmp_path), eval_suite="sync,nope", dry_run=True)
+    with pytest.raises(executors.LaunchError, match="--after needs --cluster slurm"):
+        plan.eval_plan(cfg, "/m.pt", "sync", after="5", dry_run=True)
 
 
 def test_cli_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch):
@@ -203,21 +259,6 @@ def test_array_state_is_done_only_when_every_task_is():
     assert combined([{"JobState": "COMPLETED"}, {"JobState": "FAILED"}]) == "FAILED"
     assert combined([{"JobState": "COMPLETED"}, {"JobState": "COMPLETED"}]) == "COMPLETED"
     assert combined([]) == "UNKNOWN"
-
-
-def test_local_cluster_runs_two_tasks(tmp_path, capsys, monkeypatch):
-    """--cluster local: submitit's local executor, 2 processes, gloo, no SLURM."""
-    monkeypatch.setenv("AVTS_TOY_STEP_S", "0.0")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"run:\n  name: loc\n  dir: {tmp_path / 'loc'}\ntrain:\n  max_steps: 5\n")
-    status = avts_main(
-        ["launch", "pretrain", "--config", str(cfg), "--cluster", "local", "--tasks-per-node", "2"]
-        + ["--trainer", "tests.fixtures.slurm:toy_run_training", "--time", "5", "--wait"]
-    )
-    assert status == 0
-    ckpt = tmp_path / "loc" / "checkpoints" / "step_000005"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["COMPLETE", "rank0.json", "rank1.json"]
 
 
 def test_launch_eval_dry_run_dependency_and_arrays(tmp_path, capsys, monkeypatch):

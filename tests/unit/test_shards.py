@@ -7,23 +7,25 @@ import io
 import json
 import os
 import tarfile
+import time
 import wave
+import zipfile
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from avts_dist.data.probe import probe_media
-from avts_dist.data.shards import (
+from avts_dist.data.index import (
     FORMAT_VERSION,
     INDEX_NAME,
     DatasetError,
     DatasetIndex,
-    ShardWriter,
     read_member,
 )
-from avts_dist.storage import StorageError
+from avts_dist.data.probe import probe_media
+from avts_dist.data.writer import ShardWriter
+from avts_dist.storage import StorageError, get_fs
 
 
 def _wav(seconds: float, sample_rate: int = 8000) -> bytes:
@@ -107,12 +109,45 @@ def test_rows_filters_by_split_and_status(tmp_path):
     assert DatasetIndex.load(url).status.tolist() == ["too_short"]
 
 
-def test_same_input_same_bytes(tmp_path):
+def _dataset_files(url: str) -> dict[str, bytes]:
+    fs, root = get_fs(url)
+    names = [INDEX_NAME, *(f"shards/shard-{i:06d}.tar" for i in range(3))]
+    return {name: fs.cat_file(f"{root}/{name}") for name in names}
+
+
+def _next_zip_second() -> None:
+    # Zip timestamps have 2-second resolution: wait until the stamp a write would get changes.
+    stamp = int(time.time()) // 2
+    while int(time.time()) // 2 == stamp:
+        time.sleep(0.05)
+
+
+@pytest.mark.s3
+def test_same_input_same_bytes_at_any_time_on_any_storage(tmp_path, s3_bucket):
+    """The flake of issue 11: index.npz carried the wall clock in its zip entries."""
     _write(str(tmp_path / "a"))
+    _next_zip_second()
+    _write(f"s3://{s3_bucket}/same-bytes")
+    _next_zip_second()
     _write(str(tmp_path / "b"))
-    for rel in [INDEX_NAME, "shards/shard-000000.tar", "shards/shard-000002.tar"]:
-        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    local_a = _dataset_files(str(tmp_path / "a"))
+    assert _dataset_files(str(tmp_path / "b")) == local_a
+    assert _dataset_files(f"s3://{s3_bucket}/same-bytes") == local_a
     assert sorted(os.listdir(tmp_path / "a")) == [INDEX_NAME, "shards"]  # no temporaries left
+    # The fixed metadata is what makes it so: every zip entry and tar member is stamped 0.
+    with zipfile.ZipFile(io.BytesIO(local_a[INDEX_NAME])) as zf:
+        assert {info.date_time for info in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    with tarfile.open(fileobj=io.BytesIO(local_a["shards/shard-000000.tar"])) as tf:
+        assert {(m.mtime, m.uid, m.gid, m.mode) for m in tf.getmembers()} == {(0, 0, 0, 0o644)}
+
+
+def test_index_bytes_do_not_depend_on_column_order(tmp_path):
+    idx = _write(str(tmp_path / "ds"))
+    shuffled = dict(reversed(list(idx._columns.items())))
+    again = DatasetIndex(shuffled, dict(idx.header), idx.url)
+    assert again.to_bytes() == idx.to_bytes()
+    # A loaded index re-serializes to the committed bytes.
+    assert DatasetIndex.load(idx.url).to_bytes() == (tmp_path / "ds" / INDEX_NAME).read_bytes()
 
 
 def test_crashed_write_leaves_no_index(tmp_path):

@@ -3,13 +3,15 @@
 ``prepare(name, src, out)`` runs in two phases:
 
 1. **Convert** (expensive, parallel): the parsed items, sorted by key, are cut into fixed chunks;
-   a process pool converts each chunk (AVI/WebM/... -> MP4 H.264/AAC, audio -> WAV, see
-   :mod:`.media`) into a local *part* ``<work>/part-NNNNNN.tar`` plus ``part-NNNNNN.json`` (items
-   kept and skipped with the reason). The JSON is written last and atomically: it is the progress
+   a process pool converts each chunk (video -> the training profile's MP4, or the source
+   untouched with ``copy``; audio -> WAV; see :mod:`.media`) into a local *part*
+   ``<work>/part-NNNNNN.tar`` plus ``part-NNNNNN.json`` (items kept and skipped with the reason).
+   AudioSet/Kinetics files are probed and cut to their listed segment when longer. The JSON is written last and atomically: it is the progress
    manifest. A rerun skips every chunk whose manifest exists, so an interrupted conversion resumes
    where it stopped.
 2. **Write** (cheap, sequential): the parts are streamed in order into :class:`ShardWriter`,
-   which probes the media, uploads shards (local or ``s3://``) and writes ``index.npz`` last.
+   which probes the media, uploads shards (local or ``s3://``) and writes ``index.npz`` last,
+   with the profile in its header.
 
 A report (``prepare_report.json`` next to the index, and on stdout) lists what was skipped and why,
 including the shard probe's status per clip (e.g. videos without audio are kept, ``no_audio``).
@@ -31,11 +33,20 @@ from pathlib import Path
 from typing import Any
 
 from avts_dist.data.converters.layouts import LAYOUTS, Item, Layout, LayoutError
-from avts_dist.data.converters.media import MediaError, audio_to_wav, video_to_mp4
+from avts_dist.data.converters.media import (
+    EncodeProfile,
+    MediaError,
+    audio_to_wav,
+    media_duration,
+    segment_cut,
+    video_to_mp4,
+)
 
-__all__ = ["LAYOUTS", "LayoutError", "PrepareReport", "prepare"]
+__all__ = ["LAYOUTS", "EncodeProfile", "LayoutError", "PrepareReport", "prepare"]
 
-FORMAT = 1
+FORMAT = 2
+# What audio-only datasets (ESC-50, DCASE) store, for the index header.
+WAV_PROFILE = {"name": "wav", "audio": "PCM WAV: WAV sources copied, others 16-bit mono"}
 
 
 @dataclass
@@ -76,15 +87,23 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _convert_item(item: Item, audio_only: bool, max_side: int) -> dict[str, bytes]:
+def _convert_item(
+    item: Item, audio_only: bool, profile: EncodeProfile
+) -> tuple[dict[str, bytes], tuple[float, float] | None]:
+    """The member bytes of one item, and the ``(start, end)`` it was cut to (None: whole)."""
+    cut = None
+    if item.segment is not None:
+        duration = media_duration(item.path)
+        cut = segment_cut(duration, *item.segment, named_by_segment=item.named_by_segment)
+    lo, hi = cut or (None, None)
     if audio_only:
-        return {"wav": audio_to_wav(item.path, start_s=item.start_s, end_s=item.end_s)}
-    mp4, _ = video_to_mp4(item.path, start_s=item.start_s, end_s=item.end_s, max_side=max_side)
-    return {"mp4": mp4}
+        return {"wav": audio_to_wav(item.path, start_s=lo, end_s=hi)}, cut
+    mp4, _ = video_to_mp4(item.path, profile, start_s=lo, end_s=hi)
+    return {"mp4": mp4}, cut
 
 
 def _convert_chunk(
-    part: str, items: list[Item], audio_only: bool, max_side: int, work: str
+    part: str, items: list[Item], audio_only: bool, profile: EncodeProfile, work: str
 ) -> dict[str, Any]:
     """Runs in a worker process: converts one chunk into a local part tar + manifest."""
     kept, skipped = [], []
@@ -92,7 +111,7 @@ def _convert_chunk(
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for item in items:
             try:
-                files = _convert_item(item, audio_only, max_side)
+                files, cut = _convert_item(item, audio_only, profile)
             except MediaError as exc:
                 skipped.append([str(item.path), str(exc)])
                 continue
@@ -110,6 +129,7 @@ def _convert_chunk(
                     "split": item.split,
                     "extra": item.extra,
                     "exts": sorted(files),
+                    "cut": cut,
                 }
             )
     work_dir = Path(work)
@@ -119,8 +139,9 @@ def _convert_chunk(
     return manifest
 
 
-def _fingerprint(name: str, layout: Layout, max_side: int) -> str:
-    h = hashlib.sha1(f"{FORMAT}|{name}|{max_side}|{layout.audio_only}".encode())
+def _fingerprint(name: str, layout: Layout, profile: EncodeProfile) -> str:
+    settings = json.dumps(profile.header(), sort_keys=True)
+    h = hashlib.sha1(f"{FORMAT}|{name}|{settings}|{layout.audio_only}".encode())
     for item in layout.items:
         h.update(f"{item.key}|{item.path}|{item.label}|{item.split}\n".encode())
     return h.hexdigest()[:16]
@@ -145,17 +166,18 @@ def prepare(
     workers: int = 1,
     shard_size: int = 64,
     chunk_size: int = 16,
-    max_side: int = 0,
+    profile: EncodeProfile | None = None,
     work_dir: str | Path | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: bool = True,
     limit: int = 0,
     keep_work: bool = False,
 ) -> PrepareReport:
-    """Converts dataset ``name`` (a key of :data:`LAYOUTS`) at ``src`` into shards at ``out``."""
+    """Converts dataset ``name`` (a key of :data:`LAYOUTS`) at ``src`` into shards at ``out``,
+    video in ``profile`` (default: the training profile)."""
     from tqdm.auto import tqdm
 
-    from avts_dist.data.shards import ShardWriter
+    from avts_dist.data.writer import ShardWriter
     from avts_dist.storage import get_fs, join
 
     if name not in LAYOUTS:
@@ -175,7 +197,8 @@ def prepare(
     work = Path(work_dir) if work_dir else default_work_dir(name, out)
     work.mkdir(parents=True, exist_ok=True)
     stamp = work / "fingerprint"
-    fp = _fingerprint(name, layout, max_side)
+    profile = profile or EncodeProfile()
+    fp = _fingerprint(name, layout, profile)
     if stamp.exists() and stamp.read_text() != fp:
         # Different inputs: the old parts are stale, never mix them in.
         for p in work.glob("part-*"):
@@ -196,7 +219,7 @@ def prepare(
 
     bar = tqdm(total=len(layout.items), desc=f"convert {name}", unit="clip", disable=not progress)
     bar.update(sum(len(chunks[i]) for i in manifests))
-    args = [(f"part-{i:06d}", chunks[i], layout.audio_only, max_side, str(work)) for i in todo]
+    args = [(f"part-{i:06d}", chunks[i], layout.audio_only, profile, str(work)) for i in todo]
     if workers > 1 and len(todo) > 1:
         # fork: workers start at once (spawn would re-import torch via avts_dist.data); the
         # workers only use PyAV, never a thread pool inherited from the parent.
@@ -228,6 +251,7 @@ def prepare(
         members=("wav", "json") if layout.audio_only else ("mp4", "json"),
         need_audio=name not in ("ucf101", "hmdb51", "folder"),
         metadata={"source_dataset": name, "prepare_fingerprint": fp},
+        profile=WAV_PROFILE if layout.audio_only else profile.header(),
     )
     for i in range(len(chunks)):
         with tarfile.open(work / f"part-{i:06d}.tar") as tar:
@@ -245,6 +269,8 @@ def prepare(
                     "split": rec["split"],
                     **rec["extra"],
                 }
+                if rec.get("cut"):
+                    meta["cut_s"] = rec["cut"]  # where the source was cut (segment seconds)
                 files["json"] = json.dumps(meta, sort_keys=True).encode()
                 writer.add(rec["key"], files, label, rec["split"], **rec["extra"])
                 report.num_written += 1

@@ -36,8 +36,11 @@ class Item:
     label: int
     split: str
     extra: dict[str, Any] = field(default_factory=dict)
-    start_s: float | None = None
-    end_s: float | None = None
+    # The listed [start, end] seconds in the source video (AudioSet/Kinetics); the converter
+    # probes the file's duration and cuts it there when it is an untrimmed download.
+    segment: tuple[float, float] | None = None
+    # Whether the file's name gives the segment (<id>_<start>...), not only the YouTube id.
+    named_by_segment: bool = False
 
 
 @dataclass
@@ -244,12 +247,15 @@ def _media_by_stem(src: Path) -> dict[str, list[Path]]:
     return out
 
 
-def _match_clip(by_stem: dict[str, list[Path]], ytid: str, start: float, end: float) -> Path | None:
+def _match_clip(
+    by_stem: dict[str, list[Path]], ytid: str, start: float, end: float
+) -> tuple[Path, bool] | None:
     """Finds a downloaded clip by YouTube id and start time, in the usual naming schemes:
     ``<id>_<start:06d>_<end:06d>`` (Kinetics downloaders), ``<id>_<start>`` / ``<id>_<start ms>``,
-    ``Y<id>``, or just ``<id>`` (one clip per id)."""
+    ``Y<id>``, or just ``<id>`` (one clip per id). Returns ``(path, named_by_segment)``: False
+    for an id-only match, which may be the whole untrimmed video."""
     s, e = int(round(start)), int(round(end))
-    for stem in (
+    by_segment = (
         f"{ytid}_{s:06d}_{e:06d}",
         f"{ytid}_{s}_{e}",
         f"{ytid}_{start:.3f}_{end:.3f}",
@@ -257,11 +263,10 @@ def _match_clip(by_stem: dict[str, list[Path]], ytid: str, start: float, end: fl
         f"{ytid}_{s}",
         f"{ytid}_{s * 1000}",
         f"Y{ytid}_{start:.3f}_{end:.3f}",
-        f"Y{ytid}",
-        ytid,
-    ):
+    )
+    for stem in (*by_segment, f"Y{ytid}", ytid):
         if stem in by_stem:
-            return by_stem[stem][0]
+            return by_stem[stem][0], stem in by_segment
     return None
 
 
@@ -306,13 +311,15 @@ def parse_audioset(src: Path) -> Layout:
     mid_index = {m: i for i, m in enumerate(mids)}
     items, skipped = [], []
     for ytid, start, end, labels, split in segments:
-        path = _match_clip(by_stem, ytid, start, end)
-        if path is None:
+        match = _match_clip(by_stem, ytid, start, end)
+        if match is None:
             skipped.append((f"{ytid}@{start:g}", "missing_file"))
             continue
+        path, named = match
         key = safe_key(f"{ytid}_{int(start * 1000):08d}")
         extra = {"labels": ";".join(labels), "youtube_id": ytid, "source": path.name}
-        items.append(Item(key, path, mid_index[labels[0]] if labels else -1, split, extra))
+        label = mid_index[labels[0]] if labels else -1
+        items.append(Item(key, path, label, split, extra, (start, end), named))
     return Layout(classes, _unique(items), skipped=skipped)
 
 
@@ -338,15 +345,16 @@ def parse_kinetics(src: Path) -> Layout:
     items, skipped = [], []
     for r in rows:
         start, end = float(r["time_start"]), float(r["time_end"])
-        path = _match_clip(by_stem, r["youtube_id"], start, end)
-        if path is None:
+        match = _match_clip(by_stem, r["youtube_id"], start, end)
+        if match is None:
             skipped.append((f"{r['youtube_id']}@{start:g}", "missing_file"))
             continue
+        path, named = match
         key = safe_key(f"{r['youtube_id']}_{int(start):06d}_{int(end):06d}")
         split = {"validate": "val"}.get(r.get("split") or "train", r.get("split") or "train")
         extra = {"youtube_id": r["youtube_id"], "source": path.name}
         label = cls_index.get(r.get("label", ""), -1)
-        items.append(Item(key, path, label, split, extra))
+        items.append(Item(key, path, label, split, extra, (start, end), named))
     return Layout(classes, _unique(items), skipped=skipped)
 
 

@@ -1,0 +1,155 @@
+"""The weights an evaluation starts from: an exported ``model.pt`` or a training checkpoint
+(exported on the fly with :func:`avts_dist.train.export.export_checkpoint`), plus the pretraining
+run it came from (run dir, MLflow run id)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avts_dist.config import Config, ModelConfig
+from avts_dist.models import (
+    ExportError,
+    build_audio_net,
+    build_model,
+    build_video_net,
+    load_exported,
+    model_config_from_export,
+)
+from avts_dist.storage import is_remote
+from eval.registry import EvalError
+
+__all__ = ["ARCH_FIELDS", "Pretrained", "check_model_match", "load_pretrained"]
+
+ARCH_FIELDS = (
+    "video_arch",
+    "video_width",
+    "video_layers",
+    "audio_arch",
+    "audio_width",
+    "embed_dim",
+)
+
+
+@dataclass
+class Pretrained:
+    # The checkpoint as given (exported .pt, checkpoint dir, or URL): what runs are tagged with.
+    checkpoint: str
+    payload: dict[str, Any]
+    model_cfg: ModelConfig
+    run_dir: Path | None
+    mlflow_run_id: str
+
+    def video_net(self, pretrained: bool = True, seed: int = 0) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        net = build_video_net(self.model_cfg)
+        if pretrained:
+            _load(net, self.payload["video"], "video", self.checkpoint)
+        return net
+
+    def audio_net(self) -> torch.nn.Module:
+        net = build_audio_net(self.model_cfg)
+        _load(net, self.payload["audio"], "audio", self.checkpoint)
+        return net
+
+    def model(self) -> torch.nn.Module:
+        model = build_model(self.model_cfg)
+        _load(model.video, self.payload["video"], "video", self.checkpoint)
+        _load(model.audio, self.payload["audio"], "audio", self.checkpoint)
+        _load(model.heads, self.payload["heads"], "heads", self.checkpoint)
+        return model
+
+
+def _load(module: torch.nn.Module, state: dict, what: str, path: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise EvalError(
+            f"checkpoint {path} does not match the model config ({what} weights): "
+            f"{' '.join(lines[1:3])[:300]}"
+        ) from None
+
+
+def _find_run_dir(start: Path) -> Path | None:
+    """The run dir holds ``mlflow_run_id`` / ``config.yaml``; checkpoints sit below it."""
+    candidates = [start, *start.parents][:5]
+    for marker in ("mlflow_run_id", "config.yaml"):
+        for p in candidates:
+            if (p / marker).is_file():
+                return p
+    return None
+
+
+def _is_export_file(checkpoint: str) -> bool:
+    if is_remote(checkpoint):
+        return checkpoint.endswith(".pt")
+    return Path(checkpoint.removeprefix("file://")).is_file()
+
+
+def _export_to_memory(checkpoint: str) -> dict[str, Any]:
+    """The export payload of a checkpoint dir or tag dir, through a temporary file."""
+    # DeepSpeed names its accelerator on stdout when first imported unless told which one to
+    # use; stdout belongs to `avts eval` (its --json). This is the choice it would make itself.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    # Deferred: the training package (DeepSpeed) takes seconds to import and is only needed to
+    # export a checkpoint dir, not to read an exported .pt.
+    from avts_dist.train.export import ExportFailed, export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="avts-eval-") as tmp:
+        try:
+            out, _ = export_checkpoint(checkpoint, str(Path(tmp) / "model.pt"))
+        except ExportFailed as exc:
+            raise EvalError(str(exc)) from None
+        return _load_exported(out)
+
+
+def _load_exported(path: str) -> dict[str, Any]:
+    try:
+        return load_exported(path)
+    except ExportError as exc:
+        raise EvalError(str(exc)) from None
+
+
+def load_pretrained(checkpoint: str) -> Pretrained:
+    """Resolves ``--checkpoint`` (an exported ``.pt``, or a checkpoint dir or tag dir, local or
+    remote), its run dir and the pretraining run's MLflow id."""
+    if not checkpoint:
+        raise EvalError("no checkpoint: pass --checkpoint <checkpoint dir or exported .pt>")
+    if _is_export_file(checkpoint):
+        payload = _load_exported(checkpoint)
+    else:
+        payload = _export_to_memory(checkpoint)
+    try:
+        model_cfg = model_config_from_export(payload)
+    except ExportError as exc:
+        raise EvalError(str(exc)) from None
+    run_dir = None
+    local = None if is_remote(checkpoint) else checkpoint.removeprefix("file://")
+    for start in (local, payload.get("source_checkpoint")):
+        if start and not is_remote(str(start)):
+            run_dir = _find_run_dir(Path(str(start)).resolve())
+            if run_dir is not None:
+                break
+    run_id = ""
+    if run_dir is not None and (run_dir / "mlflow_run_id").exists():
+        run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    return Pretrained(checkpoint, payload, model_cfg, run_dir, run_id)
+
+
+def check_model_match(pre: Pretrained, cfg: Config, explicit_model_keys: set[str]) -> None:
+    """Model keys the user set explicitly (overrides, --config) must equal the checkpoint's."""
+    mismatched = [
+        f"model.{k}={getattr(cfg.model, k)!r} but the checkpoint has {getattr(pre.model_cfg, k)!r}"
+        for k in ARCH_FIELDS
+        if k in explicit_model_keys and getattr(cfg.model, k) != getattr(pre.model_cfg, k)
+    ]
+    if mismatched:
+        raise EvalError(
+            f"checkpoint {pre.checkpoint} does not match the config: {'; '.join(mismatched)}"
+        )
