@@ -181,9 +181,10 @@ class Trainer:
         emb = self.engine(batch["video"], batch["audio"], batch["neg_audio"])
         # fp32 before the gather, so that its backward reduce-scatter sums gradients in fp32.
         emb = {k: v.float() for k, v in emb.items() if v is not None}
+        # An early-fusion model has no embeddings, only sync logits (the loss's BCE-only mode).
         return self.loss_fn(
-            emb["video_emb"],
-            emb["audio_emb"],
+            emb.get("video_emb"),
+            emb.get("audio_emb"),
             emb.get("neg_audio_emb"),
             batch["neg_kind"],
             rank=self.rank,
