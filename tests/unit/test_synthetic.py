@@ -21,8 +21,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_score
 
 from avts_dist.data.decode import decode_video
-from avts_dist.data.probe import probe_media
 from avts_dist.data.index import DatasetIndex, read_member
+from avts_dist.data.probe import probe_media
 from avts_dist.data.synthetic import (
     BROKEN_KINDS,
     RHYTHMS,
