@@ -91,10 +91,13 @@ def decode_video(
     rng: np.random.Generator | None = None,
     *,
     normalize: bool = True,
+    uint8: bool = False,
     num_threads: int = 1,
     decoder: str = DEFAULT_VIDEO_DECODER,
 ) -> torch.Tensor:
-    """A float clip ``[3, T, size, size]`` (Kinetics-normalised unless ``normalize=False``).
+    """A float clip ``[3, T, size, size]`` (Kinetics-normalised unless ``normalize=False``), or
+    with ``uint8=True`` the same crop as uint8 ``[3, T, size, size]``, for the device to
+    normalise (``avts_dist.train.batch.normalize_video``, the same arithmetic bit for bit).
 
     ``decoder`` is one of :data:`VIDEO_DECODERS` (``data.video_decoder``); they agree on the
     frames (tests/unit/test_decode.py). ``rng`` drives the training augmentation (scale, crop,
@@ -107,6 +110,8 @@ def decode_video(
     # antialias path, 10-18x faster than on float frames (within one level of 255 of it), then
     # only the crop is converted to float.
     frames_TCHW = _resize_crop(frames_THWC.permute(0, 3, 1, 2), size, train, rng, native_hw)
+    if uint8:
+        return frames_TCHW.permute(1, 0, 2, 3).contiguous()
     frames_TCHW = frames_TCHW.float().div_(255.0)
     if normalize:
         mean = torch.tensor(KINETICS_MEAN).view(1, 3, 1, 1)

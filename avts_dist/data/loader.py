@@ -10,7 +10,11 @@
 - a clip that fails is replaced deterministically, counted by reason, its key logged once; past
   ``data.max_skip_fraction`` failed clips, :class:`SkippedClipsError` stops training;
 - ``data.access``: ``random`` reads clip by clip in a full shuffle; ``block`` reads runs of
-  shards into a per-rank cache, in the two-level block order (:mod:`avts_dist.data.blocks`).
+  shards into a per-rank cache, in the two-level block order (:mod:`avts_dist.data.blocks`);
+- ``video`` is uint8 ``[B, 3, T, H, W]``, a quarter of float32's bytes through worker queues and
+  PCIe; the trainer normalises it on its device (:func:`avts_dist.train.batch.to_device`).
+  ``pin_memory=True`` (the trainer's choice on CUDA) pins batches in torch's pin-memory thread,
+  so host-to-device copies overlap compute.
 
 Worker processes and prefetching come from torchdata's ``StatefulDataLoader``; the
 authoritative position is ours (the global step), so its own state is never needed: a restore
@@ -220,7 +224,7 @@ class _PairDataset(torch.utils.data.Dataset):
         self.decodes["video_decodes"] += 1
         video = decode_video(
             pos_bytes, plan.video_start, cfg.num_frames, cfg.fps, cfg.size, self.train, aug,
-            decoder=cfg.video_decoder,
+            uint8=True, decoder=cfg.video_decoder,
         )  # fmt: skip
         # Only the audio spans needed are decoded: one span covering the positive and a
         # same-clip negative, or the positive's and the other clip's windows.
@@ -433,8 +437,10 @@ class AVLoader:
         filtered: dict[str, int],
         access: str = "random",
         build_stats: dict[str, Any] | None = None,
+        pin_memory: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.pin_memory = pin_memory
         self.index = index
         self.rank, self.world_size = rank, world_size
         self.split = split
@@ -516,6 +522,7 @@ class AVLoader:
             batch_sampler=batch_sampler,
             num_workers=cfg.num_workers,
             collate_fn=_identity,
+            pin_memory=self.pin_memory,
             **kwargs,
         )
         return iter(dl)
@@ -758,6 +765,7 @@ def build_loader(
     split: str | None = None,
     train: bool = True,
     infinite: bool | None = None,
+    pin_memory: bool = False,
 ) -> AVLoader:
     """The loader of rank ``rank`` of ``world_size``; clear errors for unusable datasets.
 
@@ -811,4 +819,5 @@ def build_loader(
         filtered=filtered,
         access=resolve_access(cfg, cfg.url, train),
         build_stats=build_stats,
+        pin_memory=pin_memory,
     )

@@ -91,11 +91,15 @@ class Trainer:
             on_event=self.hooks.on_checkpoint_event,
         )  # fmt: skip
         self.resume_plan = self.ckpt.plan_resume(cfg.resume)
-        self.loader = build_loader(cfg.data, rank=self.rank, world_size=self.world_size)
+        # Pinned batches (a pin-memory thread) let the host-to-device copy overlap compute.
+        pin = ctx.device.type == "cuda"
+        self.loader = build_loader(
+            cfg.data, rank=self.rank, world_size=self.world_size, pin_memory=pin
+        )
         self.val_loaders = {}
         if cfg.train.val_every_steps > 0:
             self.val_loaders = build_val_loaders(
-                cfg.data, rank=self.rank, world_size=self.world_size
+                cfg.data, rank=self.rank, world_size=self.world_size, pin_memory=pin
             )
         self.max_steps = self._run_length()
         self.loss_fn = build_loss(cfg.loss)

@@ -19,7 +19,9 @@ __all__ = ["VAL_KINDS", "build_val_loaders", "sync_accuracy"]
 VAL_KINDS = ("easy", "hard")
 
 
-def build_val_loaders(data: DataConfig, *, rank: int, world_size: int) -> dict[str, Any]:
+def build_val_loaders(
+    data: DataConfig, *, rank: int, world_size: int, pin_memory: bool = False
+) -> dict[str, Any]:
     """One evaluation loader per negative kind (the same held-out windows on every pass)."""
     return {
         kind: build_loader(
@@ -27,6 +29,7 @@ def build_val_loaders(data: DataConfig, *, rank: int, world_size: int) -> dict[s
             rank=rank,
             world_size=world_size,
             train=False,
+            pin_memory=pin_memory,
         )
         for kind in VAL_KINDS
     }

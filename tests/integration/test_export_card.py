@@ -15,6 +15,7 @@ from avts_dist.cli import main
 from avts_dist.config import load_config
 from avts_dist.data import build_loader
 from avts_dist.models import load_pretrained
+from avts_dist.train.batch import normalize_video
 from tests.fixtures.tiny_run import TINY_RUN_STEPS
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,8 @@ def _real_batch(tiny_run) -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(iter(loader))
     finally:
         loader.close()
-    return batch["video"], batch["audio"]
+    # The loader sends uint8 video; the trainer normalises it on its device, as here.
+    return normalize_video(batch["video"], torch.float32), batch["audio"]
 
 
 def test_model_card_describes_the_run(tiny_run, exported):

@@ -25,6 +25,7 @@ from avts_dist.data.decode import (
 )
 from avts_dist.data.frames import read_frames
 from avts_dist.data.synthetic import encode_mp4, make_clip
+from avts_dist.train.batch import normalize_video
 
 SR = 16000
 # The decoders agree on every RGB frame within this many levels of 255 (measured: identical,
@@ -87,6 +88,16 @@ def test_decode_video_shapes_and_determinism(clip24, decoder):
     assert torch.equal(clip(True, 1), clip(True, 1))
     # Some seed flips or shifts the crop: training augmentation is not the centre crop.
     assert any(not torch.equal(clip(True, s), v) for s in range(4))
+
+
+def test_uint8_clip_normalised_on_the_device_is_the_float_clip_bit_for_bit(clip24):
+    """The loader sends uint8 and the trainer normalises: the model must see the same numbers."""
+    mp4, _ = clip24
+    for train in (False, True):
+        u8 = decode_video(mp4, 0.4, 8, 8.0, 32, train, np.random.default_rng(3), uint8=True)
+        assert u8.dtype == torch.uint8 and u8.shape == (3, 8, 32, 32)
+        ref = decode_video(mp4, 0.4, 8, 8.0, 32, train, np.random.default_rng(3))
+        assert torch.equal(normalize_video(u8[None], torch.float32)[0], ref)
 
 
 @pytest.mark.parametrize(
