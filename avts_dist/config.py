@@ -381,13 +381,18 @@ class TrainConfig:
     # Deterministic algorithms (on CUDA: cuDNN deterministic, no benchmark autotuning, and
     # CUBLAS_WORKSPACE_CONFIG set); false lets cuDNN pick the fastest kernels.
     deterministic: bool = True
+    # A progress bar on a terminal; elsewhere (logs, SLURM) one progress line every
+    # progress_every_s seconds. false: neither.
     progress: bool = True
+    progress_every_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
             _fail("train.max_steps", "must be >= 0 (0 = data.epochs decides)")
         if self.log_every < 1:
             _fail("train.log_every", "must be >= 1")
+        if self.progress_every_s <= 0:
+            _fail("train.progress_every_s", "must be > 0")
 
 
 @dataclass
@@ -397,6 +402,26 @@ class TrackingConfig:
     uri: str = ""
     experiment: str = "avts"
     system_metrics: bool = True
+    system_metrics_every_s: float = 10.0
+    # Every MLflow HTTP call of the trainer is bounded by these (MLflow's own
+    # MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES, which win when set); a background thread makes
+    # the calls, so they bound how soon an outage is noticed, never a training step.
+    request_timeout_s: int = 10
+    request_max_retries: int = 1
+    # How long the start waits for the server to create the run (then training starts anyway),
+    # and how long the end waits to deliver the backlog (the rest: avts sync-tracking RUN_DIR).
+    start_timeout_s: float = 30.0
+    flush_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.request_timeout_s < 1:
+            _fail("tracking.request_timeout_s", "must be >= 1")
+        if self.request_max_retries < 0:
+            _fail("tracking.request_max_retries", "must be >= 0")
+        if self.system_metrics_every_s <= 0:
+            _fail("tracking.system_metrics_every_s", "must be > 0")
+        if self.start_timeout_s < 0 or self.flush_timeout_s < 0:
+            _fail("tracking.start_timeout_s", "start_timeout_s and flush_timeout_s must be >= 0")
 
 
 SlurmSignal = Literal["USR2", "USR1", "TERM", "INT", "HUP"]
