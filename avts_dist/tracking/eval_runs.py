@@ -23,6 +23,9 @@ from mlflow.entities import Metric, Param
 # MLflow 3 keeps the local file store (./mlruns, the default here) behind this switch, which it
 # reads each time a store is opened.
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+# MLflow prints "View run ... at: URL" on stdout when a run on a server ends: stdout belongs to
+# our commands (`avts eval --json`), which print the run's link themselves.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 __all__ = ["EvalRun", "find_checkpoint_model", "resolve_tracking_uri", "run_url"]
 
