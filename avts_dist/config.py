@@ -476,7 +476,8 @@ class LaunchConfig:
     qos: str = ""
     constraint: str = ""
     mem: str = ""
-    cpus_per_task: int = 1
+    # 0 = auto: with GPUs, the partition's CPUs per GPU as sinfo reports them (else 1).
+    cpus_per_task: int = 0
     exclusive: bool = False
     # Sent to every task grace_s before the time limit (and on preemption); the trainer saves.
     signal: SlurmSignal = "USR2"
@@ -492,8 +493,8 @@ class LaunchConfig:
             _fail("launch.nodes", "must be >= 1")
         if self.gpus_per_node < 0 or self.tasks_per_node < 0:
             _fail("launch.tasks_per_node", "gpus_per_node and tasks_per_node must be >= 0")
-        if self.cpus_per_task < 1:
-            _fail("launch.cpus_per_task", "must be >= 1")
+        if self.cpus_per_task < 0:
+            _fail("launch.cpus_per_task", "must be >= 1, or 0 (auto: CPUs per GPU from sinfo)")
         if self.max_requeues < 0:
             _fail("launch.max_requeues", "must be >= 0")
         if not re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}|\d+", self.time):
