@@ -67,7 +67,7 @@ def _finetune_rows(m: dict[str, float], prefix: str = "") -> list[HeadlineRow]:
     rows = []
     for variant in ("pretrained", "scratch"):
         rows += _over(
-            m, rf"{prefix}{variant}/[^/]+/acc_video", f"{prefix}video accuracy, {variant}", "split"
+            m, rf"{prefix}{variant}/[^/]+/acc_video", f"video accuracy, {variant}", "split"
         )
     if len(rows) == 2:
         gains = {
@@ -76,12 +76,13 @@ def _finetune_rows(m: dict[str, float], prefix: str = "") -> list[HeadlineRow]:
             if re.fullmatch(rf"{prefix}pretrained/[^/]+/acc_video", k)
             and k.replace("pretrained/", "scratch/") in m
         }
-        rows += _over(gains, r".*", f"{prefix}gain over scratch", "split")
+        rows += _over(gains, r".*", "gain over scratch", "split")
     return rows
 
 
 def _probe_rows(m: dict[str, float], prefix: str = "") -> list[HeadlineRow]:
-    return _over(m, rf"{prefix}[^/]+/acc", f"{prefix}linear-probe accuracy", "fold")
+    label = "audio linear-probe accuracy" if prefix else "linear-probe accuracy"
+    return _over(m, rf"{prefix}[^/]+/acc", label, "fold")
 
 
 def _multimodal_rows(m: dict[str, float]) -> list[HeadlineRow]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -57,6 +58,9 @@ def configure_http(timeout_s: int, max_retries: int) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(int(max_retries)))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    # urllib3 logs each retry of MLflow's session as a warning: during an outage that is a line
+    # per call; the writer says it once instead.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def is_permanent_error(exc: BaseException) -> bool:
@@ -71,7 +75,14 @@ def is_permanent_error(exc: BaseException) -> bool:
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    line = text[0] if text else type(exc).__name__
+    # MLflow wraps urllib3's "Max retries exceeded ... (Caused by NewConnectionError(...))":
+    # the request and the cause say it all.
+    cause = re.search(r"Caused by (\w+)", line)
+    call = re.search(r"/api/[\d.]+/mlflow/([\w/-]+)", line)
+    if cause and call:
+        line = f"{call.group(1)}: {cause.group(1)}"
+    return line[:200]
 
 
 @dataclass
@@ -211,10 +222,14 @@ class TrackingWriter:
                     self._ack(batch[:1])
                     continue
                 self._failed(exc)
+                # The pause is kept even as new records arrive (each submit notifies): an outage
+                # costs one call per pause, not one per record.
+                deadline = time.monotonic() + pause
                 with self._cond:
+                    while not self._stopping and (left := deadline - time.monotonic()) > 0:
+                        self._cond.wait(left)
                     if self._stopping:
                         return
-                    self._cond.wait(pause)
                 pause = min(self.retry_max_s, pause * 2)
                 continue
             pause = 1.0
@@ -248,11 +263,10 @@ class TrackingWriter:
             self._down = True
             self.counters.num_outages += 1
             log.warning(
-                "MLflow %s not reachable (%s): training goes on; tracking records are kept in "
-                "%s and sent when it answers (or later: avts sync-tracking %s)",
+                "MLflow %s not reachable (%s): training goes on; tracking records are kept "
+                "in the run dir and sent when it answers (or later: avts sync-tracking %s)",
                 self.tracking_uri,
                 self.last_error,
-                self.outbox.path,
                 self.outbox.folder.parent,
             )
 

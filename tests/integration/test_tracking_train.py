@@ -94,6 +94,16 @@ def test_training_outlives_the_tracking_server(outage_run):
     assert counters["num_outages"] == 1 and counters["num_submitted_while_down"] >= 8
     assert counters["num_pending"] == 0
     assert stderr.count("not reachable") == 1, stderr[-3000:]
+    # The log a person reads: only our own lines (urllib3's warning per retried call and
+    # DeepSpeed's start-up notes are silenced at their source), short; off a terminal the
+    # progress is a line every progress_every_s seconds, not a bar.
+    log_lines = [x for x in stderr.splitlines() if x.strip()]
+    assert all("] avts." in x for x in log_lines), "\n".join(log_lines[:20])
+    assert max(len(x) for x in log_lines) < 250 + len(str(run_dir))
+    progress = [x for x in log_lines if "] avts.progress: step " in x]
+    assert max(len(x) for x in progress) < 200
+    assert 1 <= len(progress) < MAX_STEPS and progress[-1].count(f"step {MAX_STEPS}/{MAX_STEPS}")
+    assert any("MLflow down" in x for x in progress)
 
     client = MlflowClient(outage_run["server"].url)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()

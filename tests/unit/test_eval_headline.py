@@ -82,3 +82,14 @@ def test_printed_summary_is_a_short_table_then_where_the_metrics_went(tmp_path):
     no_tracking = summary_lines(EvalResult("esc50", {"fold1/acc": 1.0}, str(tmp_path)))
     assert no_tracking[-1] == f"full metrics (1): {tmp_path}/metrics.json"
     assert format_headline([]) == [format_headline([])[0]]
+
+
+def test_synthetic_headline_video_finetune_and_audio_probe():
+    m = {"video/pretrained/main/acc_video": 0.5, "video/scratch/main/acc_video": 0.75}
+    m |= {"audio/main/acc": 1.0, "video/acc_video": 0.5}
+    rows = headline_rows("synthetic", m)
+    assert [(r.label, r.value) for r in rows] == [
+        ("video accuracy, pretrained", 0.5), ("video accuracy, scratch", 0.75),
+        ("gain over scratch", -0.25), ("audio linear-probe accuracy", 1.0),
+    ]  # fmt: skip
+    assert all(r.low is None for r in rows)  # one split, one fold: no interval
