@@ -32,7 +32,10 @@ from tests.fixtures.s3 import make_bucket
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
-MAX_STEPS, EVERY, NUM_KILLS, SEED = 30, 3, 5, 12
+MAX_STEPS, EVERY, NUM_KILLS, SEED = 60, 3, 5, 12
+# Each life is killed within its first MAX_STEPS_PER_LIFE steps (plus up to 0.3 s): 5 lives
+# cannot reach MAX_STEPS, so every kill lands in a running trainer.
+MAX_STEPS_PER_LIFE = 6
 # The lives (0-based) that start with the tracking server down, and the one that brings it back.
 SERVER_DOWN_AT, SERVER_UP_AT = 1, 3
 
@@ -105,13 +108,15 @@ def chaos(tmp_path_factory, s3_server, synth_corpus):
             if life == NUM_KILLS:
                 assert proc.wait(timeout=1200) == 0, (work / f"life{life}.err").read_text()[-3000:]
                 break
-            # Killed at a seeded random moment after this life's first step.
-            start_lines = len(_lines(run_dir))
+            # Killed at a seeded random moment: after a random number of this life's steps
+            # (a step line may land just before a save), then a random fraction of a second.
+            start_step = len(_lines(run_dir))
+            target = start_step + rng.randint(1, MAX_STEPS_PER_LIFE)
             deadline = time.monotonic() + 600
-            while proc.poll() is None and len(_lines(run_dir)) <= start_lines:
+            while proc.poll() is None and len(_lines(run_dir)) < target:
                 assert time.monotonic() < deadline, "no step in 10 min"
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 4.0))
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.3))
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
