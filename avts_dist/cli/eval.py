@@ -75,7 +75,7 @@ def summary_lines(result) -> list[str]:
     lines = [f"avts eval {result.job}: {result.seconds:.1f} s"]
     rows = headline_rows(get_job(result.job).kind, result.metrics)
     lines += format_headline(rows) if rows else ["  (no headline figures for this job)"]
-    where = [f"{result.out_dir}/metrics.json"]
+    lines.append(f"full metrics ({len(result.metrics)}): {result.out_dir}/metrics.json")
     if result.run_id:
         run = f"MLflow run {result.run_id}"
         url = result.extra.get("run_url", "")
@@ -85,6 +85,5 @@ def summary_lines(result) -> list[str]:
             run += f", child of {result.parent_run_id}"
         if result.extra.get("model_id"):
             run += f", linked to checkpoint model {result.extra['model_id']}"
-        where.insert(0, run)
-    lines.append(f"full metrics ({len(result.metrics)}): " + "; ".join(where))
+        lines.append(run)
     return lines
