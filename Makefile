@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # and decord bring their own. Debian 12 ships FFmpeg 5; any FFmpeg 4-8 does (see README).
 FFMPEG_LIBS := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8
 
-.PHONY: install system-libs demo test lint format bench gpu-check gpu-wheels clean
+.PHONY: install system-libs demo test chaos lint format bench gpu-check gpu-wheels clean
 
 system-libs:
 	@if ldconfig -p | grep -Eq 'libavcodec\.so\.(58|59|60|61|62) '; then :; \
@@ -39,7 +39,11 @@ demo: install
 	$(BIN)/python -m avts_dist.demo
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not chaos" $(PYTEST_ARGS)
+
+# The chaos run (tests/chaos, docs/training.md): kills, S3 faults and a tracking outage.
+chaos: install
+	$(BIN)/python -m pytest tests/chaos -m chaos $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -427,13 +427,18 @@ class TrainConfig:
     # Deterministic algorithms (on CUDA: cuDNN deterministic, no benchmark autotuning, and
     # CUBLAS_WORKSPACE_CONFIG set); false lets cuDNN pick the fastest kernels.
     deterministic: bool = True
+    # A progress bar on a terminal; elsewhere (logs, SLURM) one progress line every
+    # progress_every_s seconds. false: neither.
     progress: bool = True
+    progress_every_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_steps < 0:
             _fail("train.max_steps", "must be >= 0 (0 = data.epochs decides)")
         if self.log_every < 1:
             _fail("train.log_every", "must be >= 1")
+        if self.progress_every_s <= 0:
+            _fail("train.progress_every_s", "must be > 0")
 
 
 @dataclass
@@ -443,6 +448,26 @@ class TrackingConfig:
     uri: str = ""
     experiment: str = "avts"
     system_metrics: bool = True
+    system_metrics_every_s: float = 10.0
+    # Every MLflow HTTP call of the trainer is bounded by these (MLflow's own
+    # MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES, which win when set); a background thread makes
+    # the calls, so they bound how soon an outage is noticed, never a training step.
+    request_timeout_s: int = 10
+    request_max_retries: int = 1
+    # How long the start waits for the server to create the run (then training starts anyway),
+    # and how long the end waits to deliver the backlog (the rest: avts sync-tracking RUN_DIR).
+    start_timeout_s: float = 30.0
+    flush_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.request_timeout_s < 1:
+            _fail("tracking.request_timeout_s", "must be >= 1")
+        if self.request_max_retries < 0:
+            _fail("tracking.request_max_retries", "must be >= 0")
+        if self.system_metrics_every_s <= 0:
+            _fail("tracking.system_metrics_every_s", "must be > 0")
+        if self.start_timeout_s < 0 or self.flush_timeout_s < 0:
+            _fail("tracking.start_timeout_s", "start_timeout_s and flush_timeout_s must be >= 0")
 
 
 SlurmSignal = Literal["USR2", "USR1", "TERM", "INT", "HUP"]
@@ -463,7 +488,8 @@ class LaunchConfig:
     qos: str = ""
     constraint: str = ""
     mem: str = ""
-    cpus_per_task: int = 1
+    # 0 = auto: with GPUs, the partition's CPUs per GPU as sinfo reports them (else 1).
+    cpus_per_task: int = 0
     exclusive: bool = False
     # Sent to every task grace_s before the time limit (and on preemption); the trainer saves.
     signal: SlurmSignal = "USR2"
@@ -479,8 +505,8 @@ class LaunchConfig:
             _fail("launch.nodes", "must be >= 1")
         if self.gpus_per_node < 0 or self.tasks_per_node < 0:
             _fail("launch.tasks_per_node", "gpus_per_node and tasks_per_node must be >= 0")
-        if self.cpus_per_task < 1:
-            _fail("launch.cpus_per_task", "must be >= 1")
+        if self.cpus_per_task < 0:
+            _fail("launch.cpus_per_task", "must be >= 1, or 0 (auto: CPUs per GPU from sinfo)")
         if self.max_requeues < 0:
             _fail("launch.max_requeues", "must be >= 0")
         if not re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}|\d+", self.time):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 import urllib.parse
 import urllib.request
@@ -33,6 +32,7 @@ import yaml
 
 from avts_dist.config import Config, ConfigError, config_from_dict
 from avts_dist.storage import StorageError, get_fs, join
+from avts_dist.tracking.progress import format_duration
 
 __all__ = ["RunStatus", "RunStatusError", "format_status", "read_status"]
 
@@ -392,25 +392,12 @@ def read_status(
     )
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "unknown"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, s = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min {s:02d} s"
-    hours, m = divmod(minutes, 60)
-    return f"{hours} h {m:02d} min"
-
-
 def format_status(st: RunStatus) -> str:
     """The human-readable form: one labelled line per figure, then how figures were derived."""
     rows: list[tuple[str, str]] = [("run", f"{st.run_name}  ({st.run_dir})")]
     state = st.state
     if st.last_update_s is not None:
-        state += f" (metrics.jsonl updated {_duration(st.last_update_s)} ago)"
+        state += f" (metrics.jsonl updated {format_duration(st.last_update_s)} ago)"
     if st.mlflow_status:
         state += f"; MLflow: {st.mlflow_status}"
     rows.append(("state", state))
@@ -427,12 +414,12 @@ def format_status(st: RunStatus) -> str:
         if st.samples_per_s:
             rate += f", {st.samples_per_s:.3g} samples/s"
         rows.append(("rate", rate))
-    rows.append(("ETA", "done" if st.state == "finished" else _duration(st.eta_s)))
+    rows.append(("ETA", "done" if st.state == "finished" else format_duration(st.eta_s)))
     if st.loss is not None:
         rows.append(("loss", f"{st.loss:.4f}"))
     if st.checkpoint:
         ck = st.checkpoint
-        age = f", {_duration(ck['age_s'])} ago" if ck["age_s"] is not None else ""
+        age = f", {format_duration(ck['age_s'])} ago" if ck["age_s"] is not None else ""
         rows.append(("checkpoint", f"{ck['tag']} (step {ck['step']}{age})  {ck['url']}"))
     else:
         rows.append(("checkpoint", "none complete yet"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -70,7 +71,9 @@ class EvalRuntime:
         device = ev.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(torch.device(device), ev.batch_size, ev.num_workers, ev.seed, ev.progress)
+        # tqdm off a terminal writes every update into the log: bars only on one.
+        progress = ev.progress and sys.stderr.isatty()
+        return cls(torch.device(device), ev.batch_size, ev.num_workers, ev.seed, progress)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from avts_dist.config import (
     resolve_config_path,
 )
 from avts_dist.data import DatasetError, DatasetIndex
-from avts_dist.tracking.eval_runs import EvalRun
+from avts_dist.tracking.eval_runs import EvalRun, run_url
 from eval.action import run_finetune
 from eval.audio import run_probe
 from eval.common import EvalRuntime, JobIO, MetricSink
@@ -182,6 +182,7 @@ def run_eval(
                 parent_run_id=parent,
                 experiment=cfg.tracking.experiment,
                 tags={"avts.checkpoint": pre.checkpoint, "avts.dataset": url},
+                checkpoint_step=pre.payload.get("step"),
             )
         except ValueError as exc:
             raise EvalError(str(exc)) from None
@@ -202,6 +203,11 @@ def run_eval(
     result = EvalResult(
         job, metrics, str(out_dir), tracker.run_id if tracker else "", parent, seconds
     )
+    if tracker is not None:
+        result.extra.update(
+            run_url=run_url(tracker.tracking_uri, tracker.experiment_id, tracker.run_id),
+            model_id=tracker.model_id,
+        )
     (out_dir / "metrics.json").write_text(
         json.dumps(
             {

@@ -224,14 +224,103 @@ def check_against_cluster(launch: LaunchConfig, parts: dict[str, Partition]) -> 
             f"launch.gpus_per_node: partition {part.name!r} has no GPUs; for a CPU partition use "
             "--gpus-per-node 0 --tasks-per-node K"
         )
-    cpus = launch.nodes * tasks_per_node(launch) * launch.cpus_per_task
+    cpus_task = launch.cpus_per_task or 1
+    cpus = launch.nodes * tasks_per_node(launch) * cpus_task
     if part.total_cpus and cpus > part.total_cpus:
         raise LaunchError(
             f"launch.cpus_per_task: {cpus} CPUs requested "
-            f"({launch.nodes} nodes x {tasks_per_node(launch)} tasks x {launch.cpus_per_task}), "
+            f"({launch.nodes} nodes x {tasks_per_node(launch)} tasks x {cpus_task}), "
             f"partition {part.name!r} has {part.total_cpus}"
         )
     return part
+
+
+def gres_gpus(gres: str) -> int:
+    """GPUs of one node from sinfo's ``%G``: ``gpu:8``, ``gpu:a100:4(S:0-1)``,
+    ``gpu:2,shard:8``; 0 for ``(null)``."""
+    total = 0
+    for item in gres.split(","):
+        fields = re.sub(r"\(.*?\)", "", item).split(":")
+        if fields[0] == "gpu" and len(fields) >= 2 and fields[-1].isdigit():
+            total += int(fields[-1])
+    return total
+
+
+# Partition -> (CPUs, GPUs) of each of its node shapes; "" -> the default partition's shapes.
+NodeShapes = dict[str, list[tuple[int, int]]]
+
+
+def parse_sinfo_cpus_gpus(text: str) -> NodeShapes:
+    """``sinfo -h -o '%P|%c|%G'`` (the default partition marked ``*``) to :data:`NodeShapes`."""
+    out: NodeShapes = {}
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 3 or not fields[1].strip().isdigit():
+            continue
+        name = fields[0].strip()
+        shape = (int(fields[1]), gres_gpus(fields[2].strip()))
+        out.setdefault(name.rstrip("*"), []).append(shape)
+        if name.endswith("*"):
+            out.setdefault("", []).append(shape)
+    return out
+
+
+def cpus_per_gpu(shapes: list[tuple[int, int]]) -> int | None:
+    """CPUs per GPU a job can count on in a partition: the smallest over its GPU node shapes."""
+    ratios = [cpus // gpus for cpus, gpus in shapes if gpus > 0]
+    return max(1, min(ratios)) if ratios else None
+
+
+def query_cpus_gpus(timeout_s: float = 15.0) -> NodeShapes:
+    """Every partition's node shapes from ``sinfo``; LaunchError when it does not answer."""
+    try:
+        out = subprocess.run(
+            ["sinfo", "-h", "-o", "%P|%c|%G"], capture_output=True, text=True, timeout=timeout_s
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LaunchError(f"sinfo did not answer ({exc})") from None
+    if out.returncode != 0:
+        msg = (out.stderr or out.stdout).strip().splitlines()
+        raise LaunchError(f"sinfo failed ({msg[-1] if msg else out.returncode})")
+    return parse_sinfo_cpus_gpus(out.stdout)
+
+
+def settle_cpus_per_task(
+    launch: LaunchConfig,
+    num_workers: int | None = None,
+    shapes: NodeShapes | None = None,
+) -> tuple[str, str]:
+    """Sets ``launch.cpus_per_task`` when it is 0 (auto): with GPUs, the partition's CPUs per
+    GPU as sinfo reports them (``shapes``: a parsed sinfo, queried when None), else 1.
+
+    Returns (what was chosen and why, a warning or ""): the warning when ``num_workers`` data
+    loader workers per rank exceed the CPUs of a task (they would share CPUs with the trainer).
+    """
+    if launch.cpus_per_task:
+        note = f"{launch.cpus_per_task} (launch.cpus_per_task)"
+    elif launch.cluster != "slurm" or not launch.gpus_per_node:
+        launch.cpus_per_task = 1
+        note = "1 (no GPUs per node: SLURM's default)"
+    else:
+        launch.cpus_per_task = 1
+        note = "1 (sinfo gave no CPUs per GPU)"
+        try:
+            shapes = query_cpus_gpus() if shapes is None else shapes
+        except LaunchError as exc:
+            shapes, note = {}, f"1 (CPUs per GPU unknown: {exc})"
+        per_gpu = cpus_per_gpu(shapes.get(launch.partition, []))
+        if per_gpu:
+            launch.cpus_per_task = per_gpu
+            part = repr(launch.partition) if launch.partition else "the default partition"
+            note = f"{per_gpu} (CPUs per GPU of {part} as sinfo reports them)"
+    warning = ""
+    if num_workers is not None and num_workers > launch.cpus_per_task:
+        warning = (
+            f"data.num_workers={num_workers} exceeds launch.cpus_per_task="
+            f"{launch.cpus_per_task}: the loader's workers share CPUs with the trainer (set "
+            "--cpus-per-task or lower data.num_workers)"
+        )
+    return note, warning
 
 
 def check_cluster(launch: LaunchConfig, dry_run: bool) -> str:
@@ -273,7 +362,7 @@ def slurm_parameters(
         "time": time_minutes(launch.time),
         "nodes": launch.nodes,
         "ntasks_per_node": tasks_per_node(launch),
-        "cpus_per_task": launch.cpus_per_task,
+        "cpus_per_task": launch.cpus_per_task or 1,  # 0 (auto) is settled by the plan
         "signal_delay_s": launch.grace_s,
         # Every rank must see a failure of any other rank at once, not at a collective's timeout.
         "srun_args": ["--kill-on-bad-exit=1"],

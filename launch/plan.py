@@ -64,6 +64,9 @@ class JobPlan:
     # What the dry run prints last: the resolved pretraining config, if any.
     config: Config | None = None
     run_dir: str = ""
+    # How launch.cpus_per_task was chosen (the dry run shows it) and warnings for the user.
+    cpus_note: str = ""
+    warnings: list[str] = field(default_factory=list)
 
     def dependency(self, job: PlannedJob, ids: dict[str, str]) -> str | None:
         """``afterok:<id>`` of the job's predecessor; a placeholder before it is submitted."""
@@ -147,6 +150,8 @@ def pretrain_plan(
         # A job SLURM restarts by itself (node failure, requeue) must continue, not start over.
         cfg.resume = "auto"
     suite = _suite(eval_suite, "--eval-suite") if eval_suite else []
+    cpus_note, cpus_warning = executors.settle_cpus_per_task(cfg.launch, cfg.data.num_workers)
+    cpus_note += f"; data.num_workers: {cfg.data.num_workers} per rank"
     note = executors.check_cluster(cfg.launch, dry_run)
     eval_launch = eval_launch_config(cfg.launch, eval_time)
     if suite:
@@ -177,7 +182,10 @@ def pretrain_plan(
             parent_run_dir=cfg.run.dir,
         )
         jobs += _eval_jobs(evals, eval_launch, f"{cfg.run.name}-", "export")
-    return JobPlan(jobs, cfg.launch.folder, note, config=cfg, run_dir=cfg.run.dir)
+    return JobPlan(
+        jobs, cfg.launch.folder, note, config=cfg, run_dir=cfg.run.dir, cpus_note=cpus_note,
+        warnings=[cpus_warning] if cpus_warning else [],
+    )  # fmt: skip
 
 
 def eval_plan(
@@ -196,6 +204,7 @@ def eval_plan(
     (the job arrays), ``config``/``overrides`` are what each evaluation loads."""
     names = _suite(suite, "--suite")
     launch = eval_launch_config(cfg.launch)
+    cpus_note, _ = executors.settle_cpus_per_task(launch)
     note = executors.check_cluster(launch, dry_run)
     if after and launch.cluster != "slurm":
         raise LaunchError("--after needs --cluster slurm (a SLURM job dependency)")
@@ -211,7 +220,7 @@ def eval_plan(
         parent_run_dir=_absolute(parent_run_dir),
         parent_run_id=parent_run_id,
     )
-    return JobPlan(_eval_jobs(evals, launch, "", after), folder, note)
+    return JobPlan(_eval_jobs(evals, launch, "", after), folder, note, cpus_note=cpus_note)
 
 
 def render(plan: JobPlan) -> str:
@@ -236,6 +245,9 @@ def render(plan: JobPlan) -> str:
             out.append("# ---- environment of every task (submitit TorchDistributedEnvironment)")
             out += [f"# {k}={v}" for k, v in executors.dist_env_summary(job.launch).items()]
     out.append(f"# cluster check: {plan.cluster_check}")
+    if plan.cpus_note:
+        out.append(f"# cpus per task: {plan.cpus_note}")
+    out += [f"# WARNING: {w}" for w in plan.warnings]
     if plan.config is not None:
         out += ["# ---- resolved config", config_to_yaml(plan.config)]
     return "\n".join(out)

@@ -23,6 +23,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("avts_dist.cli.compare", "compare MLflow runs side by side"),
     "launch": ("avts_dist.cli.launch", "submit jobs to SLURM through submitit"),
     "status": ("avts_dist.cli.status", "how a pretraining run is doing (step, ETA, checkpoint)"),
+    "sync-tracking": (
+        "avts_dist.cli.sync_tracking",
+        "send a run's undelivered MLflow records (after a tracking-server outage)",
+    ),
 }
 
 

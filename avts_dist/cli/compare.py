@@ -3,11 +3,17 @@
   avts compare --experiment avts --out compare/                 (every run of the experiment)
   avts compare --runs RUN_A RUN_B --metrics 'ucf101/*' 'sync/acc_*'
   avts compare --tracking-uri http://mlflow:5000 --experiment avts
+  avts compare --best sync/acc --top 3                           (checkpoints ranked)
 
 Rows are pretraining runs; their child evaluation runs (avts eval) are grouped under them and
 their metrics become columns (<job>/<metric>), next to the parameters that differ between runs
 (e.g. curriculum.enabled). --out writes compare.csv, compare.html and PNG plots (training
 curves, sync accuracy vs offset, downstream accuracy bars).
+
+--best METRIC ranks checkpoints instead: every saved checkpoint is an MLflow LoggedModel of its
+pretraining run, and avts eval links its metrics to it; MLflow's search_logged_models orders
+them by METRIC (better first: higher for accuracies, lower for losses) and each is printed with
+the path of its weights.
 """
 
 from __future__ import annotations
@@ -36,10 +42,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="training metrics to plot against step (default: loss, val acc)",
     )
     parser.add_argument("--out", default=None, help="folder for CSV, HTML and PNG plots")
+    parser.add_argument(
+        "--best", default=None, metavar="METRIC", help="rank checkpoints by METRIC (e.g. sync/acc)"
+    )
+    parser.add_argument("--top", type=int, default=5, help="with --best: how many (default 5)")
+    parser.add_argument(
+        "--lower-is-better",
+        action="store_true",
+        default=None,
+        help="with --best: rank ascending (default: from the metric's name)",
+    )
     parser.add_argument("--tracking-uri", default="", help="MLflow URI (default: ./mlruns)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.best:
+        return _best(args)
     # Deferred: MLflow and matplotlib load only when comparing, not for `avts --help`.
     from eval.compare import compare_runs
 
@@ -58,3 +76,23 @@ def run(args: argparse.Namespace) -> int:
     for kind, path in comp.files.items():
         print(f"{kind}: {path}")
     return 0
+
+
+def _best(args: argparse.Namespace) -> int:
+    from eval.best import best_checkpoints, format_best
+    from eval.metric_docs import DOWN, describe_metric
+
+    if args.top < 1:
+        raise CLIError("--top must be >= 1")
+    lower = args.lower_is_better
+    if lower is None:
+        lower = describe_metric(args.best)[1] == DOWN
+    try:
+        best = best_checkpoints(
+            args.best, tracking_uri=args.tracking_uri, experiment=args.experiment,
+            top=args.top, lower_is_better=lower,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    print(format_best(args.best, best, lower))
+    return 0 if best else 1

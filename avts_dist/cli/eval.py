@@ -63,12 +63,27 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(summary, indent=1, default=float))
         return 0
-    print(
-        f"avts eval {result.job}: {result.seconds:.1f}s, artifacts in {result.out_dir}"
-        + (f", MLflow run {result.run_id}" if result.run_id else "")
-        + (f" (child of {result.parent_run_id})" if result.parent_run_id else "")
-    )
-    for k in sorted(result.metrics):
-        if "/" not in k or k.count("/") == 1 and k.split("/")[1] in ("acc", "acc_video"):
-            print(f"  {k:40s} {result.metrics[k]:.4f}")
+    print("\n".join(summary_lines(result)))
     return 0
+
+
+def summary_lines(result) -> list[str]:
+    """The headline table of the job (eval/headline.py), then where the full metrics went."""
+    from eval.headline import format_headline, headline_rows
+    from eval.registry import get_job
+
+    lines = [f"avts eval {result.job}: {result.seconds:.1f} s"]
+    rows = headline_rows(get_job(result.job).kind, result.metrics)
+    lines += format_headline(rows) if rows else ["  (no headline figures for this job)"]
+    lines.append(f"full metrics ({len(result.metrics)}): {result.out_dir}/metrics.json")
+    if result.run_id:
+        run = f"MLflow run {result.run_id}"
+        url = result.extra.get("run_url", "")
+        if url and url != result.run_id:
+            run += f" ({url})"
+        if result.parent_run_id:
+            run += f", child of {result.parent_run_id}"
+        if result.extra.get("model_id"):
+            run += f", linked to checkpoint model {result.extra['model_id']}"
+        lines.append(run)
+    return lines

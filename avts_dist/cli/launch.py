@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
             parent_run_dir=args.parent_run_dir,
             dry_run=args.dry_run,
         )
+    for warning in jobs.warnings:
+        _stderr(f"avts launch: warning: {warning}")
     if args.dry_run:
         if jobs.cluster_check.startswith("REFUSED"):
             _stderr(f"avts launch: warning: {jobs.cluster_check}")

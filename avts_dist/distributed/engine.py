@@ -149,8 +149,22 @@ def build_ds_config(
     return deep_merge(config, dict(ds.extra or {}))
 
 
+class _DropStartupNoise(logging.Filter):
+    """DeepSpeed's start-up warnings that say nothing about this run: the LR scheduler's first
+    get_lr() (at step -1, by construction) asks for the LR before its first step."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "before it has started" not in record.getMessage()
+
+
 def _quiet_deepspeed() -> None:
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # Named, DeepSpeed's accelerator is chosen without its "Setting accelerator to CPU. If you
+    # have GPU..." warning (what auto-detection would pick: cuda when torch sees a GPU).
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _DropStartupNoise) for f in ds_logger.filters):
+        ds_logger.addFilter(_DropStartupNoise())
     if os.environ.get("AVTS_DS_SHM_COMM", "0") != "1":
         # DeepSpeed's CPU shared-memory all-reduce is JIT-compiled on first use (minutes, and a
         # compiler); gloo does the same job here. AVTS_DS_SHM_COMM=1 turns it back on.
@@ -258,6 +272,17 @@ def read_client_state(tag_dir: str | Path) -> dict[str, Any]:
     return torch.load(_model_states_file(Path(tag_dir)), map_location="cpu", weights_only=False)
 
 
+@contextlib.contextmanager
+def _without_progress_bar(module):
+    """``module.tqdm`` replaced by the plain iterable while the block runs."""
+    saved = module.tqdm
+    module.tqdm = lambda iterable, **_: iterable
+    try:
+        yield
+    finally:
+        module.tqdm = saved
+
+
 def consolidated_fp32_state_dict(
     tag_dir: str | Path, zero_stage: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -270,10 +295,18 @@ def consolidated_fp32_state_dict(
     tag_dir = Path(tag_dir)
     client = read_client_state(tag_dir)
     if zero_stage > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        _quiet_deepspeed()
+        from deepspeed.utils import zero_to_fp32
 
-        with contextlib.redirect_stdout(io.StringIO()):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        # It prints its progress: tqdm over the shard files (on stderr) and details on stdout,
+        # which belongs to the caller (`avts eval --json`).
+        with (
+            _without_progress_bar(zero_to_fp32),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
+                str(tag_dir.parent), tag=tag_dir.name
+            )
     else:
         state = client["module"]
         low = sorted(

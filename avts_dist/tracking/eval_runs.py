@@ -2,8 +2,10 @@
 
 The child lives in the parent's experiment with the ``mlflow.parentRunId`` tag (what the MLflow
 UI and ``avts compare`` use to group it), plus ``avts.kind=eval`` and ``avts.eval=<job>``.
-Everything goes through :class:`mlflow.MlflowClient` with an explicit tracking URI, so nothing
-depends on (or changes) the process-global active run.
+When the weights are a checkpoint of a tracked pretraining run, its metrics are linked to that
+checkpoint's LoggedModel (``model_id``; found with :func:`find_checkpoint_model`), which is how
+``avts compare --best`` ranks checkpoints. Everything goes through :class:`mlflow.MlflowClient`
+with an explicit tracking URI, so nothing depends on (or changes) the process-global active run.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from mlflow.entities import Metric, Param
 # MLflow 3 keeps the local file store (./mlruns, the default here) behind this switch, which it
 # reads each time a store is opened.
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+# MLflow prints "View run ... at: URL" on stdout when a run on a server ends: stdout belongs to
+# our commands (`avts eval --json`), which print the run's link themselves.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
-__all__ = ["EvalRun", "resolve_tracking_uri"]
+__all__ = ["EvalRun", "find_checkpoint_model", "resolve_tracking_uri", "run_url"]
 
 
 def resolve_tracking_uri(uri: str) -> str:
@@ -31,6 +36,28 @@ def resolve_tracking_uri(uri: str) -> str:
     if uri and urlparse(uri).scheme:
         return uri
     return Path(uri or "mlruns").resolve().as_uri()
+
+
+def find_checkpoint_model(client: MlflowClient, run_id: str, step: int) -> str:
+    """The LoggedModel id of the checkpoint the pretraining run ``run_id`` saved at ``step``
+    (see ``TrainRun.log_checkpoint``); empty when there is none."""
+    try:
+        experiment_id = client.get_run(run_id).info.experiment_id
+        found = client.search_logged_models(
+            [experiment_id],
+            filter_string=f"source_run_id = '{run_id}' AND tags.`avts.step` = '{int(step)}'",
+            max_results=1,
+        )
+    except Exception:  # MlflowException: unknown run, a store without LoggedModels
+        return ""
+    return found[0].model_id if found else ""
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (a tracking server), else the run id."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return run_id
 
 
 class EvalRun:
@@ -44,6 +71,7 @@ class EvalRun:
         parent_run_id: str = "",
         experiment: str = "avts",
         tags: dict[str, str] | None = None,
+        checkpoint_step: int | None = None,
     ) -> None:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
@@ -63,8 +91,15 @@ class EvalRun:
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         all_tags.update(tags or {})
+        # The checkpoint's LoggedModel, which this run's metrics are linked to.
+        self.model_id = ""
+        if parent_run_id and checkpoint_step is not None:
+            self.model_id = find_checkpoint_model(self.client, parent_run_id, checkpoint_step)
+        if self.model_id:
+            all_tags["avts.model_id"] = self.model_id
         self.run = self.client.create_run(experiment_id, tags=all_tags)
         self.run_id = self.run.info.run_id
+        self.experiment_id = self.run.info.experiment_id
         self.parent_run_id = parent_run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -75,7 +110,7 @@ class EvalRun:
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
         items = [
-            Metric(k, float(v), now, step)
+            Metric(k, float(v), now, step, model_id=self.model_id or None)
             for k, v in metrics.items()
             if v is not None and math.isfinite(float(v))
         ]

@@ -1,12 +1,19 @@
-"""The pretraining run in MLflow: started or resumed on rank 0 only.
+"""The pretraining run in MLflow (rank 0), written through the background writer.
 
 - ``tracking.uri`` empty: the local store ``./mlruns`` (MLflow's file store; MLflow 3 keeps it in
   maintenance mode behind ``MLFLOW_ALLOW_FILE_STORE``, which this module sets); ``http://...``:
   a tracking server; any other MLflow URI (``sqlite:///...``) as is.
+- Every call becomes a record of the run's outbox (``<run.dir>/tracking/``) that a background
+  thread delivers (:mod:`avts_dist.tracking.writer`): the training loop never waits on MLflow,
+  and an outage loses nothing.
 - Params are the flattened resolved config with storage options redacted by an allowlist
   (:func:`avts_dist.storage.redact`; passwords in URLs masked), so no credential reaches the store.
-- Resume: the run id is kept in the checkpoint and in ``<run.dir>/mlflow_run_id``; the same run
-  continues, its metrics go on at the resumed step.
+- Each saved checkpoint becomes a LoggedModel of the run (MLflow 3), with the step and the
+  config as params; the weights stay in the checkpoint store, referenced by the
+  ``avts.checkpoint`` tag, not copied.
+- Resume: the outbox remembers the run, so a resumed run (``resume=auto`` or a path) continues
+  it; the run id is also kept in the checkpoint and in ``<run.dir>/mlflow_run_id``. A fresh start
+  (``resume=none``) starts a new run.
 
 ``mlflow`` is imported inside the functions on purpose: the import costs seconds, and a run with
 ``tracking.enabled=false`` (or a machine without mlflow) never needs it.
@@ -14,10 +21,11 @@
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,9 @@ import yaml
 from avts_dist.config import config_to_dict, flatten_config
 from avts_dist.storage import redact
 from avts_dist.tracking.eval_runs import resolve_tracking_uri
+from avts_dist.tracking.outbox import Outbox
+from avts_dist.tracking.system import SystemMetricsSampler, node_id_for
+from avts_dist.tracking.writer import TrackingWriter, configure_http
 
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
 
@@ -35,8 +46,8 @@ log = logging.getLogger("avts.tracking")
 __all__ = [
     "NoTracking",
     "TrainRun",
+    "open_node_metrics",
     "open_train_run",
-    "start_or_resume_run",
     "tracking_uri_for",
 ]
 
@@ -60,131 +71,127 @@ class NoTracking:
     """The tracker of ranks > 0 and of runs with ``tracking.enabled=false``: does nothing."""
 
     run_id = ""
+    writer = None
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
 
 
 class TrainRun:
-    """The active pretraining run (rank 0)."""
+    """The active pretraining run (rank 0): every method queues a record and returns."""
 
-    def __init__(self, run_id: str, tracking_uri: str, system_metrics: bool) -> None:
-        from mlflow import MlflowClient
+    def __init__(
+        self,
+        writer: TrackingWriter,
+        *,
+        run_name: str,
+        flush_timeout_s: float,
+        system_metrics: SystemMetricsSampler | None = None,
+    ) -> None:
+        self.writer = writer
+        self.run_name = run_name
+        self.flush_timeout_s = flush_timeout_s
+        self._system = system_metrics
+        self._params: dict[str, str] = {}
 
-        self.run_id = run_id
-        self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self._monitor = None
-        if system_metrics:
-            try:
-                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-                # tracking_uri must be explicit: otherwise the monitor logs to MLflow's global
-                # default store (./mlflow.db), where this run does not exist.
-                self._monitor = SystemMetricsMonitor(
-                    run_id, sampling_interval=10, resume_logging=True, tracking_uri=tracking_uri
-                )
-                self._monitor.start()
-            except Exception:  # psutil missing or an MLflow version without it: not fatal
-                self._monitor = None
-        self._pending: list = []
-        self._last_flush = time.monotonic()
+    @property
+    def run_id(self) -> str:
+        return self.writer.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        safe = _redacted_params(params)
+        self._params.update(safe)
+        self.writer.submit("params", params=safe)
 
-        existing = self.client.get_run(self.run_id).data.params
-        items = [Param(k, v) for k, v in _redacted_params(params).items() if k not in existing]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
-
-    def log_metrics(self, metrics: dict[str, float], step: int, flush: bool = False) -> None:
-        """Buffered; sent in batches (at most every few seconds) so logging never paces training."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        values = {}
         for key, value in metrics.items():
-            if value is None:
+            if value is None or isinstance(value, bool):
                 continue
             value = float(value)
             if math.isfinite(value):
-                self._pending.append(Metric(key.replace("@", "_"), value, now, int(step)))
-        if flush or len(self._pending) >= 900 or time.monotonic() - self._last_flush > 5:
-            self.flush()
+                values[key.replace("@", "_")] = value
+        if values:
+            self.writer.submit(
+                "metrics", step=int(step), ts=int(time.time() * 1000), metrics=values
+            )
 
     def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        for i in range(0, len(pending), 900):
-            self.client.log_batch(self.run_id, metrics=pending[i : i + 900])
-        self._last_flush = time.monotonic()
+        """Nothing to do: records are on their way as soon as they are logged."""
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in redact(dict(tags)).items():
-            self.client.set_tag(self.run_id, key, str(value))
+        self.writer.submit("tags", tags={k: str(v) for k, v in redact(dict(tags)).items()})
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        self.writer.submit("text", text=text, artifact_file=artifact_file)
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, data, artifact_file)
+        self.log_text(json.dumps(data, indent=1, default=str), artifact_file)
 
     def log_checkpoint(self, url: str, step: int, save_s: float) -> None:
+        """The checkpoint as a LoggedModel of this run (weights referenced by URL) and its save
+        time as a metric of the run."""
         self.log_dict({"checkpoint": url, "step": step}, "checkpoints/latest.json")
-        self.log_metrics({"checkpoint/save_s": save_s}, step=step, flush=True)
+        self.writer.submit(
+            "model",
+            step=int(step),
+            name=f"{self.run_name}-step{int(step)}",
+            params={**self._params, "step": str(int(step))},
+            tags={"avts.checkpoint": redact(url), "avts.run_name": self.run_name},
+        )
+        self.log_metrics({"checkpoint/save_s": save_s}, step=step)
 
     def log_curriculum(self, history: list[dict[str, Any]], stage: str) -> None:
         self.log_dict({"events": history}, "curriculum/history.json")
         self.set_tags({"avts.curriculum_stage": stage})
 
-    def end(self, status: str = "FINISHED") -> None:
-        """status: FINISHED, KILLED (preempted: the run continues on resume) or FAILED."""
-        self.flush()
-        if self._monitor is not None:
-            with contextlib.suppress(Exception):
-                self._monitor.finish()
-            self._monitor = None
-        self.client.set_terminated(self.run_id, status=status)
+    def end(self, status: str | None = "FINISHED") -> int:
+        """status: FINISHED, KILLED (preempted: the run continues on resume), FAILED, or None
+        (another node's system metrics: the run is not this process's to end).
 
-
-def start_or_resume_run(
-    tracking_cfg,
-    *,
-    run_name: str,
-    run_id: str = "",
-    params: dict[str, Any] | None = None,
-    tags: dict[str, str] | None = None,
-) -> TrainRun:
-    """Creates the run (or reopens ``run_id``) in ``tracking_cfg.experiment``."""
-    from mlflow import MlflowClient
-
-    uri = tracking_uri_for(tracking_cfg.uri)
-    client = MlflowClient(tracking_uri=uri)
-    previous = ""
-    if run_id:
-        try:
-            client.get_run(run_id)
-        except Exception as exc:  # MlflowException: e.g. a checkpoint copied from elsewhere
+        Waits at most ``tracking.flush_timeout_s`` for the backlog; returns the number of
+        records left undelivered (kept for ``avts sync-tracking``)."""
+        if self._system is not None:
+            self._system.stop()
+            self._system = None
+        if status is not None:
+            self.writer.submit("end", status=status)
+        left = self.writer.close(self.flush_timeout_s)
+        # What the writer did (outages, records handed over while the server was down, the
+        # trainer's longest hand-over): for the operator and the tests.
+        counters = {**self.writer.counters.to_dict(), "num_pending": left}
+        (self.writer.outbox.folder / "writer.json").write_text(json.dumps(counters, indent=1))
+        if left:
             log.warning(
-                "MLflow run %s (from the checkpoint) is not in %s (%s): starting a new run",
-                run_id,
-                uri,
-                str(exc).splitlines()[0],
+                "MLflow %s: %d tracking record(s) not delivered (%s); they are kept in %s: "
+                "`avts sync-tracking %s` sends them once the server answers",
+                self.writer.tracking_uri,
+                left,
+                self.writer.last_error or "no answer in time",
+                self.writer.outbox.path,
+                self.writer.outbox.folder.parent,
             )
-            previous, run_id = run_id, ""
-        else:
-            client.update_run(run_id, status="RUNNING")
-    if not run_id:
-        exp = client.get_experiment_by_name(tracking_cfg.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(tracking_cfg.experiment)
-        all_tags = {"mlflow.runName": run_name, "avts.kind": "pretrain"}
-        if previous:
-            all_tags["avts.previous_run_id"] = previous
-        all_tags.update(tags or {})
-        run_id = client.create_run(exp_id, tags=redact(all_tags), run_name=run_name).info.run_id
-    run = TrainRun(run_id, uri, tracking_cfg.system_metrics)
-    if params:
-        run.log_params(params)
-    return run
+        return left
+
+
+def _fresh_outbox(folder: Path) -> None:
+    """A fresh start gets a new MLflow run: the previous outbox goes, or, with records still
+    undelivered, is kept beside (``avts sync-tracking`` can deliver it to its own run)."""
+    if not folder.exists():
+        return
+    old = Outbox(folder)
+    if old.num_pending == 0:
+        shutil.rmtree(folder)
+        return
+    keep = folder.with_name(f"{folder.name}.{old.state.tracking_id[:8]}")
+    folder.rename(keep)
+    log.warning(
+        "%d undelivered tracking record(s) of the previous run in this run dir moved to %s "
+        "(deliver them with `avts sync-tracking %s`)",
+        old.num_pending,
+        keep,
+        keep,
+    )
 
 
 def open_train_run(
@@ -198,22 +205,71 @@ def open_train_run(
 ) -> TrainRun:
     """Rank 0 of a pretraining run: the MLflow run started, or continued on resume.
 
-    The run id comes from the checkpoint (``run_id``) or, for a run resumed past its last
-    checkpoint's tracking, from ``<run_dir>/mlflow_run_id``, which is (re)written here. Logs the
-    redacted resolved config as params and as the ``config.yaml`` artifact.
+    Waits at most ``tracking.start_timeout_s`` for the server to create the run (so that its id
+    is known from the start when the server is up); otherwise training starts anyway and the
+    run is created when the server answers. Logs the redacted resolved config as params and as
+    the ``config.yaml`` artifact.
     """
-    id_file = Path(run_dir) / "mlflow_run_id"
-    if not run_id and step > 0 and id_file.exists():
-        run_id = id_file.read_text().strip()
-    run = start_or_resume_run(
-        cfg.tracking,
-        run_name=cfg.run.name,
-        run_id=run_id,
-        params=flatten_config(cfg),
-        tags={"avts.world_size": str(world_size)},
+    tcfg = cfg.tracking
+    configure_http(tcfg.request_timeout_s, tcfg.request_max_retries)
+    run_dir = Path(run_dir)
+    id_file = run_dir / "mlflow_run_id"
+    folder = run_dir / "tracking"
+    if cfg.resume in ("", "none"):
+        _fresh_outbox(folder)
+    elif not run_id and step > 0 and id_file.exists():
+        run_id = id_file.read_text().strip()  # a run dir from before the outbox
+    writer = TrackingWriter(
+        Outbox(folder),
+        tracking_uri_for(tcfg.uri),
+        on_run_id=lambda rid: id_file.write_text(rid + "\n"),
     )
-    id_file.write_text(run.run_id + "\n")
+    tags = {"mlflow.runName": cfg.run.name, "avts.kind": "pretrain"}
+    tags["avts.world_size"] = str(world_size)
+    start = writer.submit(
+        "start",
+        experiment=tcfg.experiment,
+        run_name=cfg.run.name,
+        tags=redact(tags),
+        resume_run_id=run_id,
+    )
+    sampler = None
+    if tcfg.system_metrics:
+        sampler = SystemMetricsSampler(
+            writer, node_id=node_id_for(0, world_size), interval_s=tcfg.system_metrics_every_s
+        )
+    run = TrainRun(
+        writer, run_name=cfg.run.name, flush_timeout_s=tcfg.flush_timeout_s, system_metrics=sampler
+    )
+    run.log_params(flatten_config(cfg))
     run.log_text(yaml.safe_dump(redact(config_to_dict(cfg)), sort_keys=False), "config.yaml")
     if resumed_from:
         run.set_tags({"avts.resumed_from": resumed_from})
+    if not writer.wait_delivered(start, tcfg.start_timeout_s):
+        log.warning(
+            "MLflow %s did not create the run within %ss: training starts; the run is "
+            "created when the server answers",
+            writer.tracking_uri,
+            tcfg.start_timeout_s,
+        )
     return run
+
+
+def open_node_metrics(cfg, *, run_dir: Path, run_id: str, rank: int, world_size: int):
+    """The system metrics of another node of a multi-node run (its first local rank): its own
+    outbox under ``<run.dir>/tracking/<node id>/``, attached to the run; None when not needed."""
+    node_id = node_id_for(rank, world_size)
+    if not (cfg.tracking.enabled and cfg.tracking.system_metrics and run_id and node_id):
+        return None
+    configure_http(cfg.tracking.request_timeout_s, cfg.tracking.request_max_retries)
+    outbox = Outbox(Path(run_dir) / "tracking" / node_id)
+    outbox.state.run_id = run_id
+    writer = TrackingWriter(outbox, tracking_uri_for(cfg.tracking.uri))
+    return TrainRun(
+        writer,
+        run_name=cfg.run.name,
+        flush_timeout_s=cfg.tracking.flush_timeout_s,
+        system_metrics=SystemMetricsSampler(
+            writer, node_id=node_id, interval_s=cfg.tracking.system_metrics_every_s
+        ),
+    )

@@ -66,6 +66,10 @@ def run_training(
     ctx = C.init_distributed(cfg.deepspeed.backend)
     if ctx.rank != 0:
         logging.getLogger("avts").setLevel(logging.WARNING)
+    # botocore says where it found credentials (INFO) each time an S3 client is made: once per
+    # loader worker, checkpoint upload and fetch.
+    for name in ("botocore.credentials", "aiobotocore.credentials"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     box = _SignalBox()
     previous: dict[int, Any] = {}
     for sig in PREEMPT_SIGNALS:

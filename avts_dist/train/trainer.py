@@ -34,10 +34,13 @@ from avts_dist.models import build_model
 from avts_dist.tracking import (
     MetricsLogger,
     NoTracking,
-    ProgressBar,
+    Progress,
     StepRecord,
     StepTimer,
+    open_node_metrics,
     open_train_run,
+    sum_over_ranks,
+    telemetry_fields,
 )
 from avts_dist.train.batch import micro_batches, to_device
 from avts_dist.train.checkpoint import (
@@ -84,6 +87,7 @@ class Trainer:
         self.val_metrics: dict[str, float] = {}
         self.mlflow_run_id = ""
         self.tracker = NoTracking()
+        self.node_metrics = None  # another node's system metrics (multi-node runs)
         C.set_determinism(cfg.train.deterministic, ctx.device)
         torch.manual_seed(cfg.data.seed)
         self.ckpt = CheckpointManager(
@@ -115,7 +119,7 @@ class Trainer:
         self.micro_steps = cfg.deepspeed.grad_accum_steps
         self.metrics = MetricsLogger(
             self.run_dir / "metrics.jsonl", device=self.device, world_size=self.world_size,
-            is_main=self.is_main,
+            is_main=self.is_main, total_steps=self.max_steps,
         )  # fmt: skip
         if plan is not None:
             client = load_engine_checkpoint(self.engine, plan.local_root, plan.load_tag)
@@ -149,7 +153,8 @@ class Trainer:
             "curriculum": self.curriculum.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": get_rng_state(),
-            "mlflow_run_id": self.mlflow_run_id,
+            # Rank 0's tracker knows the id once the server has created the run (maybe late).
+            "mlflow_run_id": self.tracker.run_id or self.mlflow_run_id,
             # Redacted: checkpoints are copied and uploaded; credentials come from the user again.
             "config": redacted_config_dict(self.cfg),
             "world_size": self.world_size,
@@ -257,6 +262,11 @@ class Trainer:
                     resumed_from=source, world_size=self.world_size,
                 )  # fmt: skip
         self.mlflow_run_id = C.broadcast_object(self.tracker.run_id or self.mlflow_run_id)
+        if not self.is_main and self.ctx.local_rank == 0:
+            self.node_metrics = open_node_metrics(
+                self.cfg, run_dir=self.run_dir, run_id=self.mlflow_run_id, rank=self.rank,
+                world_size=self.world_size,
+            )  # fmt: skip
 
     def save_checkpoint(self) -> str:
         self.metrics.flush()
@@ -285,7 +295,8 @@ class Trainer:
                 {k: v for k, v in out.terms.items() if k != "loss"}, self.world_size
             )
             extra.update({f"train/{k}": v for k, v in terms.items()})
-            extra.update(timer.take(self.loader.telemetry()))
+            telemetry = telemetry_fields(self.loader.telemetry())
+            extra.update(timer.take(sum_over_ranks(telemetry, self.world_size)))
         validated = bool(self.val_loaders) and self.step % cfg.train.val_every_steps == 0
         if validated:
             self.val_metrics = self.validate()
@@ -306,6 +317,18 @@ class Trainer:
             self.tracker.log_curriculum(self.curriculum.history, self.curriculum.stage.name)
         return extra, log_step or bool(events) or validated
 
+    def _progress_fields(self) -> dict[str, Any]:
+        latest, writer = self.metrics.latest, self.tracker.writer
+        tracking = None
+        if writer is not None and writer.is_down:
+            tracking = f"MLflow down, {writer.outbox.num_pending} records buffered"
+        return {
+            "loss": self.metrics.last_loss,
+            "data_wait": latest.get("data/wait_fraction"),
+            "retries": latest.get("data/retries"),
+            "tracking": tracking,
+        }
+
     def _stop_reason(self) -> tuple[str, str] | None:
         """(status, message) when the run must stop after this step's checkpoint."""
         limit = self.cfg.train.max_nonfinite_steps
@@ -323,9 +346,10 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         self._open_tracking()
-        progress = ProgressBar(
-            self.is_main and cfg.train.progress, total=self.max_steps, initial=self.step
-        )
+        progress = Progress(
+            self.is_main and cfg.train.progress, total=self.max_steps, initial=self.step,
+            every_s=cfg.train.progress_every_s,
+        )  # fmt: skip
         status, message = "completed", ""
         data_iter = iter(self.loader)
         timer = StepTimer()
@@ -347,7 +371,7 @@ class Trainer:
                 )
                 if flush:
                     self.metrics.flush()
-                progress.update(self.metrics.last_loss)
+                progress.update(self.step, self._progress_fields())
                 stop = self._stop_reason()
                 every = cfg.checkpoint.every_steps
                 if stop is not None or (every and self.step % every == 0):
@@ -358,7 +382,7 @@ class Trainer:
                     break
             if status == "completed" and last_saved != self.step:
                 self.save_checkpoint()
-            self.metrics.flush(flush_tracker=True)
+            self.metrics.flush()
         except BaseException:
             status = "failed"
             raise
@@ -366,6 +390,8 @@ class Trainer:
             progress.close()
             data_iter.close()
             self.tracker.end({"completed": "FINISHED", "preempted": "KILLED"}.get(status, "FAILED"))
+            if self.node_metrics is not None:
+                self.node_metrics.end(None)
         if message and self.is_main:
             log.warning(message)
         last = self.metrics.last_loss

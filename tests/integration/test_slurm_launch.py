@@ -130,3 +130,22 @@ def test_bad_cluster_options_fail_before_submitting(tmp_path, capsys, flags, mes
     after = subprocess.run(queued, capture_output=True, text=True).stdout
     assert after == before
     assert not (tmp_path / "bad").exists(), "nothing may be written before the checks pass"
+
+
+def test_cpus_per_gpu_read_from_the_real_sinfo():
+    """The local cluster's sinfo, parsed: a CPU partition (no GPUs), so cpus_per_task stays 1
+    without GPUs, and the CPUs per node are those scontrol reports."""
+    from avts_dist.config import LaunchConfig
+    from launch import executors
+
+    shapes = executors.query_cpus_gpus()
+    parts = executors.query_partitions()
+    default = next(p for p in parts.values() if p.default)
+    assert shapes[""] == shapes[default.name]
+    assert all(gpus == 0 and cpus >= 1 for cpus, gpus in shapes[default.name])
+    assert sum(c for c, _ in shapes[default.name]) <= default.total_cpus
+    launch = LaunchConfig(gpus_per_node=0)
+    assert executors.settle_cpus_per_task(launch, 0, shapes)[0].startswith("1 (no GPUs")
+    launch = LaunchConfig(gpus_per_node=1, partition=default.name)
+    note, _ = executors.settle_cpus_per_task(launch, 0, shapes)
+    assert launch.cpus_per_task == 1 and "no CPUs per GPU" in note

@@ -282,3 +282,57 @@ def test_pretrain_job_checkpoint_counts_requeues_and_resumes():
     assert nxt.function.num_requeues == 2 and nxt.function.config["resume"] == "auto"
     assert job.config["resume"] == "none"  # the running job's own state is left alone
     assert nxt.function.checkpoint() is None  # the bound is reached: no more requeues
+
+
+# A GPU cluster as `sinfo -h -o '%P|%c|%G'` prints it: two node shapes in "gpu" (the default),
+# GPUs with a type and socket binding, a CPU partition.
+SINFO_SAMPLE = """gpu*|96|gpu:h100:8(S:0-1)
+gpu*|64|gpu:a100:8(S:0-1),shard:16
+cpu|128|(null)
+"""
+
+
+def test_sinfo_cpus_per_gpu_parsed():
+    shapes = executors.parse_sinfo_cpus_gpus(SINFO_SAMPLE)
+    assert shapes["gpu"] == [(96, 8), (64, 8)] and shapes[""] == shapes["gpu"]
+    assert shapes["cpu"] == [(128, 0)]
+    # The smallest node shape decides: a job may land on any node of the partition.
+    assert executors.cpus_per_gpu(shapes["gpu"]) == 8
+    assert executors.cpus_per_gpu(shapes["cpu"]) is None
+
+
+@pytest.mark.parametrize(
+    "launch, workers, cpus, note, warned",
+    [
+        (LaunchConfig(gpus_per_node=8), 6, 8, "CPUs per GPU of the default partition", False),
+        (LaunchConfig(gpus_per_node=8, partition="gpu"), 10, 8, "'gpu'", True),
+        (LaunchConfig(gpus_per_node=8, cpus_per_task=12), 10, 12, "launch.cpus_per_task", False),
+        (LaunchConfig(gpus_per_node=0), 2, 1, "no GPUs", True),
+        (LaunchConfig(gpus_per_node=8, partition="cpu"), 0, 1, "no CPUs per GPU", False),
+    ],
+)
+def test_cpus_per_task_defaults_to_cpus_per_gpu(launch, workers, cpus, note, warned):
+    shapes = executors.parse_sinfo_cpus_gpus(SINFO_SAMPLE)
+    chosen, warning = executors.settle_cpus_per_task(launch, workers, shapes)
+    assert launch.cpus_per_task == cpus and note in chosen
+    assert bool(warning) == warned
+    if warned:
+        assert f"data.num_workers={workers} exceeds launch.cpus_per_task={cpus}" in warning
+
+
+def test_dry_run_shows_cpus_per_task_and_warns_on_workers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(executors, "slurm_available", lambda: False)
+    sample = executors.parse_sinfo_cpus_gpus(SINFO_SAMPLE)
+    monkeypatch.setattr(executors, "query_cpus_gpus", lambda: sample)
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(f"run: {{name: w, dir: {tmp_path / 'w'}}}\ndata: {{num_workers: 12}}\n")
+    argv = ["launch", "pretrain", "--config", str(cfg), "--gpus-per-node", "8", "--dry-run"]
+    assert avts_main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "#SBATCH --cpus-per-task=8" in out
+    assert "# cpus per task: 8 (CPUs per GPU of the default partition" in out
+    assert "data.num_workers: 12 per rank" in out
+    assert err.count("data.num_workers=12 exceeds launch.cpus_per_task=8") == 1
+    assert avts_main([*argv, "--cpus-per-task", "16"]) == 0
+    out, err = capsys.readouterr()
+    assert "#SBATCH --cpus-per-task=16" in out and "exceeds" not in err

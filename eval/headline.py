@@ -1,0 +1,117 @@
+"""The few figures of an evaluation a person looks at first, with their 95% intervals, as
+``avts eval`` prints them (the full metrics go to MLflow and ``metrics.json``)::
+
+    avts eval sync: 41.2 s
+      figure                            value    95% interval       over
+      sync accuracy, easy negatives     0.8125   0.7397 - 0.8853    96 clips
+      sync accuracy, hard negatives     0.6719   0.5891 - 0.7546    96 clips
+    full metrics (37): MLflow run 1f2e... (http://mlflow:5000/#/experiments/1/runs/1f2e...),
+    runs/quickstart/eval/sync/metrics.json
+
+Intervals: over splits or folds (Student's t, :func:`eval.intervals.mean_ci`) where the job has
+several; for sync accuracy, the binomial interval of its two proportions (normal approximation).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from eval.intervals import mean_ci
+
+__all__ = ["HeadlineRow", "format_headline", "headline_rows"]
+
+_Z95 = 1.959964
+
+
+@dataclass(frozen=True)
+class HeadlineRow:
+    label: str
+    value: float
+    low: float | None = None
+    high: float | None = None
+    over: str = ""
+
+
+def _sync_rows(m: dict[str, float]) -> list[HeadlineRow]:
+    """acc = (TPR + rejection rate) / 2: its variance is the sum of the two binomial ones / 4."""
+    rows = []
+    tpr, num_clips = m.get("tpr"), m.get("num_clips")
+    for kind in ("easy", "hard", "superhard"):
+        if f"acc_{kind}" not in m:
+            continue
+        acc, reject, num_neg = m[f"acc_{kind}"], m[f"reject_{kind}"], m[f"num_{kind}"]
+        low = high = None
+        if tpr is not None and num_clips and num_neg:
+            var = 0.25 * (tpr * (1 - tpr) / num_clips + reject * (1 - reject) / num_neg)
+            half = _Z95 * math.sqrt(var)
+            low, high = max(0.0, acc - half), min(1.0, acc + half)
+        over = f"{int(num_clips or 0)} clips, {int(num_neg)} negatives"
+        rows.append(HeadlineRow(f"sync accuracy, {kind} negatives", acc, low, high, over))
+    return rows
+
+
+def _over(m: dict[str, float], pattern: str, label: str, unit: str) -> list[HeadlineRow]:
+    """One row: the mean of the metrics named ``pattern`` (one per split/fold), with its
+    t-interval."""
+    values = [v for k, v in sorted(m.items()) if re.fullmatch(pattern, k) and math.isfinite(v)]
+    if not values:
+        return []
+    ci = mean_ci(values)
+    over = f"{ci.n} {unit}{'s' if ci.n != 1 else ''}"
+    return [HeadlineRow(label, ci.mean, ci.low, ci.high, over)]
+
+
+def _finetune_rows(m: dict[str, float], prefix: str = "") -> list[HeadlineRow]:
+    rows = []
+    for variant in ("pretrained", "scratch"):
+        rows += _over(
+            m, rf"{prefix}{variant}/[^/]+/acc_video", f"video accuracy, {variant}", "split"
+        )
+    if len(rows) == 2:
+        gains = {
+            k: m[k] - m[k.replace("pretrained/", "scratch/")]
+            for k in m
+            if re.fullmatch(rf"{prefix}pretrained/[^/]+/acc_video", k)
+            and k.replace("pretrained/", "scratch/") in m
+        }
+        rows += _over(gains, r".*", "gain over scratch", "split")
+    return rows
+
+
+def _probe_rows(m: dict[str, float], prefix: str = "") -> list[HeadlineRow]:
+    label = "audio linear-probe accuracy" if prefix else "linear-probe accuracy"
+    return _over(m, rf"{prefix}[^/]+/acc", label, "fold")
+
+
+def _multimodal_rows(m: dict[str, float]) -> list[HeadlineRow]:
+    rows = []
+    for part, label in (("fused", "late fusion"), ("video_only", "video"), ("audio_only", "audio")):
+        rows += _over(m, rf"[^/]+/acc_{part}", f"accuracy, {label}", "split")
+    return rows
+
+
+def headline_rows(kind: str, metrics: dict[str, float]) -> list[HeadlineRow]:
+    """The headline of an evaluation of ``kind`` (``eval.registry`` kinds) from its metrics."""
+    if kind == "sync":
+        return _sync_rows(metrics)
+    if kind == "finetune":
+        return _finetune_rows(metrics)
+    if kind == "probe":
+        return _probe_rows(metrics)
+    if kind == "multimodal":
+        return _multimodal_rows(metrics)
+    if kind == "synthetic":
+        return _finetune_rows(metrics, "video/") + _probe_rows(metrics, "audio/")
+    return []
+
+
+def format_headline(rows: list[HeadlineRow]) -> list[str]:
+    table = [("figure", "value", "95% interval", "over")]
+    for r in rows:
+        interval = f"{r.low:.4f} - {r.high:.4f}" if r.low is not None else "-"
+        table.append((r.label, f"{r.value:.4f}", interval, r.over))
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in table]  # fmt: skip
