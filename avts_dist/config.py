@@ -158,6 +158,24 @@ class DataConfig:
     # torchcodec | pyav | decord: the video decoder; the default is the fastest that gives the
     # right frames, measured side by side (docs/benchmarks.md). All three agree on the frames.
     video_decoder: str = "torchcodec"
+    # How training reads clips (docs/data-loading.md): "random" = one ranged read per clip, a
+    # full shuffle; "block" = contiguous runs of a shard (block_mb each) served from a per-rank
+    # cache, a two-level shuffle (blocks permuted, samples shuffled within windows of
+    # shuffle_window_blocks blocks of a stream); "auto" = block for remote URLs (s3://, gs://,
+    # ...), random for local paths. Evaluation always reads clip by clip.
+    access: str = "auto"
+    block_mb: float = 32.0
+    shuffle_window_blocks: int = 2
+    # Parallel streams of blocks in the global order (each rank reads only its streams' blocks);
+    # 0 = the largest divisor of global_batch_size <= 256. Part of the order: fixed for a run.
+    block_streams: int = 0
+    # Where the block cache lives; empty = /dev/shm when it has room, else the temp directory.
+    block_cache_dir: str = ""
+    # A shard listed in the index but absent stops the build unless this is true (then its
+    # clips are left out, with a warning giving the share of data lost).
+    allow_missing_shards: bool = False
+    # Training stops (SkippedClipsError) when more than this share of the clips tried failed.
+    max_skip_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         if self.video_decoder not in VIDEO_DECODERS:
@@ -179,6 +197,22 @@ class DataConfig:
             )
         if self.negative_mix:
             _check_mix("data.negative_mix", dict(self.negative_mix))
+        if self.access not in ("auto", "random", "block"):
+            _fail("data.access", f"must be auto, random or block, got {self.access!r}")
+        if not self.block_mb > 0:
+            _fail("data.block_mb", f"must be > 0 (MB), got {self.block_mb}")
+        if self.shuffle_window_blocks < 1:
+            _fail("data.shuffle_window_blocks", f"must be >= 1, got {self.shuffle_window_blocks}")
+        if self.block_streams < 0 or (
+            self.block_streams and self.global_batch_size % self.block_streams
+        ):
+            _fail(
+                "data.block_streams",
+                f"must be 0 (auto) or divide data.global_batch_size "
+                f"({self.global_batch_size}), got {self.block_streams}",
+            )
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            _fail("data.max_skip_fraction", f"must be in [0, 1], got {self.max_skip_fraction}")
 
     @property
     def initial_negative_mix(self) -> dict[str, float]:

@@ -15,6 +15,7 @@ _EXPORTS = {
     "build_loader": "avts_dist.data.loader",
     "DatasetError": "avts_dist.data.index",
     "DatasetIndex": "avts_dist.data.index",
+    "SkippedClipsError": "avts_dist.data.health",
     "ShardWriter": "avts_dist.data.writer",
     "read_member": "avts_dist.data.index",
 }

@@ -7,7 +7,10 @@
   world size and any worker count: rank ``r`` takes its slice of the global batch;
 - the state (:meth:`AVLoader.state_dict`) is the next global step and the negative-mix schedule:
   tiny, identical on every rank, restorable at any world size;
-- a clip that fails is replaced deterministically, counted by reason, its key logged once.
+- a clip that fails is replaced deterministically, counted by reason, its key logged once; past
+  ``data.max_skip_fraction`` failed clips, :class:`SkippedClipsError` stops training;
+- ``data.access``: ``random`` reads clip by clip in a full shuffle; ``block`` reads runs of
+  shards into a per-rank cache, in the two-level block order (:mod:`avts_dist.data.blocks`).
 
 Worker processes and prefetching come from torchdata's ``StatefulDataLoader``; the
 authoritative position is ours (the global step), so its own state is never needed: a restore
@@ -16,6 +19,7 @@ or a mix change simply restarts the pipeline at the right global step.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import warnings
@@ -23,18 +27,23 @@ from collections import Counter
 from concurrent.futures import Future
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from avts_dist.config import DataConfig
+from avts_dist.data.blockcache import BlockCache, cache_base_dir
+from avts_dist.data.blockreads import BlockReads
+from avts_dist.data.blocks import BlockSampler, auto_streams
 from avts_dist.data.decode import DecodeError, audio_window, decode_audio, decode_video, logmel
+from avts_dist.data.health import SkipBudget, SkippedClipsError, check_shards
 from avts_dist.data.pairs import NEGATIVE_KINDS, PairPlan, mix_probabilities, plan_pair
 from avts_dist.data.reader import ClipReader, ReadFailure
 from avts_dist.data.sampler import GlobalSampler, LoaderState, MixSchedule, sample_rng
 from avts_dist.data.index import DatasetError, DatasetIndex
 
-__all__ = ["AVLoader", "build_loader"]
+__all__ = ["AVLoader", "SkippedClipsError", "build_loader", "resolve_access"]
 
 log = logging.getLogger(__name__)
 # torchdata 0.11 calls a deprecated torch API on every iterator: noise, not a problem of ours.
@@ -43,7 +52,39 @@ warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 MEDIA_EXT = "mp4"
 # A sample whose clip (or negative) keeps failing is replaced at most this many times.
 MAX_ATTEMPTS = 32
+# Block access draws replacements from the sample's window (in memory) this many times, then
+# from the whole split: a window can be small, or all bad (a corrupt shard).
+WINDOW_ATTEMPTS = 4
 _MIX_KEYS = NEGATIVE_KINDS
+_LOCAL_PROTOCOLS = ("file", "local", "memory")
+# Counters summed from the workers' per-batch stats into telemetry().
+_SUMMED = (
+    "bytes_read",
+    "retries",
+    "requests",
+    "read_failures",
+    "read_s",
+    "decode_s",
+    "batch_s",
+    "clips",
+    "fallback_easy",
+    "video_decodes",
+    "audio_decodes",
+    "block_fallback_reads",
+    "outside_block_reads",
+)
+
+
+def resolve_access(cfg: DataConfig, url: str, train: bool) -> str:
+    """``random`` or ``block``: evaluation always reads clip by clip; ``auto`` is block for
+    remote storage and random for local paths (a page cache serves random reads well, and the
+    full shuffle is better)."""
+    if not train:
+        return "random"
+    if cfg.access != "auto":
+        return cfg.access
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    return "random" if protocol in _LOCAL_PROTOCOLS else "block"
 
 
 def _mix_tuple(mix: dict[str, float]) -> tuple[float, ...]:
@@ -65,6 +106,16 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors, 0, out=out)
 
 
+def _release_cached_remote_fs(url: str) -> None:
+    """Lets fsspec's cached instances of a remote filesystem go before workers fork: a child
+    drops the cache it inherits and would close those S3 clients on its own event loop (asyncio
+    errors on stderr). Instances still in use elsewhere are untouched; new ones are made."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol not in _LOCAL_PROTOCOLS:
+        fsspec.get_filesystem_class(protocol).clear_instance_cache()
+        gc.collect()
+
+
 def _identity(batch: Any) -> Any:
     return batch
 
@@ -74,11 +125,16 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+class _AllAttemptsFailed(Exception):
+    pass
+
+
 class _PairDataset(torch.utils.data.Dataset):
     """Turns a list of sample tasks ``(epoch, position, row, mix)`` into one collated batch.
 
     All reads of the batch are issued first (bounded by the reader's pool), then the clips are
-    decoded in order while later reads are still in flight.
+    decoded in order while later reads are still in flight. With block access (``blocks``) the
+    reads come from the rank's block cache and candidates are the sample's window.
     """
 
     def __init__(
@@ -88,6 +144,7 @@ class _PairDataset(torch.utils.data.Dataset):
         pool: np.ndarray,
         video_ids: np.ndarray,
         train: bool,
+        blocks: tuple[BlockSampler, BlockCache] | None = None,
     ) -> None:
         self.cfg = cfg
         self.index = index
@@ -104,6 +161,13 @@ class _PairDataset(torch.utils.data.Dataset):
             retry_backoff_s=cfg.retry_backoff_s,
             concurrency=cfg.prefetch,
         )
+        self.blocks = None
+        if blocks is not None:
+            sampler, cache = blocks
+            self.blocks = BlockReads(
+                sampler, cache, self.reader, video_ids, max(2, cfg.prefetch // 2)
+            )
+        self.decodes = Counter()
         # task -> (plan, read futures) started ahead of the batch that needs them.
         self._ahead: dict[tuple, tuple[PairPlan, tuple[Future, Future | None]]] = {}
 
@@ -112,13 +176,17 @@ class _PairDataset(torch.utils.data.Dataset):
 
     def _plan(self, epoch: int, position: int, row: int, mix: dict, attempt: int) -> PairPlan:
         rng = sample_rng(self.cfg.seed, epoch, position, attempt)
+        pool = self.pool
+        if self.blocks is not None and attempt <= WINDOW_ATTEMPTS:
+            # Easy negatives and replacements come from the clips of the sample's window.
+            pool = self.blocks.candidates(epoch, position, pool)
         if attempt > 0:
             # A replacement clip: drawn from the pool by the same counter-based generator.
-            row = int(self.pool[int(rng.integers(0, len(self.pool)))])
+            row = int(pool[int(rng.integers(0, len(pool)))])
         return plan_pair(
             rng,
             row,
-            self.pool,
+            pool,
             self.durations,
             self.video_ids,
             self.clip_s,
@@ -130,11 +198,15 @@ class _PairDataset(torch.utils.data.Dataset):
     def _start(self, task: tuple) -> tuple[PairPlan, tuple[Future, Future | None]]:
         epoch, pos, row, mix = task
         plan = self._plan(epoch, pos, row, _mix_dict(mix), 0)
-        return plan, self._fetch(plan)
+        return plan, self._fetch(plan, epoch, pos)
 
-    def _fetch(self, plan: PairPlan) -> tuple[Future, Future | None]:
-        pos = self.reader.submit(plan.row, MEDIA_EXT)
-        neg = self.reader.submit(plan.neg_row, MEDIA_EXT) if plan.neg_row != plan.row else None
+    def _fetch(self, plan: PairPlan, epoch: int, position: int) -> tuple[Future, Future | None]:
+        if self.blocks is not None:
+            submit = lambda row: self.blocks.submit(epoch, position, row)  # noqa: E731
+        else:
+            submit = lambda row: self.reader.submit(row, MEDIA_EXT)  # noqa: E731
+        pos = submit(plan.row)
+        neg = submit(plan.neg_row) if plan.neg_row != plan.row else None
         return pos, neg
 
     def _audio(self, wave: np.ndarray, start_s: float) -> torch.Tensor:
@@ -145,6 +217,7 @@ class _PairDataset(torch.utils.data.Dataset):
     def _decode(self, plan: PairPlan, pos_bytes: bytes, neg_bytes: bytes | None) -> dict:
         cfg = self.cfg
         aug = np.random.Generator(np.random.Philox(plan.aug_seed))
+        self.decodes["video_decodes"] += 1
         video = decode_video(
             pos_bytes, plan.video_start, cfg.num_frames, cfg.fps, cfg.size, self.train, aug,
             decoder=cfg.video_decoder,
@@ -154,12 +227,14 @@ class _PairDataset(torch.utils.data.Dataset):
         lo, hi = plan.video_start, plan.video_start + self.clip_s
         if neg_bytes is None:
             lo, hi = min(lo, plan.neg_start), max(hi, plan.neg_start + self.clip_s)
+        self.decodes["audio_decodes"] += 1
         wave = decode_audio(pos_bytes, cfg.sample_rate, lo, hi)
         audio = self._audio(wave, plan.video_start - lo)
         try:
             if neg_bytes is None:
                 neg_audio = self._audio(wave, plan.neg_start - lo)
             else:
+                self.decodes["audio_decodes"] += 1
                 neg_wave = decode_audio(
                     neg_bytes, cfg.sample_rate, plan.neg_start, plan.neg_start + self.clip_s
                 )
@@ -174,6 +249,21 @@ class _PairDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, tasks: list[tuple]) -> dict[str, Any]:
         t_start = time.perf_counter()
+        try:
+            batch = self._batch(tasks)
+        except _AllAttemptsFailed as exc:
+            # Reported to the main process, which stops with the failures counted.
+            batch = {"_stats": {"fatal": exc.args[0], "failures": exc.args[1]}}
+        stats = batch["_stats"]
+        stats.update(self.reader.take_stats())
+        stats.update(self.decodes)
+        self.decodes.clear()
+        if self.blocks is not None:
+            stats.update(self.blocks.take_counts())
+        stats["batch_s"] = time.perf_counter() - t_start
+        return batch
+
+    def _batch(self, tasks: list[tuple]) -> dict[str, Any]:
         # Keys decoded per row: a decoded copy of the whole key column costs 4x its bytes in
         # every worker (hundreds of MB at AudioSet scale).
         key_bytes = self.index.key_bytes
@@ -197,13 +287,16 @@ class _PairDataset(torch.utils.data.Dataset):
         # hides behind this batch's decoding.
         for task in getattr(tasks, "ahead", ()):
             self._ahead[task] = self._start(task)
+        if self.blocks is not None:
+            # The rest of these windows and the streams' next windows, in the background.
+            self.blocks.prefetch([*tasks, *getattr(tasks, "ahead", ())])
         samples, failures, decode_s, fallbacks = [], [], 0.0, 0
         for i, (epoch, pos, _row, mix) in enumerate(tasks):
             plan, futures = plans[i], pending[i]
             for attempt in range(MAX_ATTEMPTS):
                 if attempt:
                     plan = self._plan(epoch, pos, 0, _mix_dict(mix), attempt)
-                    futures = self._fetch(plan)
+                    futures = self._fetch(plan, epoch, pos)
                 try:
                     pos_bytes = futures[0].result()
                 except ReadFailure as exc:
@@ -228,9 +321,10 @@ class _PairDataset(torch.utils.data.Dataset):
                     decode_s += time.perf_counter() - t0
                 break
             else:
-                raise RuntimeError(
+                raise _AllAttemptsFailed(
                     f"{MAX_ATTEMPTS} clips in a row failed for global position {pos} of epoch "
-                    f"{epoch}; last: {failures[-1] if failures else None}"
+                    f"{epoch}; last: {failures[-1][1:] if failures else None}",
+                    failures,
                 )
             fallbacks += int(plan.fell_back)
             sample.update(
@@ -261,15 +355,12 @@ class _PairDataset(torch.utils.data.Dataset):
             "position": torch.tensor([s["position"] for s in samples], dtype=torch.long),
             "epoch": torch.tensor([s["epoch"] for s in samples], dtype=torch.long),
         }
-        stats = self.reader.take_stats()
-        stats.update(
-            decode_s=decode_s,
-            batch_s=time.perf_counter() - t_start,
-            failures=failures,
-            fallback_easy=fallbacks,
-            clips=len(samples),
-        )
-        batch["_stats"] = stats
+        batch["_stats"] = {
+            "decode_s": decode_s,
+            "failures": failures,
+            "fallback_easy": fallbacks,
+            "clips": len(samples),
+        }
         return batch
 
 
@@ -340,6 +431,8 @@ class AVLoader:
         train: bool,
         infinite: bool,
         filtered: dict[str, int],
+        access: str = "random",
+        build_stats: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
         self.index = index
@@ -347,23 +440,43 @@ class AVLoader:
         self.split = split
         self.train = train
         self.infinite = infinite
+        self.access = access
         self.local_batch_size = cfg.global_batch_size // world_size
         drop_last = cfg.drop_last if train else False
-        self.sampler = GlobalSampler(
-            pool, cfg.global_batch_size, cfg.seed, shuffle=train, drop_last=drop_last
-        )
+        self.cache: BlockCache | None = None
+        self.cache_bound_bytes = 0
+        if access == "block":
+            self.sampler = _block_sampler(cfg, index, pool, drop_last)
+            self.cache_bound_bytes = _cache_bound(self.sampler, cfg, rank, world_size)
+            base = cache_base_dir(cfg.block_cache_dir, self.cache_bound_bytes)
+            self.cache = BlockCache.create(base, rank)
+        else:
+            self.sampler = GlobalSampler(
+                pool, cfg.global_batch_size, cfg.seed, shuffle=train, drop_last=drop_last
+            )
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.num_epochs = None if infinite else (max(1, cfg.epochs) if train else 1)
-        self.dataset = _PairDataset(cfg, index, self.sampler.pool, video_ids, train)
+        blocks = (self.sampler, self.cache) if self.cache is not None else None
+        self.dataset = _PairDataset(cfg, index, self.sampler.pool, video_ids, train, blocks)
+        if self.dataset.blocks is not None and self.num_epochs is not None:
+            self.dataset.blocks.last_epoch = self.num_epochs - 1
         self.schedule = MixSchedule([(0, cfg.initial_negative_mix)])
         self.global_step = 0
         self._iter = None
         self._dirty = True
         self._logged: set[str] = set()
         self._filtered = dict(filtered)
+        self._build = dict(build_stats or {})
         self._tel: Counter = Counter()
+        self._tel.update({k: v for k, v in self._build.items() if isinstance(v, (int, float))})
         self._skipped: Counter = Counter()
+        self._budget = SkipBudget(cfg.max_skip_fraction)
         self._t_first: float | None = None
+
+    @property
+    def order_fingerprint(self) -> str:
+        fingerprint = getattr(self.sampler, "order_fingerprint", None)
+        return fingerprint() if fingerprint is not None else "random"
 
     # ---- position ----
 
@@ -397,6 +510,7 @@ class AVLoader:
         kwargs: dict[str, Any] = {}
         if cfg.num_workers > 0:
             kwargs.update(prefetch_factor=2, worker_init_fn=_worker_init)
+            _release_cached_remote_fs(cfg.url)
         dl = StatefulDataLoader(
             self.dataset,
             batch_sampler=batch_sampler,
@@ -419,6 +533,8 @@ class AVLoader:
             self._dirty = True
         try:
             while self.end_step is None or self.global_step < self.end_step:
+                if self.cache is not None:
+                    self._evict()
                 if self._dirty or self._iter is None:
                     self._close_pipeline()
                     self._iter = self._make_pipeline()
@@ -435,14 +551,31 @@ class AVLoader:
             self._close_pipeline()
 
     def _account(self, stats: dict[str, Any]) -> None:
-        for name in ("bytes_read", "retries", "read_s", "decode_s", "batch_s", "clips"):
-            self._tel[name] += stats[name]
-        self._tel["fallback_easy"] += stats["fallback_easy"]
+        for name in _SUMMED:
+            self._tel[name] += stats.get(name, 0)
         for key, reason, message in stats["failures"]:
             self._skipped[reason] += 1
             if key not in self._logged:
                 self._logged.add(key)
                 log.warning("data: replacing clip %s (%s): %s", key, reason, message)
+        self._budget.add(stats.get("clips", 0), [reason for _, reason, _ in stats["failures"]])
+        where = f"data {self.cfg.url!r} split {self.split!r}"
+        if "fatal" in stats:
+            raise SkippedClipsError(f"{where}: {stats['fatal']}; {self._budget.describe()}")
+        self._budget.check(where)
+
+    def _evict(self) -> None:
+        """Drops the cached pieces of windows whose samples were all handed out."""
+        step = self.global_step
+        epoch, within = self.sampler.epoch_of(step), step % self.steps_per_epoch
+        finished = self.sampler.blocks(epoch).piece_last_step < within
+
+        def done(piece_epoch: int, piece: int) -> bool:
+            return piece_epoch < epoch or (piece_epoch == epoch and bool(finished[piece]))
+
+        kept = self.cache.evict(done)
+        self._tel["block_cache_bytes"] = kept
+        self._tel["block_cache_peak_bytes"] = max(self._tel["block_cache_peak_bytes"], kept)
 
     # ---- curriculum ----
 
@@ -472,6 +605,7 @@ class AVLoader:
             seed=int(self.cfg.seed),
             global_batch_size=int(self.cfg.global_batch_size),
             num_samples=len(self.sampler),
+            order=self.order_fingerprint,
         ).to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -482,6 +616,7 @@ class AVLoader:
                 ("seed", st.seed, self.cfg.seed),
                 ("global_batch_size", st.global_batch_size, self.cfg.global_batch_size),
                 ("num_samples", st.num_samples, len(self.sampler)),
+                ("order (data.access, data.block_*)", st.order, self.order_fingerprint),
             )
             if saved != now
         ]
@@ -496,26 +631,82 @@ class AVLoader:
     # ---- telemetry ----
 
     def telemetry(self) -> dict[str, Any]:
+        """Counters since the loader was built (documented in docs/data-loading.md)."""
         elapsed = time.perf_counter() - self._t_first if self._t_first else 0.0
-        clips = int(self._tel["clips"])
+        tel = self._tel
+        clips = int(tel["clips"])
         return {
+            "access": self.access,
             "clips": clips,
             "clips_per_s": clips / elapsed if elapsed > 0 else 0.0,
-            "bytes_read": int(self._tel["bytes_read"]),
-            "decode_s": float(self._tel["decode_s"]),
-            "read_s": float(self._tel["read_s"]),
-            "wait_s": float(self._tel["wait_s"]),
-            "retries": int(self._tel["retries"]),
-            "fallback_easy": int(self._tel["fallback_easy"]),
+            "bytes_read": int(tel["bytes_read"]),
+            "requests": int(tel["requests"]),
+            "decode_s": float(tel["decode_s"]),
+            "read_s": float(tel["read_s"]),
+            "wait_s": float(tel["wait_s"]),
+            "retries": int(tel["retries"]),
+            "read_failures": int(tel["read_failures"]),
+            "video_decodes": int(tel["video_decodes"]),
+            "audio_decodes": int(tel["audio_decodes"]),
+            "audio_decodes_per_sample": tel["audio_decodes"] / clips if clips else 0.0,
+            "fallback_easy": int(tel["fallback_easy"]),
+            "block_fallback_reads": int(tel["block_fallback_reads"]),
+            "outside_block_reads": int(tel["outside_block_reads"]),
+            "block_cache_mb": tel["block_cache_bytes"] / 2**20,
+            "block_cache_peak_mb": tel["block_cache_peak_bytes"] / 2**20,
+            "block_cache_bound_mb": self.cache_bound_bytes / 2**20,
             "skipped": dict(self._skipped),
             "skipped_total": int(sum(self._skipped.values())),
+            "skip_fraction": self._budget.fraction,
             "filtered": dict(self._filtered),
+            "missing_shards": list(self._build.get("missing_shards", [])),
             "global_step": int(self.global_step),
             "epoch": int(self.epoch),
         }
 
     def close(self) -> None:
         self._close_pipeline()
+        # Reads made in this process after its last batch (read-ahead, prefetch) still count.
+        if self.dataset.blocks is not None:
+            self.dataset.blocks.close(wait=True)
+        self.dataset.reader.close(wait=True)
+        for name, value in self.dataset.reader.take_stats().items():
+            self._tel[name] += value
+        if self.cache is not None:
+            self.cache.close()
+
+
+def _block_sampler(
+    cfg: DataConfig, index: DatasetIndex, pool: np.ndarray, drop_last: bool
+) -> BlockSampler:
+    j = index.members.index(MEDIA_EXT)
+    return BlockSampler(
+        pool,
+        cfg.global_batch_size,
+        cfg.seed,
+        shard=index.shard,
+        start=index.offset[:, j],
+        end=index.offset[:, j] + index.size[:, j],
+        block_bytes=int(cfg.block_mb * 2**20),
+        window_blocks=cfg.shuffle_window_blocks,
+        num_streams=auto_streams(cfg.global_batch_size, cfg.block_streams),
+        drop_last=drop_last,
+    )
+
+
+def _cache_bound(sampler: BlockSampler, cfg: DataConfig, rank: int, world_size: int) -> int:
+    """Bytes the rank's block cache holds at most, in the steady state: per stream, the window
+    being read, the next one (prefetched) and the one just finished (evicted once its last
+    sample is handed out)."""
+    streams = sampler.streams_of(rank, world_size)
+    if sampler.num_streams % world_size:
+        log.warning(
+            "data: %d block streams (data.block_streams) over %d ranks: ranks share streams, "
+            "whose blocks each of them reads; use a multiple of the world size",
+            sampler.num_streams,
+            world_size,
+        )
+    return len(streams) * 3 * cfg.shuffle_window_blocks * sampler.max_block_bytes
 
 
 def _usable(index: DatasetIndex, rows: np.ndarray, clip_s: float) -> tuple[np.ndarray, dict]:
@@ -529,6 +720,34 @@ def _usable(index: DatasetIndex, rows: np.ndarray, clip_s: float) -> tuple[np.nd
     keep = reasons == ""
     names, counts = np.unique(reasons[~keep], return_counts=True)
     return rows[keep], {str(n): int(c) for n, c in zip(names, counts, strict=True)}
+
+
+def _check_storage(
+    cfg: DataConfig, index: DatasetIndex, pool: np.ndarray, split: str, filtered: dict
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Fails at build, not in a worker: shards missing from storage (or their clips left out,
+    counted in ``filtered``), and one ranged read of a clip (unreadable URL, permissions)."""
+    reader = ClipReader(
+        index,
+        storage_options=cfg.storage_options or None,
+        max_retries=cfg.max_retries,
+        retry_backoff_s=cfg.retry_backoff_s,
+        concurrency=1,
+    )
+    what = f"split {split!r} of {cfg.url!r}"
+    try:
+        kept, damaged = check_shards(
+            index, pool, reader.fs, allow_missing=cfg.allow_missing_shards, what=what
+        )
+        if damaged:
+            filtered["missing_shard"] = int(pool.size - kept.size)
+        if kept.size:
+            reader.read(int(kept[0]), MEDIA_EXT)
+    except (ReadFailure, KeyError) as exc:
+        raise DatasetError(f"cannot read clips of {cfg.url!r}: {exc}") from None
+    finally:
+        reader.close()
+    return kept, {**reader.take_stats(), "missing_shards": damaged}
 
 
 def build_loader(
@@ -560,6 +779,7 @@ def build_loader(
             f"split {split!r} of dataset {cfg.url!r} is empty or absent (splits: {index.splits})"
         )
     pool, filtered = _usable(index, all_rows, cfg.num_frames / cfg.fps)
+    pool, build_stats = _check_storage(cfg, index, pool, split, filtered)
     if pool.size == 0:
         raise DatasetError(
             f"no usable clip in split {split!r} of {cfg.url!r}: {sum(filtered.values())} clips "
@@ -576,20 +796,6 @@ def build_loader(
         video_ids = np.asarray(index.column("video_id"))
     else:
         video_ids = index.key_bytes
-    # One ranged read now, so an unreadable shard URL fails here and not in a worker.
-    reader = ClipReader(
-        index,
-        storage_options=cfg.storage_options or None,
-        max_retries=cfg.max_retries,
-        retry_backoff_s=cfg.retry_backoff_s,
-        concurrency=1,
-    )
-    try:
-        reader.read(int(pool[0]), MEDIA_EXT)
-    except (ReadFailure, KeyError) as exc:
-        raise DatasetError(f"cannot read clips of {cfg.url!r}: {exc}") from None
-    finally:
-        reader.close()
     if infinite is None:
         infinite = train and cfg.epochs == 0
     return AVLoader(
@@ -603,4 +809,6 @@ def build_loader(
         train=train,
         infinite=bool(infinite),
         filtered=filtered,
+        access=resolve_access(cfg, cfg.url, train),
+        build_stats=build_stats,
     )

@@ -29,7 +29,9 @@ __all__ = [
     "sample_rng",
 ]
 
-STATE_VERSION = 1
+# 2 adds ``order``: what fixes the sample order beyond seed and batch ("random", or the block
+# parameters); version 1 states are random-access states.
+STATE_VERSION = 2
 # Stream tags keep the order's generator apart from the samples' generators.
 _ORDER_STREAM = 0x0D0E
 _SAMPLE_STREAM = 0x5A3E
@@ -144,6 +146,7 @@ class LoaderState:
     seed: int
     global_batch_size: int
     num_samples: int
+    order: str = "random"
     version: int = STATE_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +157,9 @@ class LoaderState:
         if not isinstance(data, dict):
             raise ValueError(f"loader state must be a dict, got {type(data).__name__}")
         version = data.get("version")
+        if version == 1:
+            data = {**data, "order": "random", "version": STATE_VERSION}
+            version = STATE_VERSION
         if version != STATE_VERSION:
             raise ValueError(f"loader state version {version!r} is not {STATE_VERSION}")
         names = {f.name for f in dataclasses.fields(cls)}

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "index": ["bench_index.py"],
     "decode": ["bench_decode.py"],
     "loader": ["bench_loader.py"],
+    "blocks": ["bench_blocks.py"],
     "models": ["bench_models.py"],
     "loss": ["bench_loss.py"],
     "train": ["bench_train.py"],

@@ -1,5 +1,6 @@
 """The pair loader over local disk: elastic resume, worker independence, the negative-mix
-schedule, the evaluation path, bad data and clear errors. (S3 variants: test_loader_s3.py.)"""
+schedule, the evaluation path, bad data, missing shards, the skip budget and clear errors, with
+random and block access. (Block specifics: test_loader_blocks.py; S3: test_loader_s3.py.)"""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ import torch
 
 from avts_dist.config import DataConfig
 from avts_dist.data import DatasetError, DatasetIndex, build_loader
+from avts_dist.data.health import SkippedClipsError
 from avts_dist.data.synthetic import make_clip
 
 MIX3 = {"easy": 1.0, "hard": 1.0, "superhard": 1.0}
+# Block access on the 28 KB test clips: about two clips per block, two blocks per window.
+BLOCK = dict(access="block", block_mb=0.06, shuffle_window_blocks=2)
+ACCESS = {"random": dict(access="random"), "block": BLOCK}
 
 
 def data_cfg(url: str, **kw) -> DataConfig:
@@ -80,8 +85,9 @@ def test_batch_layout(synth_corpus):
     assert loader.global_step == 1 and loader.epoch == 0
 
 
-def test_resume_at_other_world_sizes(synth_corpus):
-    cfg = data_cfg(synth_corpus)
+@pytest.mark.parametrize("access", ACCESS)
+def test_resume_at_other_world_sizes(synth_corpus, access):
+    cfg = data_cfg(synth_corpus, **ACCESS[access])
     total, k = 5, 2
     reference, _ = run_world(cfg, 1, total, keep_tensors=True)
     first, states = run_world(cfg, 2, k)
@@ -101,15 +107,21 @@ def test_resume_at_other_world_sizes(synth_corpus):
     assert [r[0] for r in reference[0][0]] != [r[0] for r in reference[steps_per_epoch][0]]
 
 
-def test_any_number_of_workers_gives_the_same_batches(synth_corpus):
-    steps0, _ = run_world(data_cfg(synth_corpus, num_workers=0), 1, 3, keep_tensors=True)
-    steps2, _ = run_world(data_cfg(synth_corpus, num_workers=2), 1, 3, keep_tensors=True)
+@pytest.mark.parametrize("access", ACCESS)
+def test_any_number_of_workers_gives_the_same_batches(synth_corpus, access):
+    steps0, _ = run_world(
+        data_cfg(synth_corpus, num_workers=0, **ACCESS[access]), 1, 3, keep_tensors=True
+    )
+    steps2, _ = run_world(
+        data_cfg(synth_corpus, num_workers=2, **ACCESS[access]), 1, 3, keep_tensors=True
+    )
     for (r0, v0, n0), (r2, v2, n2) in zip(steps0, steps2, strict=True):
         assert r0 == r2 and torch.equal(v0, v2) and torch.equal(n0, n2)
 
 
-def test_negative_mix_schedule_is_replayed_on_resume(synth_corpus):
-    cfg = data_cfg(synth_corpus, negative_mix={"easy": 1.0}, num_workers=1)
+@pytest.mark.parametrize("access", ACCESS)
+def test_negative_mix_schedule_is_replayed_on_resume(synth_corpus, access):
+    cfg = data_cfg(synth_corpus, negative_mix={"easy": 1.0}, num_workers=1, **ACCESS[access])
     loader = build_loader(cfg)
     it = iter(loader)
     kinds, recs, states = [], [], {}
@@ -172,11 +184,11 @@ def test_clear_errors_at_build_time(synth_corpus, tmp_path):
         build_loader(data_cfg(synth_corpus), rank=0, world_size=4)
     with pytest.raises(DatasetError, match="fewer than one global batch"):
         build_loader(data_cfg(synth_corpus, global_batch_size=600))
-    # Shards gone but index present: unreadable at start, not in a worker.
+    # Shards gone but index present: named at start, not in a worker.
     broken = tmp_path / "noshards"
     shutil.copytree(synth_corpus, broken)
     shutil.rmtree(broken / "shards")
-    with pytest.raises(DatasetError, match="cannot read clips"):
+    with pytest.raises(DatasetError, match=r"shard-000000.tar \(missing\)"):
         build_loader(data_cfg(str(broken)))
     loader = build_loader(data_cfg(synth_corpus))
     with pytest.raises(ValueError, match="does not match"):
@@ -203,7 +215,10 @@ def _corrupt_in_place(root, idx: DatasetIndex, row: int, data: bytes) -> None:
         f.write(data)
 
 
-def test_clips_failing_at_decode_time_are_replaced_and_counted(synth_corpus, tmp_path, caplog):
+@pytest.mark.parametrize("access", ACCESS)
+def test_clips_failing_at_decode_time_are_replaced_and_counted(
+    synth_corpus, tmp_path, caplog, access
+):
     """The index says "ok", the bytes say otherwise: every kind is replaced deterministically."""
     root = tmp_path / "ds"
     shutil.copytree(synth_corpus, root)
@@ -223,7 +238,9 @@ def test_clips_failing_at_decode_time_are_replaced_and_counted(synth_corpus, tmp
     for row, data in bad.items():
         _corrupt_in_place(root, idx, row, data)
     bad_keys = {str(idx.key[r]) for r in bad}
-    cfg = data_cfg(str(root), negative_mix={"easy": 1.0, "hard": 1.0})
+    cfg = data_cfg(
+        str(root), negative_mix={"easy": 1.0, "hard": 1.0}, max_skip_fraction=1.0, **ACCESS[access]
+    )
     runs = []
     for _ in range(2):
         loader = build_loader(cfg)
@@ -265,3 +282,70 @@ def test_finite_epochs_end_and_resume_mid_epoch(synth_corpus):
     resumed = build_loader(cfg)
     resumed.load_state_dict({**loader.state_dict(), "global_step": 1, "epoch": 0})
     assert [records(b) for b in resumed] == full[1:]
+
+
+def _copy_without_shard(synth_corpus, tmp_path, shard: str, truncate: bool = False):
+    root = tmp_path / "ds"
+    shutil.copytree(synth_corpus, root)
+    path = root / "shards" / shard
+    if truncate:
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    else:
+        path.unlink()
+    return root, DatasetIndex.load(str(root))
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_missing_shard_stops_at_build_naming_it(synth_corpus, tmp_path, truncate):
+    root, idx = _copy_without_shard(synth_corpus, tmp_path, "shard-000001.tar", truncate)
+    state = "bytes, truncated" if truncate else "missing"
+    with pytest.raises(
+        DatasetError, match=rf"shards/shard-000001.tar \(.*{state}\).*allow_missing"
+    ):
+        build_loader(data_cfg(str(root)))
+
+
+def test_allowed_missing_shard_warns_with_the_share_lost(synth_corpus, tmp_path, caplog):
+    root, idx = _copy_without_shard(synth_corpus, tmp_path, "shard-000001.tar")
+    train = idx.rows("train")
+    lost = {str(k) for k in idx.key[train[idx.shard[train] == 1]]}
+    with caplog.at_level(logging.WARNING, logger="avts_dist.data.loader"):
+        loader = build_loader(data_cfg(str(root), allow_missing_shards=True, global_batch_size=2))
+    share = f"{100 * len(lost) / len(train):.1f}%"
+    assert any(
+        "shard-000001.tar" in r.getMessage() and share in r.getMessage() for r in caplog.records
+    )
+    tel = loader.telemetry()
+    assert tel["filtered"]["missing_shard"] == len(lost)
+    assert tel["missing_shards"] == ["shards/shard-000001.tar"]
+    it = iter(loader)
+    seen = {k for _ in range(loader.steps_per_epoch) for k in next(it)["key"]}
+    loader.close()
+    assert seen and not seen & lost
+
+
+def test_too_many_failing_clips_stop_with_reasons_counted(synth_corpus, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(synth_corpus, root)
+    idx = DatasetIndex.load(str(root))
+    train = idx.rows("train")
+    for i, row in enumerate(train[: len(train) // 2]):
+        _corrupt_in_place(root, idx, int(row), np.random.default_rng(i).bytes(40_000))
+    cfg = data_cfg(str(root), negative_mix={"hard": 1.0}, max_skip_fraction=0.2)
+    loader = build_loader(cfg)
+    it = iter(loader)
+    with pytest.raises(
+        SkippedClipsError, match=r"clips tried failed \(.*decode_error \d+.*max_skip_fraction=0.2"
+    ):
+        for _ in range(40):
+            next(it)
+    assert loader.telemetry()["skip_fraction"] > 0.2
+    loader.close()
+    # Below the budget it trains on.
+    loader = build_loader(dataclasses.replace(cfg, max_skip_fraction=0.9))
+    it = iter(loader)
+    for _ in range(12):
+        next(it)
+    assert 0.2 < loader.telemetry()["skip_fraction"] <= 0.9
+    loader.close()

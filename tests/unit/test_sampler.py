@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from avts_dist.data.blocks import BlockSampler, auto_streams
 from avts_dist.data.pairs import EASY, HARD, SUPERHARD, plan_pair
 from avts_dist.data.sampler import GlobalSampler, LoaderState, MixSchedule, sample_rng
 
@@ -95,7 +96,8 @@ def test_pair_constraints_per_kind(seed, kind, duration, train):
         assert 0 <= plan.neg_start <= durations[plan.neg_row] - CLIP + 1e-9
         # Easy is used for another kind only where that kind is impossible.
         if kind == "hard":
-            assert plan.fell_back and last < CLIP + plan.video_start and plan.video_start < CLIP
+            # (a zero-length range counts as none: a 3 s clip centred at 1 s has no hard start)
+            assert plan.fell_back and last <= CLIP + plan.video_start and plan.video_start <= CLIP
         if kind == "superhard":
             assert plan.fell_back
     else:
@@ -119,3 +121,135 @@ def test_kind_frequencies_follow_the_mix():
     ]
     freq = np.bincount(kinds, minlength=3) / len(kinds)
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.2], atol=0.04)
+
+
+# ---- the block order (data.access=block) ----
+
+
+def block_dataset(num_shards=7, per_shard=23, seed=0):
+    """Index columns of a toy dataset: clips of 20-60 KB back to back in shards (tar-like
+    1.5 KB of headers between them), rows interleaved across shards as writers do."""
+    rng = np.random.default_rng(seed)
+    n = num_shards * per_shard
+    size = rng.integers(20_000, 60_000, n)
+    shard = np.repeat(np.arange(num_shards), per_shard)
+    start = np.zeros(n, dtype=np.int64)
+    for s in range(num_shards):
+        rows = np.flatnonzero(shard == s)
+        start[rows] = np.cumsum(size[rows] + 1536) - size[rows]
+    perm = rng.permutation(n)  # row ids not in shard order
+    return shard[perm], start[perm], start[perm] + size[perm]
+
+
+def block_sampler(
+    pool=None, batch=12, streams=4, window=2, block_bytes=150_000, drop_last=True, **kw
+):
+    shard, start, end = block_dataset(**kw)
+    pool = np.arange(len(shard)) if pool is None else pool
+    return BlockSampler(
+        pool,
+        batch,
+        seed=3,
+        shard=shard,
+        start=start,
+        end=end,
+        block_bytes=block_bytes,
+        window_blocks=window,
+        num_streams=streams,
+        drop_last=drop_last,
+    )
+
+
+def test_blocks_are_byte_runs_of_one_shard():
+    s = block_sampler()
+    for lo, hi in zip(s.block_starts[:-1], s.block_starts[1:], strict=True):
+        assert len(set(s.shard[lo:hi])) == 1
+        assert s.end[hi - 1] - s.start[lo] <= 150_000 or hi - lo == 1
+        assert (s.start[lo + 1 : hi] >= s.end[lo : hi - 1]).all()  # in byte order
+    assert s.max_block_bytes <= 150_000
+    assert auto_streams(12) == 12 and auto_streams(2048) == 256 and auto_streams(12, 4) == 4
+
+
+def test_block_order_covers_each_clip_once_per_epoch():
+    s = block_sampler()
+    n = len(s.pool)
+    for epoch in range(3):
+        order = s.order(epoch)
+        assert len(order) == s.steps_per_epoch * 12 == n - n % 12
+        assert len(set(order.tolist())) == len(order)
+        assert set(order.tolist()) <= set(s.pool.tolist())
+        assert [s.row_at(epoch, p) for p in range(len(order))] == order.tolist()
+    assert not np.array_equal(s.order(0), s.order(1))
+    # A pure function of (seed, epoch): a fresh sampler agrees, in any order of asking.
+    fresh = block_sampler()
+    np.testing.assert_array_equal(fresh.order(2), s.order(2))
+    np.testing.assert_array_equal(fresh.order(0), s.order(0))
+    # Without drop_last the last step wraps around: every clip at least once.
+    tail = block_sampler(drop_last=False)
+    assert set(tail.order(0).tolist()) == set(tail.pool.tolist())
+
+
+def test_streams_windows_and_pieces():
+    s = block_sampler()
+    q, length = s.per_stream_step, s.stream_len
+    for epoch in range(2):
+        eb = s.blocks(epoch)
+        order = s.order(epoch)
+        for p in range(len(order)):
+            step, within = divmod(p, 12)
+            stream = within // q
+            slot = s.slot(p)
+            assert slot // length == stream and (slot % length) // q == step
+            window, piece = eb.window[slot], eb.piece[slot]
+            assert eb.window_lo[window] <= slot < eb.window_hi[window]
+            assert piece in eb.pieces_of(window)
+            # The clip's bytes lie inside its piece, a range of one shard.
+            i = eb.clip[slot]
+            assert eb.piece_shard[piece] == s.shard[i]
+            assert eb.piece_start[piece] <= s.start[i] and s.end[i] <= eb.piece_end[piece]
+            assert eb.window_last_step[window] >= step
+        # Pieces of a stream never span its boundary, and no byte is in two pieces.
+        spans = sorted(zip(eb.piece_shard, eb.piece_start, eb.piece_end, strict=True))
+        for (sa, _, ea), (sb, sb_start, _) in zip(spans, spans[1:], strict=False):
+            assert sa != sb or ea <= sb_start
+        assert len(eb.pieces_of(0)) <= s.window_blocks
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_each_rank_needs_only_its_streams_pieces(world_size):
+    """With streams a multiple of the world size, ranks read disjoint pieces, each once: the
+    bytes a whole job reads per epoch are the clips' bytes plus the gaps read through."""
+    s = block_sampler()
+    eb = s.blocks(0)
+    needed = []
+    for rank in range(world_size):
+        pieces = set()
+        for step in range(s.steps_per_epoch):
+            for p in s.positions(step, rank, world_size):
+                pieces.add(int(eb.piece[s.slot(p)]))
+        assert {int(eb.window[s.slot(p)]) for p in s.positions(0, rank, world_size)}
+        needed.append(pieces)
+        streams = s.streams_of(rank, world_size)
+        assert len(streams) == 4 // world_size
+    assert set().union(*needed) == set(range(len(eb.piece_start)))
+    assert sum(len(x) for x in needed) == len(eb.piece_start)
+    used = eb.clip
+    clip_bytes = (s.end[used] - s.start[used]).sum()
+    piece_bytes = (eb.piece_end - eb.piece_start).sum()
+    assert clip_bytes <= piece_bytes <= 1.1 * clip_bytes
+
+
+def test_block_order_shuffles_within_windows_only():
+    s = block_sampler(window=1, streams=2, batch=2, num_shards=3, per_shard=20)
+    eb = s.blocks(0)
+    # window = one piece: every window holds one piece's clips, in a shuffled order.
+    for w in range(eb.num_windows):
+        lo, hi = eb.window_lo[w], eb.window_hi[w]
+        assert len(set(eb.piece[lo:hi].tolist())) == 1
+    shuffled = [
+        w
+        for w in range(eb.num_windows)
+        if list(eb.clip[eb.window_lo[w] : eb.window_hi[w]])
+        != sorted(eb.clip[eb.window_lo[w] : eb.window_hi[w]])
+    ]
+    assert shuffled
