@@ -294,3 +294,23 @@ def test_unreachable_checkpoint_endpoint_is_one_clear_line(tmp_path, monkeypatch
     assert "does not exist" not in text
     with pytest.raises(CheckpointError, match="unreachable"):
         resolve_checkpoint("s3://bucket/ck")
+
+
+def test_read_back_after_resume_compares_what_the_disk_holds(run_dir, tmp_path):
+    """The first save after a resume reads its files back (past the page cache) against the
+    size and sha256 taken while writing them: a byte changed on its way to the disk shows."""
+    from avts_dist.integrity import file_record, save_torch
+
+    manager = _manager(str(run_dir / "checkpoints"), run_dir)
+    tag_dir = tmp_path / ".tmp-step_000020"
+    tag_dir.mkdir()
+    records = {
+        "rng_rank_00000.pt": save_torch({"x": list(range(100))}, tag_dir / "rng_rank_00000.pt")
+    }
+    assert records["rng_rank_00000.pt"] == file_record(tag_dir / "rng_rank_00000.pt")
+    assert manager._read_back(tag_dir, "step_000020", records) is None
+    data = bytearray((tag_dir / "rng_rank_00000.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tag_dir / "rng_rank_00000.pt").write_bytes(bytes(data))
+    problem = manager._read_back(tag_dir, "step_000020", records)
+    assert problem == f"read back from {tag_dir}, rng_rank_00000.pt differs from what was written"
