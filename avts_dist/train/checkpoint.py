@@ -519,20 +519,13 @@ class CheckpointManager:
         if problem:
             self._discard(root / tmp_tag, dest)
             raise CheckpointError(f"checkpoint {tag} not published: {problem}")
-        note = {"reason": quarantine, "detail": "saved when the run stopped on it"}
-        if self.remote and self.rank == 0:
-            fs, remote_root = self._remote_fs()
-            if quarantine:
-                fs.pipe_file(join(remote_root, dest, QUARANTINED), json.dumps(note).encode())
-            # The marker last: a reader that sees it sees every file.
-            fs.pipe_file(
-                join(remote_root, dest, COMPLETE), json.dumps(full_meta, indent=1).encode()
+        error = self._publish(root / tmp_tag, dest, full_meta, quarantine)
+        errors = [e for e in C.all_gather_object(error) if e]
+        if errors:
+            self._discard(root / tmp_tag, dest)
+            raise CheckpointError(
+                f"checkpoint {tag} not published: {errors[0]}; {self._latest_note()}"
             )
-            if not quarantine:
-                fs.pipe_file(join(remote_root, LATEST), tag.encode())
-        if self.fs_leader:
-            self._publish_local(root / tmp_tag, dest, full_meta, note if quarantine else None)
-        C.barrier()
         self.last_save_bytes = manifest_bytes(full_meta)
         self.last_save_s = time.perf_counter() - t0
         if not quarantine:
@@ -541,6 +534,33 @@ class CheckpointManager:
             self.verify_next_save = False
             self._retain(tag)
         return dest
+
+    def _publish(self, tmp: Path, dest: str, meta: dict[str, Any], quarantine: str) -> str | None:
+        """Writes the marker (and ``latest`` unless quarantined): on the store by rank 0 when
+        remote, on each filesystem by its first rank. Returns what failed, if anything: a full
+        disk here is the same one line as during the write."""
+        note = {"reason": quarantine, "detail": "saved when the run stopped on it"}
+        if self.remote and self.rank == 0:
+            try:
+                fs, remote_root = self._remote_fs()
+                if quarantine:
+                    fs.pipe_file(join(remote_root, dest, QUARANTINED), json.dumps(note).encode())
+                # The marker last: a reader that sees it sees every file.
+                fs.pipe_file(join(remote_root, dest, COMPLETE), json.dumps(meta, indent=1).encode())
+                if not quarantine:
+                    fs.pipe_file(join(remote_root, LATEST), dest.encode())
+            except (OSError, StorageError) as exc:
+                return f"cannot write {join(self.cfg.dir, dest, COMPLETE)}: {exc}"
+        if self.fs_leader:
+            try:
+                self._publish_local(tmp, dest, meta, note if quarantine else None)
+            except OSError as exc:
+                if not self.remote:
+                    return self._write_error(exc, self.local_root / dest)
+                # The remote copy is the checkpoint; a staged copy is only a cache.
+                log.warning("staged copy of %s not kept: %s", dest, exc)
+                shutil.rmtree(tmp, ignore_errors=True)
+        return None
 
     def _write_part(
         self, engine, tmp_dir: Path, dest: str, client_state: dict[str, Any]

@@ -10,6 +10,7 @@ server. Faults are injected by the test-side hooks of ``tests/fixtures/train_hoo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -113,12 +114,16 @@ def test_two_process_training(ref_run):
     meta = json.loads((ckpts / "step_000008" / "COMPLETE").read_text())
     assert meta["world_size"] == 2 and meta["step"] == 8
     assert len(list((ckpts / "step_000008").glob("zero_pp_rank_*_optim_states.pt"))) == 2
-    # The manifest names every rank's files with their sizes, as they are on disk.
+    # The manifest names every rank's files with their sizes and sha256, as they are on disk.
     tag_dir = ckpts / "step_000008"
     assert {n for n in meta["files"] if n.startswith("rng_rank_")} == {
         "rng_rank_00000.pt", "rng_rank_00001.pt",
     }  # fmt: skip
-    on_disk = {p.name: p.stat().st_size for p in tag_dir.iterdir() if p.name != "COMPLETE"}
+    on_disk = {
+        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in tag_dir.iterdir()
+        if p.name != "COMPLETE"
+    }
     assert meta["files"] == on_disk
     assert (run_dir / "config.yaml").is_file()
     # MLflow, local store: params from the resolved config, credentials redacted everywhere.
