@@ -422,7 +422,7 @@ class TrainConfig:
     log_every: int = 10
     val_every_steps: int = 0
     val_batches: int = 4
-    # Consecutive non-finite steps that stop the run (after a checkpoint).
+    # Consecutive non-finite steps that stop the run (latest stays the last good checkpoint).
     max_nonfinite_steps: int = 3
     # Deterministic algorithms (on CUDA: cuDNN deterministic, no benchmark autotuning, and
     # CUBLAS_WORKSPACE_CONFIG set); false lets cuDNN pick the fastest kernels.

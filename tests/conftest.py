@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.tiny_run",
     "tests.fixtures.browser",
     "tests.fixtures.mlflow_runs",
+    "tests.fixtures.tmpfs",
 ]

@@ -22,27 +22,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from avts_dist.config import DeepSpeedConfig, OptimConfig, deep_merge
 from avts_dist.distributed.collectives import free_port, resolve_backend
+from avts_dist.integrity import FileRecord, file_record, save_torch
 
 __all__ = [
     "build_ds_config",
     "consolidated_fp32_state_dict",
     "convert_to_universal",
+    "estimate_checkpoint_bytes",
     "initialize_engine",
     "load_engine_checkpoint",
     "optimizer_step",
     "read_client_state",
     "save_engine_checkpoint",
+    "SaveOutcome",
 ]
 
 # Written into every checkpoint's client state: ds_to_universal refuses a checkpoint without it.
@@ -222,27 +226,118 @@ def optimizer_step(engine, *, skip: bool) -> bool:
 # Checkpoint files
 
 
+class SaveOutcome(NamedTuple):
+    """What one rank's part of a sharded save left: the files it wrote (relative to the tag dir)
+    with their size and sha256, and the first ``OSError`` of a write (then nothing more was
+    written) with the file it hit."""
+
+    records: dict[str, FileRecord]
+    error: OSError | None = None
+    error_file: str = ""
+
+
+@functools.cache
+def _recording_engine_class():
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class RecordingCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch.save engine writing through ``save_torch``: each file's size and
+        sha256 come from the bytes being written, and a failed write is kept in ``outcome``, not
+        raised, so that this rank still meets the other ranks at the barriers inside
+        ``save_checkpoint`` (a raise there would leave them waiting)."""
+
+        outcome = SaveOutcome({})
+
+        def save(self, state_dict, path: str):
+            if self.outcome.error is not None:
+                return  # the first failure stands; nothing more is written
+            try:
+                record = save_torch(
+                    state_dict, path, zipfile_serialization=self.zipfile_serialization
+                )
+            except OSError as exc:
+                self.outcome = SaveOutcome(self.outcome.records, exc, path)
+            else:
+                self.outcome.records[path] = record
+
+    return RecordingCheckpointEngine
+
+
+def _recording_engine(engine):
+    """The engine's checkpoint engine, swapped once for the recording one; None when DeepSpeed
+    was configured with another (asynchronous) engine, whose files are then hashed after the
+    save."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    recording_class = _recording_engine_class()
+    current = engine.checkpoint_engine
+    if isinstance(current, recording_class):
+        return current
+    if type(current) is not TorchCheckpointEngine:
+        return None
+    recording = recording_class.__new__(recording_class)
+    recording.__dict__.update(current.__dict__)
+    engine.checkpoint_engine = recording
+    # DeepSpeed copies its zero_to_fp32.py next to the tags on every save: on a full disk that
+    # copy would raise on rank 0 alone. Our export calls the library, so the copy is optional.
+    copy_script = engine._copy_recovery_script
+
+    def copy_recovery_script(path):
+        with contextlib.suppress(OSError):
+            copy_script(path)
+
+    engine._copy_recovery_script = copy_recovery_script
+    return recording
+
+
 def save_engine_checkpoint(
     engine, save_dir: str | Path, tag: str, client_state: dict[str, Any]
-) -> list[str]:
-    """Sharded save on every rank; returns the files this rank wrote (relative to the tag dir).
+) -> SaveOutcome:
+    """Sharded save on every rank (collective); returns this rank's files with their size and
+    sha256, or the first write error (the other ranks still finish their part).
 
     ``latest`` is not touched: the checkpoint manager publishes a tag once it is whole.
     """
     state = dict(client_state)
     state.setdefault("universal_checkpoint_info", dict(UNIVERSAL_CHECKPOINT_INFO))
+    tag_dir = Path(save_dir) / tag
     # Every rank creates the tag dir: on node-local disks DeepSpeed's rank 0 sees only its own.
-    (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+    # A failure here shows as the failed write of the first file.
+    with contextlib.suppress(OSError):
+        tag_dir.mkdir(parents=True, exist_ok=True)
+    recording = _recording_engine(engine)
+    if recording is not None:
+        recording.outcome = SaveOutcome({})
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=state, save_latest=False)
     written = []
     if engine.save_non_zero_checkpoint:
         written.append(engine._get_ckpt_name(str(save_dir), tag))
     if engine.save_zero_checkpoint:
         written.append(engine._get_zero_ckpt_name(str(save_dir), tag))
-    missing = [p for p in written if not os.path.isfile(p)]
+    if recording is not None:
+        outcome = recording.outcome
+        if outcome.error is not None:
+            return SaveOutcome({}, outcome.error, os.path.relpath(outcome.error_file, tag_dir))
+        records = outcome.records
+    else:
+        records = {p: file_record(p) for p in written if os.path.isfile(p)}
+    missing = [p for p in written if p not in records]
     if missing:
         raise RuntimeError(f"DeepSpeed did not write the files its layout names: {missing}")
-    return [os.path.relpath(p, Path(save_dir) / tag) for p in written]
+    return SaveOutcome({os.path.relpath(p, tag_dir): records[p] for p in written})
+
+
+def estimate_checkpoint_bytes(engine) -> int:
+    """About how many bytes a checkpoint of this engine takes on disk, before any was written:
+    the module's state (weights and buffers) plus the optimizer's per-parameter state (two fp32
+    moments for Adam/AdamW, one for SGD with momentum) and, under ZeRO, its fp32 master copy."""
+    module_bytes = sum(t.numel() * t.element_size() for t in engine.module.state_dict().values())
+    num_params = sum(p.numel() for p in engine.module.parameters() if p.requires_grad)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    num_states = 2 if "adam" in type(inner).__name__.lower() else 1
+    if engine.zero_optimization():
+        num_states += 1
+    return module_bytes + 4 * num_states * num_params
 
 
 def load_engine_checkpoint(engine, load_dir: str | Path, tag: str) -> dict[str, Any]:

@@ -39,8 +39,7 @@ def consolidated_state_dict(root: Path, tag: str) -> tuple[dict[str, torch.Tenso
 
 def _load(ref: CheckpointRef) -> tuple[dict[str, torch.Tensor], dict]:
     with tempfile.TemporaryDirectory(prefix="avts-export-") as tmp:
-        local_root = fetch_checkpoint(ref, tmp)
-        validate(local_root / ref.tag, ref.meta)
+        local_root = fetch_checkpoint(ref, tmp)  # verified: sizes, then sha256
         return consolidated_fp32_state_dict(local_root / ref.tag, ref.zero_stage)
 
 

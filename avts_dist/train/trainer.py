@@ -45,6 +45,7 @@ from avts_dist.tracking import (
 from avts_dist.train.batch import micro_batches, to_device
 from avts_dist.train.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
+    CheckpointError,
     CheckpointManager,
     get_rng_state,
     set_rng_state,
@@ -84,6 +85,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.stop_signal: int | None = None
         self.step = self.num_skipped_steps = self.num_nonfinite_in_row = 0
+        self.num_applied_steps = 0  # optimizer steps applied by this process (not resumed ones)
         self.val_metrics: dict[str, float] = {}
         self.mlflow_run_id = ""
         self.tracker = NoTracking()
@@ -268,7 +270,9 @@ class Trainer:
                 world_size=self.world_size,
             )  # fmt: skip
 
-    def save_checkpoint(self) -> str:
+    def save_checkpoint(self, *, quarantine: str = "") -> str:
+        """Saves (and publishes) this state; ``quarantine``: keeps it under a quarantined name
+        instead, never ``latest`` (see ``CheckpointManager.save``)."""
         self.metrics.flush()
         meta = {
             "zero_stage": self.cfg.deepspeed.zero_stage,
@@ -276,9 +280,10 @@ class Trainer:
             "mlflow_run_id": self.mlflow_run_id,
             "epoch": self.loader.epoch,
         }
-        tag = self.ckpt.save(self.engine, self.step, self.state_dict(), meta)
-        url = f"{self.cfg.checkpoint.dir.rstrip('/')}/{tag}"
-        self.tracker.log_checkpoint(url, self.step, self.ckpt.last_save_s)
+        tag = self.ckpt.save(self.engine, self.step, self.state_dict(), meta, quarantine=quarantine)
+        if not quarantine:
+            url = f"{self.cfg.checkpoint.dir.rstrip('/')}/{tag}"
+            self.tracker.log_checkpoint(url, self.step, self.ckpt.last_save_s)
         return tag
 
     def _step_extras(self, out: StepOutput, timer: StepTimer) -> tuple[dict, bool]:
@@ -329,19 +334,45 @@ class Trainer:
             "tracking": tracking,
         }
 
-    def _stop_reason(self) -> tuple[str, str] | None:
-        """(status, message) when the run must stop after this step's checkpoint."""
-        limit = self.cfg.train.max_nonfinite_steps
-        if self.num_nonfinite_in_row >= limit:
-            return "failed", (
-                f"stopping: {self.num_nonfinite_in_row} optimizer steps in a row had a non-finite "
-                f"loss (train.max_nonfinite_steps={limit}); checkpoint saved at step {self.step}"
+    def _stop_reason(self) -> str | None:
+        """``nonfinite`` or ``preempted`` when the run must stop after this step."""
+        if self.num_nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
+            return "nonfinite"
+        return "preempted" if self.stop_signal is not None else None
+
+    def _stop_on_nonfinite(self) -> str:
+        """Stops without publishing: ``latest`` stays on the last good checkpoint. The state is
+        kept as ``step_N.quarantined-nonfinite`` for debugging, unless it is the very state the
+        run resumed from (no step applied since); then the message says what that means."""
+        limit, count = self.cfg.train.max_nonfinite_steps, self.num_nonfinite_in_row
+        latest = self.ckpt.latest
+        if self.resume_plan is not None and self.num_applied_steps == 0:
+            source = self.resume_plan.source
+            older = self.ckpt.older_than(source)
+            back = f"resume={older.url} goes back one checkpoint" if older else (
+                "there is no older checkpoint to go back to"
+            )  # fmt: skip
+            return (
+                f"stopping: the first {count} optimizer steps after resuming from {source.tag} "
+                f"had a non-finite loss (train.max_nonfinite_steps={limit}), yet its files match "
+                "their checksums: the saved state itself, or this run's data or config, gives "
+                f"non-finite losses, not a damaged file. Nothing saved or quarantined, latest "
+                f"stays {source.tag}; {back}"
             )
-        if self.stop_signal is not None:
-            return "preempted", (
-                f"preempted by signal {self.stop_signal}: checkpoint at step {self.step}"
+        kept = ""
+        try:
+            kept = (
+                f"; this state kept for debugging as {self.save_checkpoint(quarantine='nonfinite')}"
             )
-        return None
+        except CheckpointError as exc:
+            kept = f"; this state not kept ({exc})"
+        good = f"latest stays {latest}, the last good checkpoint" if latest else (
+            "no checkpoint was published"
+        )  # fmt: skip
+        return (
+            f"stopping: {count} optimizer steps in a row had a non-finite loss "
+            f"(train.max_nonfinite_steps={limit}); {good}{kept}"
+        )
 
     def train(self) -> TrainResult:
         cfg = self.cfg
@@ -362,6 +393,7 @@ class Trainer:
                     break
                 t1 = time.perf_counter()
                 out = self.train_step(batch)
+                self.num_applied_steps += int(out.applied)
                 timer.add(wait_s=t1 - t0, compute_s=time.perf_counter() - t1)
                 self.step += 1
                 extra, flush = self._step_extras(out, timer)
@@ -373,12 +405,21 @@ class Trainer:
                     self.metrics.flush()
                 progress.update(self.step, self._progress_fields())
                 stop = self._stop_reason()
+                if stop == "nonfinite":
+                    status, message = "failed", self._stop_on_nonfinite()
+                    break
                 every = cfg.checkpoint.every_steps
-                if stop is not None or (every and self.step % every == 0):
+                # Not inside a run of non-finite steps: only a state whose last step applied is
+                # published on schedule (a preemption still saves).
+                periodic = every and self.step % every == 0 and out.applied
+                if stop == "preempted" or periodic:
                     self.save_checkpoint()
                     last_saved = self.step
-                if stop is not None:
-                    status, message = stop
+                if stop == "preempted":
+                    status = "preempted"
+                    message = (
+                        f"preempted by signal {self.stop_signal}: checkpoint at step {self.step}"
+                    )
                     break
             if status == "completed" and last_saved != self.step:
                 self.save_checkpoint()

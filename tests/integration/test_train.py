@@ -10,6 +10,7 @@ server. Faults are injected by the test-side hooks of ``tests/fixtures/train_hoo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -113,12 +114,16 @@ def test_two_process_training(ref_run):
     meta = json.loads((ckpts / "step_000008" / "COMPLETE").read_text())
     assert meta["world_size"] == 2 and meta["step"] == 8
     assert len(list((ckpts / "step_000008").glob("zero_pp_rank_*_optim_states.pt"))) == 2
-    # The manifest names every rank's files with their sizes, as they are on disk.
+    # The manifest names every rank's files with their sizes and sha256, as they are on disk.
     tag_dir = ckpts / "step_000008"
     assert {n for n in meta["files"] if n.startswith("rng_rank_")} == {
         "rng_rank_00000.pt", "rng_rank_00001.pt",
     }  # fmt: skip
-    on_disk = {p.name: p.stat().st_size for p in tag_dir.iterdir() if p.name != "COMPLETE"}
+    on_disk = {
+        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in tag_dir.iterdir()
+        if p.name != "COMPLETE"
+    }
     assert meta["files"] == on_disk
     assert (run_dir / "config.yaml").is_file()
     # MLflow, local store: params from the resolved config, credentials redacted everywhere.
@@ -260,10 +265,11 @@ def test_export_loads_without_deepspeed(ref_run, tmp_path):
 def test_nan_injection_then_resume_from_s3_without_shared_staging(
     ref_run, tmp_path, mlflow_server, s3_bucket
 ):
-    """NaN steps are skipped, 3 in a row stop the run after a checkpoint on S3 (moto server),
-    logged to a real MLflow server; the run then resumes from S3 and finishes. The two ranks
-    stage their files in folders of their own (``$RANK``), as nodes without a shared filesystem:
-    each uploads its own files, COMPLETE lists both ranks', and to resume each downloads its copy.
+    """NaN steps are skipped; 3 in a row stop the run, with the last good checkpoint on S3
+    (moto server) as `latest` and the state it stopped on kept under a quarantined name, logged
+    to a real MLflow server; the run then resumes from S3 and finishes. The two ranks stage their
+    files in folders of their own (``$RANK``), as nodes without a shared filesystem: each uploads
+    its own files, COMPLETE lists both ranks', and to resume each downloads its copy.
     """
     cfg = ref_run["cfg"]
     remote = f"s3://{s3_bucket}/ckpt"
@@ -272,34 +278,40 @@ def test_nan_injection_then_resume_from_s3_without_shared_staging(
         f"checkpoint.staging_dir={tmp_path}/stage_$RANK",
     )  # fmt: skip
     proc = avts_train(
-        tmp_path, cfg, *common, "train.max_nonfinite_steps=3", "checkpoint.every_steps=0",
-        nproc=2, hooks=("--nan-at", "2,4,5,6"),
+        tmp_path, cfg, *common, "train.max_nonfinite_steps=3", nproc=2,
+        hooks=("--nan-at", "3,5,6,7"),
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-4000:]
-    assert "non-finite loss" in proc.stderr and "checkpoint saved at step 6" in proc.stderr
+    assert "non-finite loss" in proc.stderr
+    assert "latest stays step_000004, the last good checkpoint" in proc.stderr
+    assert "kept for debugging as step_000007.quarantined-nonfinite" in proc.stderr
     run_dir = tmp_path / "runs" / "nan"
     m = metrics(run_dir)
-    assert sorted(m) == list(range(1, 7))
-    for step in (2, 4, 5, 6):
+    assert sorted(m) == list(range(1, 8))
+    for step in (3, 5, 6, 7):
         assert m[step]["skipped_step"] is True and m[step]["loss"] is None
-    assert m[3]["loss"] is not None and m[6]["num_skipped_steps"] == 4
-    assert m[4]["lr"] == m[5]["lr"] == m[6]["lr"]  # skipped steps leave the LR schedule alone
+    assert m[4]["loss"] is not None and m[7]["num_skipped_steps"] == 4
+    assert m[5]["lr"] == m[6]["lr"] == m[7]["lr"]  # skipped steps leave the LR schedule alone
     import s3fs
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    meta = json.loads(fs.cat_file(f"{s3_bucket}/ckpt/step_000006/COMPLETE"))
-    assert meta["step"] == 6 and fs.cat_file(f"{s3_bucket}/ckpt/latest") == b"step_000006"
+    assert fs.cat_file(f"{s3_bucket}/ckpt/latest") == b"step_000004"
+    assert fs.exists(f"{s3_bucket}/ckpt/step_000007.quarantined-nonfinite/COMPLETE")
+    assert not fs.exists(f"{s3_bucket}/ckpt/step_000006")  # a skipped step is not published
+    meta = json.loads(fs.cat_file(f"{s3_bucket}/ckpt/step_000004/COMPLETE"))
+    assert meta["step"] == 4
     remote_sizes = {
         p.rsplit("/", 1)[1]: info["size"]
-        for p, info in fs.find(f"{s3_bucket}/ckpt/step_000006", detail=True).items()
+        for p, info in fs.find(f"{s3_bucket}/ckpt/step_000004", detail=True).items()
         if not p.endswith("COMPLETE")
     }
-    assert meta["files"] == remote_sizes
+    assert {name: entry["size"] for name, entry in meta["files"].items()} == remote_sizes
+    assert all(len(entry["sha256"]) == 64 for entry in meta["files"].values())
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
             "rng_rank_00000.pt", "rng_rank_00001.pt", "mp_rank_00_model_states.pt"} == set(meta["files"])  # fmt: skip
     # Each staging folder held only its rank's part: dropped once the upload was confirmed.
     for rank in (0, 1):
-        assert not (tmp_path / f"stage_{rank}" / "step_000006").exists()
+        assert not (tmp_path / f"stage_{rank}" / "step_000004").exists()
     # The tracking server holds the run, marked failed, with metrics and redacted params.
     from mlflow import MlflowClient
 
@@ -308,7 +320,7 @@ def test_nan_injection_then_resume_from_s3_without_shared_staging(
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.params["run.name"] == "nan"
-    assert {h.step for h in client.get_metric_history(run_id, "loss")} == {1, 3}
+    assert {h.step for h in client.get_metric_history(run_id, "loss")} == {1, 2, 4}
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert "config.yaml" in artifacts and "checkpoints" in artifacts
 
@@ -316,7 +328,7 @@ def test_nan_injection_then_resume_from_s3_without_shared_staging(
     resumed = avts_train(tmp_path, cfg, *common, "resume=auto", nproc=2)
     _ok(resumed)
     for rank in (0, 1):
-        fetched = tmp_path / f"stage_{rank}" / "step_000006"
+        fetched = tmp_path / f"stage_{rank}" / "step_000004"
         assert set(json.loads((fetched / "COMPLETE").read_text())["files"]) == set(meta["files"])
     m = metrics(run_dir)
     assert sorted(m) == list(range(1, 9)) and m[8]["loss"] is not None

@@ -1,25 +1,37 @@
-"""The checkpoint component without DeepSpeed: finding, resolving, validating, fetching and the
-publish check, on hand-made checkpoint folders (local disk and fsspec's memory filesystem)."""
+"""The checkpoint component without DeepSpeed: finding, resolving, verifying (sizes, then
+sha256), fetching, the walk-back to a checkpoint that verifies with quarantine, keep-last and the
+publish check, on hand-made checkpoint folders (local disk, fsspec's memory filesystem, a real S3
+endpoint)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 
 import fsspec
 import pytest
 
 from avts_dist.config import CheckpointConfig
+from avts_dist.storage import get_fs
 from avts_dist.train.checkpoint import (
     COMPLETE,
+    QUARANTINED,
+    CheckpointDamaged,
     CheckpointError,
     CheckpointManager,
     fetch_checkpoint,
     list_checkpoints,
+    list_quarantined,
     resolve_checkpoint,
     tag_for,
     validate,
 )
+
+
+def manifest_entry(data: bytes) -> dict:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def make_tag(root: Path, step: int, *, complete: bool = True, world_size: int = 1) -> Path:
@@ -31,7 +43,7 @@ def make_tag(root: Path, step: int, *, complete: bool = True, world_size: int = 
     if complete:
         meta = {
             "format_version": 1, "tag": tag_dir.name, "step": step, "world_size": world_size,
-            "zero_stage": 1, "files": {n: len(d) for n, d in files.items()},
+            "zero_stage": 1, "files": {n: manifest_entry(d) for n, d in files.items()},
         }  # fmt: skip
         (tag_dir / COMPLETE).write_text(json.dumps(meta))
     return tag_dir
@@ -84,7 +96,7 @@ def test_validate_catches_missing_and_truncated_files(run_dir):
     with pytest.raises(CheckpointError, match="rng_rank_00000.pt has 1 bytes, the manifest says 3"):
         validate(tag_dir)
     (tag_dir / "mp_rank_00_model_states.pt").unlink()
-    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt missing"):
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt is missing"):
         validate(tag_dir)
     other = run_dir / "checkpoints" / "step_000004"
     meta = json.loads((other / COMPLETE).read_text())
@@ -142,3 +154,163 @@ def test_publish_refuses_a_file_not_confirmed(run_dir):
     assert "zero_pp_rank_1.pt (None of 5 bytes)" in problem
     problem = manager._confirm(tag_dir, "step_000010", {**files, "rng_rank_00000.pt": 4})
     assert "rng_rank_00000.pt (3 of 4 bytes)" in problem
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums, walk-back, quarantine, keep-last
+
+
+def _manager(ckpt_dir: str, run_dir: Path, **cfg) -> CheckpointManager:
+    return CheckpointManager(
+        CheckpointConfig(dir=ckpt_dir, **cfg), run_dir=run_dir, rank=0, world_size=1
+    )
+
+
+def test_validate_catches_a_same_size_change_by_its_sha256(run_dir):
+    """A silent change a size check misses: same size, other bytes."""
+    tag_dir = run_dir / "checkpoints" / "step_000010"
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    path.write_bytes(b"M" + path.read_bytes()[1:])
+    with pytest.raises(
+        CheckpointDamaged, match="mp_rank_00_model_states.pt: its sha256 differs"
+    ) as e:
+        validate(tag_dir)
+    assert e.value.reason == "sha256-mismatch"
+    # A manifest written before checksums ({name: size}) is still read, by size only.
+    meta = json.loads((tag_dir / COMPLETE).read_text())
+    meta["files"] = {n: entry["size"] for n, entry in meta["files"].items()}
+    assert validate(tag_dir, meta)["step"] == 10
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda p: p.write_bytes(b""), "size-mismatch"),  # an empty rng_rank_*.pt
+        (lambda p: p.write_bytes(p.read_bytes()[:-1]), "size-mismatch"),  # truncated
+        (lambda p: p.unlink(), "missing-file"),
+        (lambda p: p.write_bytes(b"x" * p.stat().st_size), "sha256-mismatch"),
+    ],
+)
+def test_walk_back_quarantines_what_does_not_verify(run_dir, caplog, damage, reason):
+    ckpts = run_dir / "checkpoints"
+    damage(ckpts / "step_000010" / "rng_rank_00000.pt")
+    manager = _manager(str(ckpts), run_dir)
+    with caplog.at_level(logging.WARNING, logger="avts.train"):
+        plan = manager.plan_resume("auto")
+    assert plan.source.tag == "step_000004"
+    # Both newer tags were skipped (step_000012: an unfinished save), kept under new names.
+    assert (ckpts / f"step_000010.quarantined-{reason}" / "mp_rank_00_model_states.pt").is_file()
+    assert (ckpts / "step_000012.quarantined-no-manifest").is_dir()
+    note = json.loads((ckpts / f"step_000010.quarantined-{reason}" / QUARANTINED).read_text())
+    assert note["reason"] == reason and "rng_rank_00000.pt" in note["detail"]
+    assert (ckpts / "latest").read_text() == "step_000004"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resume=auto")]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "step_000010 (rng_rank_00000.pt" in lines[0] and "resuming from step_000004" in lines[0]
+    assert "step_000012 (no readable COMPLETE" in lines[0]
+    # The next resume finds the same good checkpoint: nothing was deleted on the way.
+    assert _manager(str(ckpts), run_dir).plan_resume("auto").source.tag == "step_000004"
+    assert [r.tag for r in list_checkpoints(str(ckpts))] == ["step_000002", "step_000004"]
+    assert len(list_quarantined(str(ckpts))) == 2
+
+
+def test_nothing_verifies_is_an_error_then_and_later(run_dir):
+    ckpts = run_dir / "checkpoints"
+    for step in (2, 4, 10):
+        (ckpts / tag_for(step) / "rng_rank_00000.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="no checkpoint in .* verifies .*resume=none"):
+        _manager(str(ckpts), run_dir).plan_resume("auto")
+    assert len(list_quarantined(str(ckpts))) == 4  # 2, 4, 10 and the unfinished 12
+    # Not a silent fresh start the second time either.
+    with pytest.raises(CheckpointError, match="holds only quarantined ones"):
+        _manager(str(ckpts), run_dir).plan_resume("auto")
+
+
+def test_explicit_resume_path_is_verified_and_left_in_place(run_dir):
+    tag_dir = run_dir / "checkpoints" / "step_000004"
+    (tag_dir / "rng_rank_00000.pt").write_bytes(b"rr!")
+    with pytest.raises(
+        CheckpointError, match=r"resume=.*step_000004.*rng_rank_00000.pt: its sha256"
+    ):
+        _manager(str(run_dir / "checkpoints"), run_dir).plan_resume(str(tag_dir))
+    assert tag_dir.is_dir()  # the user named it: reported, not renamed
+
+
+@pytest.mark.parametrize("store", ["memory", "s3"])
+def test_walk_back_on_a_remote_dir(run_dir, tmp_path, store, request):
+    """The same walk-back where the checkpoints are remote: downloaded, verified, and the damaged
+    one quarantined by a rename on the store."""
+    if store == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        url = f"s3://{bucket}/ck"
+    else:
+        url = "memory://walkback/ck"
+    fs, root = get_fs(url)
+    fs.put(str(run_dir / "checkpoints") + "/", root, recursive=True)
+    fs.pipe_file(f"{root}/step_000010/mp_rank_00_model_states.pt", b"M" * 20)  # same size
+    manager = _manager(url, run_dir, staging_dir=str(tmp_path / "stage"))
+    plan = manager.plan_resume("auto")
+    assert plan.source.tag == "step_000004" and plan.local_root == tmp_path / "stage"
+    assert list_quarantined(url) == [
+        "step_000010.quarantined-sha256-mismatch", "step_000012.quarantined-no-manifest",
+    ]  # fmt: skip
+    assert fs.cat_file(f"{root}/latest") == b"step_000004"
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{root}/step_000010.quarantined-sha256-mismatch/mp_rank_00_model_states.pt")
+    if store == "memory":
+        fs.rm("/walkback", recursive=True)
+
+
+def test_keep_last_counts_only_checkpoints_that_verify(run_dir):
+    ckpts = run_dir / "checkpoints"
+    (ckpts / "step_000004" / "rng_rank_00000.pt").write_bytes(b"")  # damaged since its save
+    manager = _manager(str(ckpts), run_dir, keep_last=2)
+    manager._retain("step_000010")
+    # Kept: 10 (just published) and 2, the next that verifies; 4 quarantined, not deleted.
+    assert [r.tag for r in list_checkpoints(str(ckpts))] == ["step_000002", "step_000010"]
+    assert list_quarantined(str(ckpts)) == ["step_000004.quarantined-size-mismatch"]
+    make_tag(ckpts, 14)
+    manager._retain("step_000014")
+    assert [r.tag for r in list_checkpoints(str(ckpts))] == ["step_000010", "step_000014"]
+    # The tag just published is never the one deleted, even when higher steps are left over
+    # from a run that was resumed further back.
+    make_tag(ckpts, 6)
+    _manager(str(ckpts), run_dir, keep_last=1)._retain("step_000006")
+    assert [r.tag for r in list_checkpoints(str(ckpts))] == ["step_000006"]
+
+
+def test_unreachable_checkpoint_endpoint_is_one_clear_line(tmp_path, monkeypatch):
+    from avts_dist.distributed import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    with pytest.raises(CheckpointError) as e:
+        _manager("s3://bucket/ck", tmp_path)
+    text = str(e.value)
+    assert "\n" not in text and "checkpoint.dir=s3://bucket/ck" in text
+    assert f"storage endpoint {endpoint} is unreachable" in text
+    assert "does not exist" not in text
+    with pytest.raises(CheckpointError, match="unreachable"):
+        resolve_checkpoint("s3://bucket/ck")
+
+
+def test_read_back_after_resume_compares_what_the_disk_holds(run_dir, tmp_path):
+    """The first save after a resume reads its files back (past the page cache) against the
+    size and sha256 taken while writing them: a byte changed on its way to the disk shows."""
+    from avts_dist.integrity import file_record, save_torch
+
+    manager = _manager(str(run_dir / "checkpoints"), run_dir)
+    tag_dir = tmp_path / ".tmp-step_000020"
+    tag_dir.mkdir()
+    records = {
+        "rng_rank_00000.pt": save_torch({"x": list(range(100))}, tag_dir / "rng_rank_00000.pt")
+    }
+    assert records["rng_rank_00000.pt"] == file_record(tag_dir / "rng_rank_00000.pt")
+    assert manager._read_back(tag_dir, "step_000020", records) is None
+    data = bytearray((tag_dir / "rng_rank_00000.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tag_dir / "rng_rank_00000.pt").write_bytes(bytes(data))
+    problem = manager._read_back(tag_dir, "step_000020", records)
+    assert problem == f"read back from {tag_dir}, rng_rank_00000.pt differs from what was written"
