@@ -18,10 +18,11 @@ import io
 from typing import Any
 
 import torch
+from torch import nn
 
 from avts_dist.config import ConfigError, ModelConfig, config_from_dict
 from avts_dist.models.audio import AudioVGG
-from avts_dist.models.avts import AVTSModel, build_audio_net, build_video_net
+from avts_dist.models.avts import AVTSModel, build_audio_net, build_model, build_video_net
 from avts_dist.models.video import VideoResNet
 from avts_dist.storage import StorageError, get_fs
 
@@ -156,10 +157,11 @@ def build_audio_net_from_export(
     return net
 
 
-def build_model_from_export(path: str, storage_options: dict | None = None) -> AVTSModel:
-    """The whole two-stream model with its heads (e.g. for sync evaluation)."""
+def build_model_from_export(path: str, storage_options: dict | None = None) -> nn.Module:
+    """The whole model with its heads (e.g. for sync evaluation): two-stream or early fusion."""
     payload = load_exported(path, storage_options)
-    model = AVTSModel(model_config_from_export(payload))
+    cfg = dataclasses.replace(model_config_from_export(payload), init_from="")
+    model = build_model(cfg)
     _load_strict(model.video, payload["video"], "video")
     _load_strict(model.audio, payload["audio"], "audio")
     _load_strict(model.heads, payload["heads"], "heads")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 
 from avts_dist.config import ConfigError, ModelConfig, config_from_dict
 from avts_dist.distributed.engine import consolidated_fp32_state_dict
-from avts_dist.models import AVTSModel, export_payload, save_exported, write_model_card
+from avts_dist.models import build_model, export_payload, save_exported, write_model_card
 from avts_dist.storage import StorageError, join
 from avts_dist.train.checkpoint import (
     CheckpointError,
@@ -59,7 +60,9 @@ def export_checkpoint(
         model_cfg = config_from_dict(client["config"]["model"], schema=ModelConfig)
     except (KeyError, ConfigError) as exc:
         raise ExportFailed(f"checkpoint {ref.url} has no usable model config: {exc}") from None
-    model = AVTSModel(model_cfg)  # not build_model: model.init_from is in the checkpoint already
+    # The architecture the run trained (two-stream or early fusion); init_from is cleared: those
+    # weights are in the checkpoint already.
+    model = build_model(dataclasses.replace(model_cfg, init_from=""))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportFailed(

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "pretrain" / "quickstart.yaml"
@@ -79,3 +80,14 @@ def test_early_fusion_trains_on_the_sync_objective_and_resumes_exactly(
         assert got[step]["loss"] == ref[step]["loss"], f"step {step}"
         assert got[step]["train/acc/pos"] == ref[step]["train/acc/pos"], f"step {step}"
     assert got[8]["val/sync_acc_hard"] == ref[8]["val/sync_acc_hard"]
+
+    # The export rebuilds the architecture the run trained, weights equal to the checkpoint's.
+    from avts_dist.cli import main
+    from avts_dist.models.export import build_model_from_export
+
+    out = tmp_path / "ef.pt"
+    assert main(["export", "--checkpoint", str(run / "checkpoints"), "--out", str(out)]) == 0
+    model = build_model_from_export(str(out))
+    assert type(model).__name__ == "EarlyFusionModel"
+    payload = torch.load(out, weights_only=True)
+    assert payload["step"] == 8 and payload["model_config"]["arch"] == "early_fusion"
