@@ -17,14 +17,8 @@ from avts_dist.data import DatasetIndex
 from avts_dist.data.synthetic import synthesize, use_label_set
 from avts_dist.tracking.eval_runs import EvalRun
 from tests.fixtures.corpus import SYNTH_CORPUS
+from tests.integration.test_eval import TINY
 
-TINY = [
-    "model.video_width=8",
-    "model.video_layers=[1,1,1,1]",
-    "model.audio_arch=tiny",
-    "model.audio_width=8",
-    "model.embed_dim=32",
-]
 # Student's t quantile for a 95% interval with 2 degrees of freedom (3 seeds), from tables.
 T_975_DF2 = 4.3027
 
