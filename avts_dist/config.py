@@ -554,8 +554,9 @@ class LinearProbeConfig:
             _fail("eval.probe.windows", f"must be >= 1, got {self.windows}")
 
 
-# Recipes the low-label job may name one day (docs/results.md 1.6, T3) but does not run yet.
-LOWLABEL_NOT_BUILT = ("multimodal", "fused_silent_audio")
+# The low-label job's recipes (eval/lowlabel.py): video-only (finetune, probe) and T3's
+# audio-visual ones (multimodal: both modalities; silent_audio: early fusion fed silence).
+LOWLABEL_RECIPES = ("finetune", "probe", "multimodal", "silent_audio")
 
 
 @dataclass
@@ -567,6 +568,7 @@ class LowLabelConfig:
     shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 0])
     # Fine-tuning seeds f: the k-shot draw, head init, window sampling, augmentation, batch order.
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # finetune | probe (the video net) | multimodal | silent_audio (early fusion only): T3.
     recipes: list[str] = field(default_factory=lambda: ["finetune", "probe"])
     # The recorded label set (index column label_<name>): rhythm | appearance on the synthetic
     # corpus.
@@ -594,16 +596,12 @@ class LowLabelConfig:
             _fail(f"{key}.shots", f"distinct values >= 0 (0 = all) expected, got {self.shots}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             _fail(f"{key}.seeds", f"distinct seeds expected, got {self.seeds}")
-        not_built = [r for r in self.recipes if r in LOWLABEL_NOT_BUILT]
-        if not_built:
+        unknown = [r for r in self.recipes if r not in LOWLABEL_RECIPES]
+        if unknown or not self.recipes:
             _fail(
                 f"{key}.recipes",
-                f"{not_built} not built yet (the T3 multimodal part of docs/results.md 1.6); "
-                "the job runs finetune and probe",
+                f"a subset of {list(LOWLABEL_RECIPES)} expected, got {self.recipes}",
             )
-        unknown = [r for r in self.recipes if r not in ("finetune", "probe")]
-        if unknown or not self.recipes:
-            _fail(f"{key}.recipes", f"a subset of [finetune, probe] expected, got {self.recipes}")
         for name in ("steps", "probe_windows", "test_windows"):
             if getattr(self, name) < 1:
                 _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")

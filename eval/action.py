@@ -65,6 +65,13 @@ def video_accuracy(
     return clip_acc, float((video_probs.argmax(1) == labels_V).mean()), video_probs
 
 
+def _forward(model: torch.nn.Module, inputs, rt: EvalRuntime) -> torch.Tensor:
+    """``model(video)``, or ``model(video, logmel)`` for clips read ``with_audio``."""
+    if isinstance(inputs, (tuple, list)):
+        return model(*(x.to(rt.device) for x in inputs))
+    return model(inputs.to(rt.device))
+
+
 def train_classifier(
     model: torch.nn.Module,
     batches: Iterable,
@@ -75,15 +82,16 @@ def train_classifier(
     rt: EvalRuntime,
     desc: str,
 ) -> float:
-    """AdamW with a cosine schedule over ``total_steps`` on ``(video_BCTHW, label_B, _)``
-    batches, all parameters trained; returns the last batch's loss."""
+    """AdamW with a cosine schedule over ``total_steps`` on ``(video_BCTHW, label_B, _)`` (or
+    ``((video_BCTHW, logmel_B1FT), label_B, _)``) batches, all parameters trained; returns the
+    last batch's loss."""
     model.to(rt.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     bar = tqdm(total=total_steps, desc=f"{desc} train", disable=not rt.progress)
     loss_value = float("nan")
-    for video_BCTHW, label_B, _ in batches:
-        logits = model(video_BCTHW.to(rt.device))
+    for inputs, label_B, _ in batches:
+        logits = _forward(model, inputs, rt)
         loss = F.cross_entropy(logits, label_B.to(rt.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -106,17 +114,24 @@ def predict_videos(
     rt: EvalRuntime,
     clips_per_video: int,
     desc: str,
+    with_audio: bool = False,
 ) -> tuple[float, float, np.ndarray, np.ndarray]:
     """``(clip acc, video acc, per-video probabilities, labels)`` of ``rows``: the softmax of
     ``clips_per_video`` evenly spaced clips per video, averaged."""
     model.eval()
     test_ds = VideoClips(
-        idx, rows, data, train=False, clips_per_video=clips_per_video, seed=rt.seed
+        idx,
+        rows,
+        data,
+        train=False,
+        clips_per_video=clips_per_video,
+        seed=rt.seed,
+        with_audio=with_audio,
     )
     probs, videos = [], []
     loader = video_loader(test_ds, rt.batch_size, False, rt.num_workers, rt.seed)
-    for video_BCTHW, _, pos_B in tqdm(loader, desc=f"{desc} test", disable=not rt.progress):
-        probs.append(F.softmax(model(video_BCTHW.to(rt.device)).float(), dim=1).cpu().numpy())
+    for inputs, _, pos_B in tqdm(loader, desc=f"{desc} test", disable=not rt.progress):
+        probs.append(F.softmax(_forward(model, inputs, rt).float(), dim=1).cpu().numpy())
         videos.append(pos_B.numpy())
     labels = idx.label[rows].astype(np.int64)
     acc_clip, acc_video, video_probs = video_accuracy(

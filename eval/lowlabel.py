@@ -12,10 +12,15 @@ net. Every cell is scored on all of ``eval_test``: class probabilities averaged 
 - ``probe``: the frozen net's pooled ``pool`` features (training clips: the mean over
   ``probe_windows`` windows; test clips: each window alone), standardised, logistic regression.
   Features are extracted once per net and reused by every (k, f).
+- ``multimodal`` (T3): both modalities, the same fine-tuning; early fusion trains its whole net
+  with a new head on the shared trunk (``FusedClassifier``), two-stream trains both nets with a
+  linear head on their concatenated pooled features (``ConcatClassifier``).
+- ``silent_audio`` (T3, early fusion only): the same, the audio branch fed the log-mel of silence.
 - ``scratch``: the same recipes from a random init of the same architecture (seed ``eval.seed``).
 
-An early-fusion export's ``video`` weights load into a plain video net (its stem and every stage;
-the later stages then run without the audio they were trained with): see docs/evaluation.md.
+``finetune`` and ``probe`` of an early-fusion export use its ``video`` weights in a plain video net
+(its stem and every stage; the later stages then run without the audio they were trained with):
+see docs/evaluation.md.
 
 Metrics: ``<label_set>/<recipe>/<init>/k<k>/f<f>/acc`` (``k`` as ``all`` for 0), logged as each
 cell finishes, and ``lowlabel.json`` in the job's folder with the same cells.
@@ -34,7 +39,7 @@ from torch.utils.data import Dataset
 from avts_dist.config import LowLabelConfig
 from avts_dist.data import DatasetIndex
 from avts_dist.data.synthetic import use_label_set
-from avts_dist.models import VideoClassifier
+from avts_dist.models import ConcatClassifier, FusedClassifier, VideoClassifier, silent_logmel
 from eval.action import predict_videos, train_classifier
 from eval.common import JobIO, VideoClips, fit_linear, video_loader
 from eval.pretrained import Pretrained
@@ -53,6 +58,8 @@ __all__ = [
 ]
 
 INITS = ("pretrained", "scratch")
+# Recipes that train a network (the probe fits on frozen features).
+FINETUNE_RECIPES = ("finetune", "multimodal", "silent_audio")
 
 
 def shot_name(k: int) -> str:
@@ -151,6 +158,46 @@ def probe_accuracy(
     return float((clip_probs.argmax(1) == test_labels).mean())
 
 
+class _SilentAudio(torch.nn.Module):
+    """An audio-visual classifier whose audio input is replaced by the log-mel of silence."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, video_BCTHW: torch.Tensor, logmel_B1FT: torch.Tensor) -> torch.Tensor:
+        return self.inner(video_BCTHW, silent_logmel(logmel_B1FT))
+
+
+def build_classifier(
+    recipe: str,
+    pre: Pretrained,
+    num_classes: int,
+    dropout: float,
+    *,
+    init: str,
+    seed: int,
+    head_seed: int,
+) -> torch.nn.Module:
+    """The network a fine-tuning recipe trains: the pretrained weights (``init=pretrained``) or
+    the same architecture from a random init of ``seed``; its new head drawn from ``head_seed``.
+    ``finetune``: the video net; ``multimodal``: early fusion's trunk (``FusedClassifier``) or
+    both two-stream nets (``ConcatClassifier``); ``silent_audio``: early fusion fed silence."""
+    pretrained = init == "pretrained"
+    if recipe == "finetune":
+        video = pre.video_net(pretrained, seed)
+        torch.manual_seed(head_seed)
+        return VideoClassifier(video, num_classes, dropout=dropout)
+    if pre.model_cfg.arch == "early_fusion":
+        model = pre.model(pretrained, seed)
+        torch.manual_seed(head_seed)
+        fused = FusedClassifier(model, num_classes, dropout=dropout)
+        return fused if recipe == "multimodal" else _SilentAudio(fused)
+    video, audio = pre.video_net(pretrained, seed), pre.audio_net(pretrained)
+    torch.manual_seed(head_seed)
+    return ConcatClassifier(video, audio, num_classes, dropout=dropout)
+
+
 def _finetune_cell(
     cfg: LowLabelConfig,
     pre: Pretrained,
@@ -159,21 +206,26 @@ def _finetune_cell(
     test_rows: np.ndarray,
     io: JobIO,
     *,
+    recipe: str,
     init: str,
     f: int,
     desc: str,
 ) -> float:
-    # The net: the pretrained weights, or a random init of seed eval.seed (r); the head, the
+    # The nets: the pretrained weights, or a random init of seed eval.seed (r); the head, the
     # windows, augmentation and batch order: the fine-tuning seed f.
-    net = pre.video_net(pretrained=init == "pretrained", seed=io.rt.seed)
+    net = build_classifier(
+        recipe, pre, len(idx.classes), cfg.dropout, init=init, seed=io.rt.seed, head_seed=f
+    )
     rt = dataclasses.replace(io.rt, seed=f)
-    torch.manual_seed(f)
-    model = VideoClassifier(net, len(idx.classes), dropout=cfg.dropout)
+    torch.manual_seed(f)  # dropout masks
+    with_audio = recipe != "finetune"
     clips = StepClips(
-        VideoClips(idx, rows, io.data, train=True, seed=f), cfg.steps * rt.batch_size, seed=f
+        VideoClips(idx, rows, io.data, train=True, seed=f, with_audio=with_audio),
+        cfg.steps * rt.batch_size,
+        seed=f,
     )
     train_classifier(
-        model,
+        net,
         video_loader(clips, rt.batch_size, False, rt.num_workers, f),
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -182,7 +234,14 @@ def _finetune_cell(
         desc=desc,
     )
     _, acc, _, _ = predict_videos(
-        model, idx, test_rows, data=io.data, rt=rt, clips_per_video=cfg.test_windows, desc=desc
+        net,
+        idx,
+        test_rows,
+        data=io.data,
+        rt=rt,
+        clips_per_video=cfg.test_windows,
+        desc=desc,
+        with_audio=with_audio,
     )
     return acc
 
@@ -200,6 +259,11 @@ def run_lowlabel(
         idx = use_label_set(io.idx, cfg.label_set)
     except ValueError as exc:
         raise EvalError(f"eval.lowlabel.label_set: {exc}") from None
+    if "silent_audio" in cfg.recipes and pre.model_cfg.arch != "early_fusion":
+        raise EvalError(
+            "eval.lowlabel.recipes: silent_audio feeds an early-fusion net silence; this "
+            f"checkpoint is model.arch={pre.model_cfg.arch} (its video-only recipe is finetune)"
+        )
     labels_R = idx.label.astype(np.int64)
     check_pool(labels_R, plan.train_rows, cfg.shots, idx.classes)
     test_rows, test_labels = plan.test_rows, labels_R[plan.test_rows]
@@ -258,13 +322,13 @@ def run_lowlabel(
                         f,
                     )
                     add("probe", init, k, f, rows, acc)
-        if "finetune" in cfg.recipes:
+        for recipe in (r for r in FINETUNE_RECIPES if r in cfg.recipes):
             for k in cfg.shots:
                 for f in cfg.seeds:
                     rows = kshot_rows(labels_R, plan.train_rows, k, f)
-                    desc = f"{cfg.label_set} finetune {init} k{shot_name(k)} f{f}"
+                    desc = f"{cfg.label_set} {recipe} {init} k{shot_name(k)} f{f}"
                     acc = _finetune_cell(
-                        cfg, pre, idx, rows, test_rows, io, init=init, f=f, desc=desc
+                        cfg, pre, idx, rows, test_rows, io, recipe=recipe, init=init, f=f, desc=desc
                     )
-                    add("finetune", init, k, f, rows, acc)
+                    add(recipe, init, k, f, rows, acc)
     return metrics

@@ -96,11 +96,50 @@ def test_lowlabel_job_writes_every_cell_to_json_and_mlflow(
     assert run.data.params["eval.lowlabel.steps"] == "2"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["two_stream", "early_fusion"])
+def test_lowlabel_multimodal_recipes_of_both_architectures(lowlabel_corpus, tmp_path, capsys, arch):
+    from avts_dist.config import load_config
+    from avts_dist.models import build_model, export_payload, save_exported
+
+    cfg = load_config(None, [*TINY, f"model.arch={arch}"])
+    torch.manual_seed(0)
+    export = str(tmp_path / "model.pt")
+    save_exported(export_payload(build_model(cfg.model), cfg.model), export)
+    recipes = ["multimodal"] + (["silent_audio"] if arch == "early_fusion" else [])
+    rc = main(
+        [
+            "eval",
+            "lowlabel",
+            "--checkpoint",
+            export,
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--json",
+            f"data.url={lowlabel_corpus}",
+            f"eval.lowlabel.recipes=[{','.join(recipes)}]",
+            "eval.lowlabel.shots=[0]",
+            "eval.lowlabel.seeds=[0]",
+            "eval.lowlabel.steps=2",
+            "eval.batch_size=4",
+            "eval.progress=false",
+            "eval.device=cpu",
+            "tracking.enabled=false",
+        ]
+    )
+    assert rc == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert set(metrics) == {f"rhythm/{r}/pretrained/kall/f0/acc" for r in recipes}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
 def test_lowlabel_job_refuses_what_it_cannot_run(lowlabel_corpus, tiny_export, tmp_path, capsys):
     args = ["eval", "lowlabel", "--checkpoint", tiny_export, "--out-dir", str(tmp_path)]
     common = [f"data.url={lowlabel_corpus}", "tracking.enabled=false", "eval.device=cpu"]
-    assert main([*args, *common, "eval.lowlabel.recipes=[multimodal]"]) != 0
-    assert "not built" in capsys.readouterr().err
+    assert main([*args, *common, "eval.lowlabel.recipes=[silent_audio]"]) != 0
+    assert "silent_audio feeds an early-fusion net silence" in capsys.readouterr().err
+    assert main([*args, *common, "eval.lowlabel.recipes=[audio]"]) != 0
+    assert "eval.lowlabel.recipes" in capsys.readouterr().err
     assert main([*args, *common, "eval.lowlabel.shots=[64]"]) != 0
     assert "needs 64 eval_train clips per class" in capsys.readouterr().err
     assert main([*args, *common, "eval.lowlabel.label_set=colour"]) != 0
@@ -161,7 +200,6 @@ def test_compare_study_tables_match_hand_computed_intervals(study_store, tmp_pat
     assert f"| +0.233 ± {gain_half:.3f} (n=3) |" in md
     assert "| finetune | 2 | not run | not run | not run |" in md  # another study's k=2 ignored
     assert "| finetune | 1 | 0.700 ± " in md and "| 0.400 (n=1) |" in md  # video_ssl: p=0 only
-    assert "not built" in md
     tables = json.loads((out / "results.json").read_text())["tables"]
     t1 = next(r for r in tables["T1"]["rows"] if r[:2] == ["finetune", "1"])
     assert t1[2]["mean"] == pytest.approx(0.7) and t1[2]["n"] == 3
@@ -173,7 +211,8 @@ def test_compare_study_tables_match_hand_computed_intervals(study_store, tmp_pat
     assert t3[3]["mean"] == pytest.approx(-0.1 / 3)
     sd = float(np.std([-0.1, -0.1, 0.1], ddof=1))
     assert t3[3]["half_width"] == pytest.approx(T_975_DF2 * sd / math.sqrt(3), rel=1e-4)
-    assert tables["T3"]["rows"][-1][1:] == ["not built"] * 3
+    mm = next(r for r in tables["T3"]["rows"] if r[0] == "multimodal fine-tune, k=all")
+    assert mm[1:] == ["not run"] * 3
     t5 = tables["T5"]["rows"]
     assert all(c == "not run" for r in t5 for c in r[2:])
     assert (out / "accuracy_vs_k.png").stat().st_size > 1000

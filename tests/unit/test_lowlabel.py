@@ -81,8 +81,11 @@ def test_config_defaults_are_the_protocol_and_bad_keys_name_themselves():
     )
     assert (d.steps, d.lr, d.weight_decay, d.dropout, d.c) == (60, 3e-3, 1e-4, 0.5, 1.0)
     assert (d.probe_windows, d.test_windows) == (4, 3)
-    with pytest.raises(ConfigError, match=r"eval\.lowlabel\.recipes.*not built"):
-        load_config(None, ["eval.lowlabel.recipes=[finetune,multimodal]"])
+    recipes = ["finetune", "multimodal", "silent_audio"]
+    assert (
+        load_config(None, [f"eval.lowlabel.recipes=[{','.join(recipes)}]"]).eval.lowlabel.recipes
+        == recipes
+    )
     with pytest.raises(ConfigError, match=r"eval\.lowlabel\.recipes"):
         load_config(None, ["eval.lowlabel.recipes=[linear]"])
     with pytest.raises(ConfigError, match=r"eval\.lowlabel\.shots"):
@@ -129,3 +132,35 @@ def test_probe_scores_clips_by_their_mean_window_probability():
     # Two of three windows say class 1: the clip is now wrong, 3 of 4 right.
     test_x[0, 2] = centres[1]
     assert probe_accuracy(train_x, train_y, test_x, test_y, 3, 1.0, 0) == 0.75
+
+
+@pytest.mark.parametrize("arch", ["two_stream", "early_fusion"])
+def test_classifiers_of_each_recipe_read_the_inputs_they_should(arch):
+    import torch
+
+    from avts_dist.models import build_model, export_payload
+    from eval.lowlabel import build_classifier
+    from eval.pretrained import Pretrained
+
+    tiny = ["model.video_width=8", "model.video_layers=[1,1,1,1]", "model.audio_arch=tiny"]
+    cfg = load_config(None, [*tiny, "model.audio_width=8", f"model.arch={arch}"]).model
+    torch.manual_seed(123)  # not the scratch seed (0): "pretrained" weights differ from scratch
+    pre = Pretrained("mem", export_payload(build_model(cfg), cfg), cfg, None, "")
+    video = torch.randn(2, 3, 8, 32, 32)
+    mel, other_mel = torch.randn(2, 1, 40, 100), torch.randn(2, 1, 40, 100)
+
+    def logits(recipe, init="pretrained", head_seed=0, audio=mel):
+        net = build_classifier(recipe, pre, 3, 0.5, init=init, seed=0, head_seed=head_seed).eval()
+        with torch.no_grad():
+            return net(video) if recipe == "finetune" else net(video, audio)
+
+    assert logits("finetune").shape == (2, 3)
+    # Both modalities: another audio gives other logits.
+    assert not torch.allclose(logits("multimodal"), logits("multimodal", audio=other_mel))
+    # The same nets and head seed give the same classifier; the head follows its own seed.
+    assert torch.equal(logits("multimodal"), logits("multimodal"))
+    assert not torch.equal(logits("multimodal"), logits("multimodal", head_seed=1))
+    assert not torch.equal(logits("finetune"), logits("finetune", init="scratch"))
+    if arch == "early_fusion":
+        # Fed silence: the audio given does not matter.
+        assert torch.equal(logits("silent_audio"), logits("silent_audio", audio=other_mel))
