@@ -247,10 +247,10 @@ def _finetune_cell(
 
 
 def run_lowlabel(
-    cfg: LowLabelConfig, pre: Pretrained, plan: SplitPlan, io: JobIO
+    cfg: LowLabelConfig, pre: Pretrained, plans: list[SplitPlan], io: JobIO
 ) -> dict[str, float]:
-    """Every (recipe, init, k, f) cell of ``cfg`` on ``plan`` (eval_train -> eval_test)."""
-    if "eval_train" not in io.idx.splits:
+    """Every (recipe, init, k, f) cell of ``cfg`` on the eval_train -> eval_test plan."""
+    if "eval_train" not in io.idx.splits or len(plans) != 1:
         raise EvalError(
             f"{io.idx.url}: the low-label job needs eval_train/eval_test splits "
             "(avts synth --eval-train-fraction/--eval-test-fraction)"
@@ -264,6 +264,7 @@ def run_lowlabel(
             "eval.lowlabel.recipes: silent_audio feeds an early-fusion net silence; this "
             f"checkpoint is model.arch={pre.model_cfg.arch} (its video-only recipe is finetune)"
         )
+    (plan,) = plans
     labels_R = idx.label.astype(np.int64)
     check_pool(labels_R, plan.train_rows, cfg.shots, idx.classes)
     test_rows, test_labels = plan.test_rows, labels_R[plan.test_rows]

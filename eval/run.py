@@ -151,8 +151,7 @@ def _run_job(
             **{f"audio/{k}": v for k, v in audio.items()},
         }
     if spec.kind == "lowlabel":
-        (plan,) = plans(has_video)  # eval_train -> eval_test
-        return run_lowlabel(ev.lowlabel, pre, plan, io)
+        return run_lowlabel(ev.lowlabel, pre, plans(has_video), io)
     raise AssertionError(f"evaluation kind {spec.kind!r} has no runner")
 
 

@@ -7,8 +7,9 @@ The net is the quickstart's (configs/pretrain/quickstart.yaml, MC3-18 width 8, 3
 at 8 fps) from random weights: the cost does not depend on the weights. Measured, each in this
 one process, CPU seconds (``time.process_time``, all threads) and wall seconds:
 
-- ``finetune``: one fine-tune cell of `avts eval lowlabel`, k = all: ``--steps`` optimizer steps
-  at ``--batch-size`` (protocol: 60 at 8) plus scoring every eval_test clip (3 windows);
+- ``finetune``: one fine-tune cell of `avts eval lowlabel`, k = all, of ``--recipe`` (default
+  finetune; multimodal / silent_audio for T3, ``--arch``): ``--steps`` optimizer steps at
+  ``--batch-size`` (protocol: 60 at 8) plus scoring every eval_test clip (3 windows);
 - ``probe_features``: one net's probe features, eval_train (4 windows per clip) and eval_test
   (3 windows per clip);
 - ``probe_fit``: one (k = all, f) logistic-regression fit and scoring on those features.
@@ -53,6 +54,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--recipe",
+        default="finetune",
+        choices=["finetune", "multimodal", "silent_audio"],
+        help="the fine-tune cell's recipe (multimodal, silent_audio: T3)",
+    )
+    parser.add_argument("--arch", default="two_stream", choices=["two_stream", "early_fusion"])
     args = parser.parse_args()
 
     cfg = load_config(
@@ -63,6 +71,7 @@ def main() -> None:
             f"eval.lowlabel.steps={args.steps}",
             "eval.progress=false",
             "eval.device=cpu",
+            f"model.arch={args.arch}",
         ],
     )
     torch.manual_seed(0)
@@ -77,7 +86,16 @@ def main() -> None:
     labels = idx.label.astype("int64")
     acc, finetune = _timed(
         lambda: _finetune_cell(
-            ll, pre, idx, plan.train_rows, plan.test_rows, io, init="pretrained", f=0, desc=""
+            ll,
+            pre,
+            idx,
+            plan.train_rows,
+            plan.test_rows,
+            io,
+            recipe=args.recipe,
+            init="pretrained",
+            f=0,
+            desc="",
         )
     )
     net = pre.video_net()
@@ -104,6 +122,8 @@ def main() -> None:
         "num_eval_test": int(plan.test_rows.size),
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "recipe": args.recipe,
+        "arch": args.arch,
         "torch_threads": torch.get_num_threads(),
         "finetune": finetune,
         "probe_features": features,

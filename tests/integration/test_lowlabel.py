@@ -133,7 +133,9 @@ def test_lowlabel_multimodal_recipes_of_both_architectures(lowlabel_corpus, tmp_
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
 
 
-def test_lowlabel_job_refuses_what_it_cannot_run(lowlabel_corpus, tiny_export, tmp_path, capsys):
+def test_lowlabel_job_refuses_what_it_cannot_run(
+    lowlabel_corpus, synth_corpus, tiny_export, tmp_path, capsys
+):
     args = ["eval", "lowlabel", "--checkpoint", tiny_export, "--out-dir", str(tmp_path)]
     common = [f"data.url={lowlabel_corpus}", "tracking.enabled=false", "eval.device=cpu"]
     assert main([*args, *common, "eval.lowlabel.recipes=[silent_audio]"]) != 0
@@ -144,6 +146,9 @@ def test_lowlabel_job_refuses_what_it_cannot_run(lowlabel_corpus, tiny_export, t
     assert "needs 64 eval_train clips per class" in capsys.readouterr().err
     assert main([*args, *common, "eval.lowlabel.label_set=colour"]) != 0
     assert "no label set 'colour'" in capsys.readouterr().err
+    no_pool = [f"data.url={synth_corpus}", *common[1:]]
+    assert main([*args, *no_pool]) != 0
+    assert "the low-label job needs eval_train/eval_test splits" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
