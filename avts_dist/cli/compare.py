@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_study(args: argparse.Namespace) -> int:
     from eval.study_tables import study_tables
 
-    if args.runs or args.experiment or args.metrics or args.curves:
+    others = ("runs", "experiment", "metrics", "curves", "best")
+    if any(getattr(args, name, None) for name in others):
         raise CLIError("--study builds the study's tables: it takes only --out and --tracking-uri")
     try:
         result = study_tables(args.study, tracking_uri=args.tracking_uri, out_dir=args.out)
