@@ -226,3 +226,5 @@ def test_compare_study_tables_match_hand_computed_intervals(study_store, tmp_pat
 def test_compare_study_without_runs_is_one_clear_error(study_store, capsys):
     assert main(["compare", "--study", "nobody", "--tracking-uri", study_store]) != 0
     assert "no MLflow runs tagged avts.study='nobody'" in capsys.readouterr().err
+    assert main(["compare", "--study", STUDY, "--experiment", "study"]) != 0
+    assert "takes only --out and --tracking-uri" in capsys.readouterr().err
