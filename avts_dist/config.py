@@ -43,6 +43,7 @@ __all__ = [
     "LaunchConfig",
     "LinearProbeConfig",
     "LossConfig",
+    "LowLabelConfig",
     "ModelConfig",
     "OptimConfig",
     "RunConfig",
@@ -579,6 +580,63 @@ class LinearProbeConfig:
             _fail("eval.probe.windows", f"must be >= 1, got {self.windows}")
 
 
+# The low-label job's recipes (eval/lowlabel.py): video-only (finetune, probe) and T3's
+# audio-visual ones (multimodal: both modalities; silent_audio: early fusion fed silence).
+LOWLABEL_RECIPES = ("finetune", "probe", "multimodal", "silent_audio")
+
+
+@dataclass
+class LowLabelConfig:
+    """``avts eval lowlabel``: k labelled clips per class from ``eval_train``, scored on all of
+    ``eval_test`` (docs/results.md 1.3 and 1.6). Defaults are the protocol's recipe values."""
+
+    # Labelled clips per class; 0 = every eval_train clip (reported as k "all").
+    shots: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 0])
+    # Fine-tuning seeds f: the k-shot draw, head init, window sampling, augmentation, batch order.
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # finetune | probe (the video net) | multimodal | silent_audio (early fusion only): T3.
+    recipes: list[str] = field(default_factory=lambda: ["finetune", "probe"])
+    # The recorded label set (index column label_<name>): rhythm | appearance on the synthetic
+    # corpus.
+    label_set: str = "rhythm"
+    # Also run the recipes from a random init (init seed = eval.seed).
+    scratch: bool = False
+    # Fine-tune: optimizer steps at eval.batch_size, the same for every k (cosine over them).
+    steps: int = 60
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.5
+    # Probe: scikit-learn logistic regression's C; windows averaged into a training feature.
+    c: float = 1.0
+    probe_windows: int = 4
+    # Evenly spaced test windows per eval_test clip, their probabilities averaged (both recipes).
+    test_windows: int = 3
+
+    def __post_init__(self) -> None:
+        key = "eval.lowlabel"
+        if (
+            not self.shots
+            or any(k < 0 for k in self.shots)
+            or len(set(self.shots)) != len(self.shots)
+        ):
+            _fail(f"{key}.shots", f"distinct values >= 0 (0 = all) expected, got {self.shots}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            _fail(f"{key}.seeds", f"distinct seeds expected, got {self.seeds}")
+        unknown = [r for r in self.recipes if r not in LOWLABEL_RECIPES]
+        if unknown or not self.recipes:
+            _fail(
+                f"{key}.recipes",
+                f"a subset of {list(LOWLABEL_RECIPES)} expected, got {self.recipes}",
+            )
+        for name in ("steps", "probe_windows", "test_windows"):
+            if getattr(self, name) < 1:
+                _fail(f"{key}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.c <= 0:
+            _fail(f"{key}.{'lr' if self.lr <= 0 else 'c'}", "must be > 0")
+        if not 0 <= self.dropout < 1:
+            _fail(f"{key}.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
 @dataclass
 class EvalConfig:
     checkpoint: str = ""
@@ -602,6 +660,7 @@ class EvalConfig:
     sync: SyncEvalConfig = field(default_factory=SyncEvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    lowlabel: LowLabelConfig = field(default_factory=LowLabelConfig)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

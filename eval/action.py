@@ -8,6 +8,7 @@ recipe. Clip accuracy scores each test clip alone; video accuracy averages the s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +30,14 @@ from eval.common import (
 from eval.pretrained import Pretrained
 from eval.splits import SplitPlan
 
-__all__ = ["FineTuneResult", "finetune_video", "run_finetune", "video_accuracy"]
+__all__ = [
+    "FineTuneResult",
+    "finetune_video",
+    "run_finetune",
+    "predict_videos",
+    "train_classifier",
+    "video_accuracy",
+]
 
 
 @dataclass
@@ -57,6 +65,81 @@ def video_accuracy(
     return clip_acc, float((video_probs.argmax(1) == labels_V).mean()), video_probs
 
 
+def _forward(model: torch.nn.Module, inputs, rt: EvalRuntime) -> torch.Tensor:
+    """``model(video)``, or ``model(video, logmel)`` for clips read ``with_audio``."""
+    if isinstance(inputs, (tuple, list)):
+        return model(*(x.to(rt.device) for x in inputs))
+    return model(inputs.to(rt.device))
+
+
+def train_classifier(
+    model: torch.nn.Module,
+    batches: Iterable,
+    *,
+    lr: float,
+    weight_decay: float,
+    total_steps: int,
+    rt: EvalRuntime,
+    desc: str,
+) -> float:
+    """AdamW with a cosine schedule over ``total_steps`` on ``(video_BCTHW, label_B, _)`` (or
+    ``((video_BCTHW, logmel_B1FT), label_B, _)``) batches, all parameters trained; returns the
+    last batch's loss."""
+    model.to(rt.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    bar = tqdm(total=total_steps, desc=f"{desc} train", disable=not rt.progress)
+    loss_value = float("nan")
+    for inputs, label_B, _ in batches:
+        logits = _forward(model, inputs, rt)
+        loss = F.cross_entropy(logits, label_B.to(rt.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_value = float(loss.detach())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+    bar.close()
+    return loss_value
+
+
+@torch.no_grad()
+def predict_videos(
+    model: torch.nn.Module,
+    idx: DatasetIndex,
+    rows: np.ndarray,
+    *,
+    data: DataConfig,
+    rt: EvalRuntime,
+    clips_per_video: int,
+    desc: str,
+    with_audio: bool = False,
+) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """``(clip acc, video acc, per-video probabilities, labels)`` of ``rows``: the softmax of
+    ``clips_per_video`` evenly spaced clips per video, averaged."""
+    model.eval()
+    test_ds = VideoClips(
+        idx,
+        rows,
+        data,
+        train=False,
+        clips_per_video=clips_per_video,
+        seed=rt.seed,
+        with_audio=with_audio,
+    )
+    probs, videos = [], []
+    loader = video_loader(test_ds, rt.batch_size, False, rt.num_workers, rt.seed)
+    for inputs, _, pos_B in tqdm(loader, desc=f"{desc} test", disable=not rt.progress):
+        probs.append(F.softmax(_forward(model, inputs, rt).float(), dim=1).cpu().numpy())
+        videos.append(pos_B.numpy())
+    labels = idx.label[rows].astype(np.int64)
+    acc_clip, acc_video, video_probs = video_accuracy(
+        np.concatenate(probs), np.concatenate(videos), labels
+    )
+    return acc_clip, acc_video, video_probs, labels
+
+
 def finetune_video(
     net: torch.nn.Module,
     idx: DatasetIndex,
@@ -67,43 +150,32 @@ def finetune_video(
     rt: EvalRuntime,
     desc: str,
 ) -> FineTuneResult:
-    num_classes = len(idx.classes)
-    model = VideoClassifier(net, num_classes, dropout=cfg.dropout).to(rt.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = VideoClassifier(net, len(idx.classes), dropout=cfg.dropout)
     train_ds = VideoClips(idx, plan.train_rows, data, train=True, seed=rt.seed)
     steps_per_epoch = -(-len(train_ds) // rt.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"{desc} train", disable=not rt.progress)
-    loss_value = float("nan")
-    for epoch in range(cfg.epochs):
-        train_ds.epoch = epoch
-        model.train()
-        loader = video_loader(train_ds, rt.batch_size, True, rt.num_workers, rt.seed + epoch)
-        for video_BCTHW, label_B, _ in loader:
-            logits = model(video_BCTHW.to(rt.device))
-            loss = F.cross_entropy(logits, label_B.to(rt.device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_value = float(loss.detach())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-    bar.close()
 
-    model.eval()
-    test_ds = VideoClips(
-        idx, plan.test_rows, data, train=False, clips_per_video=cfg.clips_per_video, seed=rt.seed
+    def epochs():
+        for epoch in range(cfg.epochs):
+            train_ds.epoch = epoch
+            yield from video_loader(train_ds, rt.batch_size, True, rt.num_workers, rt.seed + epoch)
+
+    loss_value = train_classifier(
+        model,
+        epochs(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        total_steps=cfg.epochs * steps_per_epoch,
+        rt=rt,
+        desc=desc,
     )
-    probs, videos = [], []
-    loader = video_loader(test_ds, rt.batch_size, False, rt.num_workers, rt.seed)
-    with torch.no_grad():
-        for video_BCTHW, _, pos_B in tqdm(loader, desc=f"{desc} test", disable=not rt.progress):
-            probs.append(F.softmax(model(video_BCTHW.to(rt.device)).float(), dim=1).cpu().numpy())
-            videos.append(pos_B.numpy())
-    labels = idx.label[plan.test_rows].astype(np.int64)
-    acc_clip, acc_video, video_probs = video_accuracy(
-        np.concatenate(probs), np.concatenate(videos), labels
+    acc_clip, acc_video, video_probs, labels = predict_videos(
+        model,
+        idx,
+        plan.test_rows,
+        data=data,
+        rt=rt,
+        clips_per_video=cfg.clips_per_video,
+        desc=desc,
     )
     return FineTuneResult(acc_clip, acc_video, video_probs, labels, loss_value)
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from avts_dist.config import DataConfig, EvalConfig
 from avts_dist.data import DatasetIndex, read_member
-from avts_dist.data.decode import DecodeError, decode_audio, decode_video, logmel
+from avts_dist.data.decode import DecodeError, audio_window, decode_audio, decode_video, logmel
 from eval.registry import EvalError
 
 __all__ = [
@@ -105,7 +105,9 @@ class JobIO:
 
 class VideoClips(Dataset):
     """Labelled video clips: one random clip per video (``train``) or ``clips_per_video`` evenly
-    spaced clips (evaluation). Items: ``(video_CTHW, label, video_position)``."""
+    spaced clips (evaluation). Items: ``(video_CTHW, label, video_position)``; ``with_audio``:
+    ``((video_CTHW, logmel_1FT), label, video_position)``, the log-mel of the same window (of
+    silence when the clip's audio cannot be decoded)."""
 
     def __init__(
         self,
@@ -115,10 +117,12 @@ class VideoClips(Dataset):
         train: bool,
         clips_per_video: int = 1,
         seed: int = 0,
+        with_audio: bool = False,
     ) -> None:
         self.idx, self.rows, self.data, self.train = idx, rows, data, train
         self.per_video = 1 if train else clips_per_video
         self.seed = seed
+        self.with_audio = with_audio
         self.epoch = 0
         self._fs = None
 
@@ -148,7 +152,19 @@ class VideoClips(Dataset):
             rng,
             decoder=self.data.video_decoder,
         )
+        if self.with_audio:
+            video = (video, self._logmel(data, start))
         return video, int(self.idx.label[row]), pos
+
+    def _logmel(self, mp4: bytes, start: float) -> torch.Tensor:
+        d = self.data
+        try:
+            wave = audio_window(
+                decode_audio(mp4, d.sample_rate), d.sample_rate, start, d.clip_seconds
+            )
+        except DecodeError:
+            wave = np.zeros(int(round(d.clip_seconds * d.sample_rate)), dtype=np.float32)
+        return logmel(wave, d.sample_rate, d.num_mel_bins, d.mel_win_ms, d.mel_hop_ms)
 
 
 def video_loader(

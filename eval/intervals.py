@@ -1,8 +1,8 @@
-"""Mean and 95% confidence interval over seeds (Student's t), for the comparison report.
+"""Mean and 95% interval over seeds for the comparison report (``eval/report.py``).
 
-A stand-in until the project's statistics module (issue 13: t-intervals and bootstrap over
-seeds) lands: the report calls only :func:`mean_ci`, so swapping this module for that one is a
-one-line change in ``eval/report.py``.
+The statistics are :func:`avts_dist.stats.t_interval`'s; this adapter keeps the report's small
+interface: non-finite values (a failed run's NaN) are dropped, and fewer than two values give
+``half_width`` None (no spread to estimate) instead of NaN bounds.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from avts_dist.stats import t_interval
 
 __all__ = ["Interval", "mean_ci"]
 
@@ -30,15 +32,9 @@ class Interval:
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Interval:
-    """``mean +- t_{(1+c)/2, n-1} * s / sqrt(n)`` of ``values`` (sample std ``s``, ddof 1)."""
-    from scipy.stats import t
-
+    """``mean +- t_{(1+c)/2, n-1} * s / sqrt(n)`` of the finite ``values`` (``s``: ddof 1)."""
     xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not xs:
         raise ValueError("mean_ci needs at least one finite value")
-    n = len(xs)
-    mean = sum(xs) / n
-    if n < 2:
-        return Interval(mean, None, n)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    return Interval(mean, float(t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n), n)
+    ci = t_interval(xs, confidence)
+    return Interval(ci.mean, ci.half_width if ci.n >= 2 else None, ci.n)

@@ -4,6 +4,7 @@ run it came from (run dir, MLflow run id)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -52,12 +53,21 @@ class Pretrained:
             _load(net, self.payload["video"], "video", self.checkpoint)
         return net
 
-    def audio_net(self) -> torch.nn.Module:
+    def audio_net(self, pretrained: bool = True, seed: int | None = None) -> torch.nn.Module:
+        if seed is not None:
+            torch.manual_seed(seed)
         net = build_audio_net(self.model_cfg)
-        _load(net, self.payload["audio"], "audio", self.checkpoint)
+        if pretrained:
+            _load(net, self.payload["audio"], "audio", self.checkpoint)
         return net
 
-    def model(self) -> torch.nn.Module:
+    def model(self, pretrained: bool = True, seed: int | None = None) -> torch.nn.Module:
+        """The whole model; ``pretrained=False``: the same architecture from a random init
+        (never ``model.init_from``'s weights)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        if not pretrained:
+            return build_model(dataclasses.replace(self.model_cfg, init_from=""))
         model = build_model(self.model_cfg)
         _load(model.video, self.payload["video"], "video", self.checkpoint)
         _load(model.audio, self.payload["audio"], "audio", self.checkpoint)

@@ -13,8 +13,9 @@ from typing import Literal
 __all__ = ["JOBS", "EvalError", "EvalSpec", "dataset_url", "get_job", "parse_suite"]
 
 # sync: eval/sync.py; finetune: eval/action.py; probe: eval/audio.py; multimodal:
-# eval/multimodal.py; synthetic: finetune + probe on the synthetic corpus's labels.
-EvalKind = Literal["sync", "finetune", "probe", "multimodal", "synthetic"]
+# eval/multimodal.py; synthetic: finetune + probe on the synthetic corpus's labels; lowlabel:
+# eval/lowlabel.py (the study's k-shot protocol).
+EvalKind = Literal["sync", "finetune", "probe", "multimodal", "synthetic", "lowlabel"]
 
 
 class EvalError(ValueError):
@@ -65,6 +66,12 @@ JOBS: dict[str, EvalSpec] = {
             "synthetic",
             "synthetic",
             "the synthetic corpus's labels: video fine-tune (+ scratch) and audio probe",
+            defaults_to_data_url=True,
+        ),
+        EvalSpec(
+            "lowlabel",
+            "lowlabel",
+            "k labelled clips per class (eval_train -> eval_test): fine-tune and linear probe",
             defaults_to_data_url=True,
         ),
     )

@@ -30,6 +30,7 @@ from avts_dist.tracking.eval_runs import EvalRun, run_url
 from eval.action import run_finetune
 from eval.audio import run_probe
 from eval.common import EvalRuntime, JobIO, MetricSink
+from eval.lowlabel import run_lowlabel
 from eval.multimodal import run_multimodal
 from eval.pretrained import ARCH_FIELDS, Pretrained, check_model_match, load_pretrained
 from eval.registry import EvalError, EvalSpec, dataset_url, get_job
@@ -149,6 +150,8 @@ def _run_job(
             **{f"video/{k}": v for k, v in video.items()},
             **{f"audio/{k}": v for k, v in audio.items()},
         }
+    if spec.kind == "lowlabel":
+        return run_lowlabel(ev.lowlabel, pre, plans(has_video), io)
     raise AssertionError(f"evaluation kind {spec.kind!r} has no runner")
 
 

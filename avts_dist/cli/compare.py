@@ -4,6 +4,7 @@
   avts compare --runs RUN_A RUN_B --metrics 'ucf101/*' 'sync/acc_*'
   avts compare --tracking-uri http://mlflow:5000 --experiment avts
   avts compare --best sync/acc --top 3                           (checkpoints ranked)
+  avts compare --study s1 --out results/s1         (a study's tables T1-T5, docs/results.md)
 
 Rows are pretraining runs; their child evaluation runs (avts eval) are grouped under them and
 their metrics become columns (<job>/<metric>), next to the parameters that differ between runs
@@ -14,6 +15,10 @@ curves, sync accuracy vs offset, downstream accuracy bars).
 pretraining run, and avts eval links its metrics to it; MLflow's search_logged_models orders
 them by METRIC (better first: higher for accuracies, lower for losses) and each is printed with
 the path of its weights.
+
+--study NAME finds the runs tagged avts.study=NAME (avts study) and builds the protocol's tables
+T1-T5 (mean ± 95% CI over pretraining seeds, paired differences); --out then writes results.md,
+results.json and accuracy_vs_k.png. Cells nobody ran print "not run".
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from avts_dist.cli import CLIError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--study", default=None, help="a study's tables T1-T5 (tag avts.study)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: avts)")
     parser.add_argument("--runs", nargs="+", default=None, metavar="ID", help="run ids")
     parser.add_argument(
@@ -55,7 +61,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default="", help="MLflow URI (default: ./mlruns)")
 
 
+def run_study(args: argparse.Namespace) -> int:
+    from eval.study_tables import study_tables
+
+    others = ("runs", "experiment", "metrics", "curves", "best")
+    if any(getattr(args, name, None) for name in others):
+        raise CLIError("--study builds the study's tables: it takes only --out and --tracking-uri")
+    try:
+        result = study_tables(args.study, tracking_uri=args.tracking_uri, out_dir=args.out)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    print(result.markdown(f"avts compare --study {args.study}"))
+    for kind, path in result.files.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.study:
+        return run_study(args)
     if args.best:
         return _best(args)
     # Deferred: MLflow and matplotlib load only when comparing, not for `avts --help`.

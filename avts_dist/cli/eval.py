@@ -7,6 +7,8 @@
   avts eval dcase2014  --checkpoint model.pt eval.datasets.dcase2014=data/dcase2014
   avts eval multimodal --checkpoint model.pt eval.datasets.multimodal=data/ucf101
   avts eval synthetic  --checkpoint model.pt eval.datasets.synthetic=data/synth
+  avts eval lowlabel   --checkpoint model.pt data.url=data/study eval.batch_size=8 \
+      eval.lowlabel.scratch=true           (k labelled clips per class: docs/results.md 1.3-1.6)
 
 --checkpoint is a checkpoint directory (exported on the fly) or an exported .pt. The config is
 --config if given, else the pretraining run's config.yaml (found next to the checkpoint), else

@@ -6,7 +6,8 @@ Pure ``torch.nn`` (no ``torch.distributed``): parallelism is applied from outsid
 - ``r2plus1d_18()``, ``mc3_18()``, ``r3d_18()``: torchvision state_dict-compatible video nets.
 - ``build_video_net(cfg.model)``, ``build_audio_net(cfg.model)``, ``build_model(cfg.model)``
   (``AVTSModel`` or ``EarlyFusionModel``).
-- ``VideoClassifier`` / ``AudioClassifier``: a subnetwork alone, with a classification head.
+- ``VideoClassifier`` / ``AudioClassifier``: a subnetwork alone, with a classification head;
+  ``ConcatClassifier``: both, their pooled features concatenated (multimodal fine-tuning).
 - ``load_pretrained(path_or_url, part="video"|"audio")``: a pretrained subnetwork, plain nn.Module.
 - ``load_exported(path)``, ``build_{video,audio}_net_from_export(path)``: pretrained weights.
 - ``init_video_from(net, path)``: torchvision-layout weights into a video net (model.init_from).
@@ -16,6 +17,7 @@ from avts_dist.models.audio import AUDIO_ARCHS, AudioVGG, audio_vgg
 from avts_dist.models.avts import (
     AudioClassifier,
     AVTSModel,
+    ConcatClassifier,
     EmbeddingHead,
     FusionHead,
     StreamClassifier,
@@ -65,6 +67,7 @@ __all__ = [
     "EarlyFusionModel",
     "EmbeddingHead",
     "ExportError",
+    "ConcatClassifier",
     "FusedClassifier",
     "FusionHead",
     "StreamClassifier",

@@ -238,3 +238,29 @@ class AudioClassifier(StreamClassifier):
         from avts_dist.models.export import build_audio_net_from_export  # export imports us
 
         return cls(build_audio_net_from_export(path, storage_options), num_classes, **kwargs)
+
+
+class ConcatClassifier(nn.Module):
+    """Both subnetworks' pooled features, concatenated -> dropout -> linear: the two-stream
+    model's multimodal classifier (``(video, log-mel) -> class logits``), both nets trained."""
+
+    def __init__(
+        self, video: VideoResNet, audio: AudioVGG, num_classes: int, dropout: float = 0.5
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.video, self.audio = video, audio
+        self.dropout = nn.Dropout(dropout)
+        dim = video.feature_dim_of("pool") + audio.feature_dim_of("pool")
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, video_BCTHW: torch.Tensor, logmel_B1FT: torch.Tensor) -> torch.Tensor:
+        feats = torch.cat(
+            [
+                self.video.features(video_BCTHW, layer="pool", pooled=True),
+                self.audio.features(logmel_B1FT, layer="pool", pooled=True),
+            ],
+            dim=1,
+        )
+        return self.fc(self.dropout(feats))
