@@ -20,6 +20,7 @@ from avts_dist.models import (
     build_video_net,
     load_exported,
     model_config_from_export,
+    require_audio,
 )
 from avts_dist.storage import is_remote
 from eval.registry import EvalError
@@ -52,12 +53,21 @@ class Pretrained:
             _load(net, self.payload["video"], "video", self.checkpoint)
         return net
 
+    def require_audio(self, job: str) -> None:
+        """EvalError (one line, exit 2) when ``job`` needs an audio net this export lacks."""
+        try:
+            require_audio(self.payload, f"{job} needs an audio net: checkpoint {self.checkpoint}")
+        except ExportError as exc:
+            raise EvalError(str(exc)) from None
+
     def audio_net(self) -> torch.nn.Module:
+        self.require_audio("audio")
         net = build_audio_net(self.model_cfg)
         _load(net, self.payload["audio"], "audio", self.checkpoint)
         return net
 
     def model(self) -> torch.nn.Module:
+        self.require_audio("model")
         model = build_model(self.model_cfg)
         _load(model.video, self.payload["video"], "video", self.checkpoint)
         _load(model.audio, self.payload["audio"], "audio", self.checkpoint)

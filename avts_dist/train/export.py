@@ -9,7 +9,13 @@ import torch
 
 from avts_dist.config import ConfigError, ModelConfig, config_from_dict
 from avts_dist.distributed.engine import consolidated_fp32_state_dict
-from avts_dist.models import AVTSModel, export_payload, save_exported, write_model_card
+from avts_dist.models import (
+    AVTSModel,
+    VideoSSLModel,
+    export_payload,
+    save_exported,
+    write_model_card,
+)
 from avts_dist.storage import StorageError, join
 from avts_dist.train.checkpoint import (
     CheckpointError,
@@ -60,7 +66,9 @@ def export_checkpoint(
         model_cfg = config_from_dict(client["config"]["model"], schema=ModelConfig)
     except (KeyError, ConfigError) as exc:
         raise ExportFailed(f"checkpoint {ref.url} has no usable model config: {exc}") from None
-    model = AVTSModel(model_cfg)  # not build_model: model.init_from is in the checkpoint already
+    # Not build_model: model.init_from is in the checkpoint already.
+    objective = client["config"].get("train", {}).get("objective", "avts")
+    model = VideoSSLModel(model_cfg) if objective == "video_ssl" else AVTSModel(model_cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportFailed(

@@ -91,22 +91,31 @@ class Trainer:
             on_event=self.hooks.on_checkpoint_event,
         )  # fmt: skip
         self.resume_plan = self.ckpt.plan_resume(cfg.resume)
-        self.loader = build_loader(cfg.data, rank=self.rank, world_size=self.world_size)
+        # video_ssl: two video windows per sample, no audio, no negatives to schedule.
+        self.video_ssl = views = cfg.train.objective == "video_ssl"
+        self.loader = build_loader(
+            cfg.data, rank=self.rank, world_size=self.world_size, views=views
+        )
         self.val_loaders = {}
         if cfg.train.val_every_steps > 0:
             self.val_loaders = build_val_loaders(
-                cfg.data, rank=self.rank, world_size=self.world_size
+                cfg.data, rank=self.rank, world_size=self.world_size, views=views
             )
         self.max_steps = self._run_length()
-        self.loss_fn = build_loss(cfg.loss)
-        self.curriculum = Curriculum(cfg.curriculum)
+        self.loss_fn = build_loss(cfg.loss, cfg.train.objective)
+        self.curriculum = Curriculum(
+            dataclasses.replace(cfg.curriculum, enabled=False) if views else cfg.curriculum
+        )
+        if views and self.is_main:
+            log.info("train.objective=video_ssl: the curriculum does not apply and is ignored")
         plan = self.resume_plan
         ds_config = build_ds_config(
             cfg.deepspeed, cfg.optim, global_batch_size=cfg.data.global_batch_size,
             world_size=self.world_size, total_steps=self.max_steps,
             load_universal=plan is not None and plan.universal, use_cuda=ctx.device.type == "cuda",
         )  # fmt: skip
-        self.engine = initialize_engine(build_model(cfg.model), ds_config, backend=ctx.backend)
+        model = build_model(cfg.model, cfg.train.objective)
+        self.engine = initialize_engine(model, ds_config, backend=ctx.backend)
         self.device = self.engine.device
         self.micro_steps = cfg.deepspeed.grad_accum_steps
         self.metrics = MetricsLogger(
@@ -178,6 +187,11 @@ class Trainer:
     # ---- one step ----
 
     def _forward_loss(self, batch: dict[str, Any], **loss_kwargs) -> dict[str, torch.Tensor]:
+        if self.video_ssl:  # loss_kwargs (negative-kind weights, step) do not apply
+            views = self.engine(batch["video"], batch["video2"])
+            return self.loss_fn(
+                views["view1_emb"], views["view2_emb"], rank=self.rank, world_size=self.world_size
+            )
         emb = self.engine(batch["video"], batch["audio"], batch["neg_audio"])
         # fp32 before the gather, so that its backward reduce-scatter sums gradients in fp32.
         emb = {k: v.float() for k, v in emb.items() if v is not None}
