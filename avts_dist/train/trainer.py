@@ -109,6 +109,12 @@ class Trainer:
         if views and self.is_main:
             log.info("train.objective=video_ssl: the curriculum does not apply and is ignored")
         plan = self.resume_plan
+        saved_objective = plan.source.meta.get("objective", "avts") if plan else None
+        if saved_objective not in (None, cfg.train.objective):
+            raise ValueError(
+                f"resume: {plan.source.url} was trained with train.objective={saved_objective}, "
+                f"this run has train.objective={cfg.train.objective}"
+            )
         ds_config = build_ds_config(
             cfg.deepspeed, cfg.optim, global_batch_size=cfg.data.global_batch_size,
             world_size=self.world_size, total_steps=self.max_steps,
@@ -275,6 +281,7 @@ class Trainer:
             "global_batch_size": self.cfg.data.global_batch_size,
             "mlflow_run_id": self.mlflow_run_id,
             "epoch": self.loader.epoch,
+            "objective": self.cfg.train.objective,
         }
         tag = self.ckpt.save(self.engine, self.step, self.state_dict(), meta)
         url = f"{self.cfg.checkpoint.dir.rstrip('/')}/{tag}"

@@ -116,10 +116,13 @@ def test_two_ranks_equal_one_process(tmp_path):
 # -- the real trainer ---------------------------------------------------------------------------
 
 
-def _train(cwd: Path, config: Path, *overrides: str, hooks=()) -> subprocess.CompletedProcess:
+def _train(
+    cwd: Path, config: Path, *overrides: str, hooks=(), nproc: int = 2
+) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     entry = ["tests.fixtures.train_hooks", *hooks] if hooks else ["avts_dist", "train"]
-    cmd = [sys.executable, "-m", *entry, "--config", str(config), "--nproc", "2", *overrides]
+    cmd = [sys.executable, "-m", *entry, "--config", str(config), "--nproc", str(nproc)]
+    cmd += overrides
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
 
 
@@ -179,6 +182,21 @@ def test_kill_during_save_then_resume_is_bitwise_identical(ssl_run, tmp_path):
         assert got[step]["loss"] == ref[step]["loss"], f"step {step} differs"
         assert got[step]["lr"] == ref[step]["lr"]
     assert got[8]["val/view_acc"] == ref[8]["val/view_acc"]
+
+
+@pytest.mark.slow
+def test_resume_with_the_other_objective_is_refused(ssl_run, tmp_path):
+    checkpoint = ssl_run["run_dir"] / "checkpoints" / "step_000008"
+    assert json.loads((checkpoint / "COMPLETE").read_text())["objective"] == "video_ssl"
+    proc = _train(
+        tmp_path, ssl_run["config"], "run.name=other", f"resume={checkpoint}",
+        "train.objective=avts", nproc=1,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "was trained with train.objective=video_ssl, this run has train.objective=avts" in (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
