@@ -1,4 +1,5 @@
-"""The pretraining loop: loader -> two-stream model -> AVTS loss -> DeepSpeed step.
+"""The pretraining loop: loader -> two-stream model -> AVTS loss -> DeepSpeed step
+(``train.objective=video_ssl``: two-view loader -> video net + projection -> two-view InfoNCE).
 
 Resumable state, each under a fixed key of the checkpoint's client state (format versioned):
 ``trainer`` (step, epoch, skipped-step counts), ``curriculum``, ``loader`` (global: identical on
