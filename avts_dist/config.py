@@ -294,6 +294,8 @@ class LossConfig:
     seed: int = 0
     # Weight of the fusion head's sync BCE term (used only when the model returns sync logits).
     head_weight: float = 1.0
+    # train.objective=video_ssl: InfoNCE temperature of the two-view loss (CVRL uses 0.1).
+    video_ssl_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         _check_choices(self, "loss")
@@ -303,6 +305,8 @@ class LossConfig:
             _fail("loss.margin", "must be > 0")
         if self.temperature <= 0:
             _fail("loss.temperature", "must be > 0")
+        if self.video_ssl_temperature <= 0:
+            _fail("loss.video_ssl_temperature", "must be > 0")
         unknown = set(self.weights) - set(NEGATIVE_KINDS)
         if unknown:
             _fail("loss.weights", f"unknown negative kind(s) {sorted(unknown)}")
@@ -418,6 +422,10 @@ class CheckpointConfig:
 
 @dataclass
 class TrainConfig:
+    # avts: audio-visual sync (the two-stream model, AVTS loss, curriculum). video_ssl: the
+    # video-only baseline (CVRL): two windows of each video are the positive pair, InfoNCE over
+    # the global batch; no audio is decoded and the curriculum is ignored (docs/loss-and-curriculum.md).
+    objective: Literal["avts", "video_ssl"] = "avts"
     # Optimizer steps of the run; 0: as many as data.epochs gives.
     max_steps: int = 100
     log_every: int = 10
@@ -434,6 +442,7 @@ class TrainConfig:
     progress_every_s: float = 30.0
 
     def __post_init__(self) -> None:
+        _check_choices(self, "train")
         if self.max_steps < 0:
             _fail("train.max_steps", "must be >= 0 (0 = data.epochs decides)")
         if self.log_every < 1:
@@ -724,6 +733,11 @@ class Config:
             )
         if self.loss.negatives != "all" and self.loss.num_negatives >= self.data.global_batch_size:
             _fail("loss.num_negatives", "must be < data.global_batch_size")
+        if self.train.objective == "video_ssl" and self.model.arch != "two_stream":
+            _fail(
+                "train.objective",
+                "video_ssl trains the video net alone: needs model.arch=two_stream",
+            )
 
     def fill_derived(self) -> Config:
         """Fills defaults that depend on other keys (after every layer has merged)."""

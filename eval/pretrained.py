@@ -21,6 +21,7 @@ from avts_dist.models import (
     build_video_net,
     load_exported,
     model_config_from_export,
+    require_audio,
 )
 from avts_dist.storage import is_remote
 from eval.registry import EvalError
@@ -53,9 +54,18 @@ class Pretrained:
             _load(net, self.payload["video"], "video", self.checkpoint)
         return net
 
+    def require_audio(self, job: str) -> None:
+        """EvalError (one line, exit 2) when ``job`` needs an audio net this export lacks."""
+        try:
+            require_audio(self.payload, f"{job} needs an audio net: checkpoint {self.checkpoint}")
+        except ExportError as exc:
+            raise EvalError(str(exc)) from None
+
     def audio_net(self, pretrained: bool = True, seed: int | None = None) -> torch.nn.Module:
         if seed is not None:
             torch.manual_seed(seed)
+        if pretrained:
+            self.require_audio("audio")
         net = build_audio_net(self.model_cfg)
         if pretrained:
             _load(net, self.payload["audio"], "audio", self.checkpoint)
@@ -66,9 +76,10 @@ class Pretrained:
         (never ``model.init_from``'s weights)."""
         if seed is not None:
             torch.manual_seed(seed)
+        model = build_model(dataclasses.replace(self.model_cfg, init_from=""))
         if not pretrained:
-            return build_model(dataclasses.replace(self.model_cfg, init_from=""))
-        model = build_model(self.model_cfg)
+            return model
+        self.require_audio("model")
         _load(model.video, self.payload["video"], "video", self.checkpoint)
         _load(model.audio, self.payload["audio"], "audio", self.checkpoint)
         _load(model.heads, self.payload["heads"], "heads", self.checkpoint)

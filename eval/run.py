@@ -166,6 +166,8 @@ def run_eval(
     spec = get_job(job)
     pre = pre or load_pretrained(cfg.eval.checkpoint)
     check_model_match(pre, cfg, explicit_model_keys or set())
+    if spec.kind in ("sync", "probe", "multimodal", "synthetic"):
+        pre.require_audio(job)  # before any run is opened: a video-only export has no audio net
     url = dataset_url(spec, dict(cfg.eval.datasets), cfg.data.url)
     try:
         idx = DatasetIndex.load(url, storage_options=cfg.data.storage_options)

@@ -15,6 +15,8 @@
   PCIe; the trainer normalises it on its device (:func:`avts_dist.train.batch.to_device`).
   ``pin_memory=True`` (the trainer's choice on CUDA) pins batches in torch's pin-memory thread,
   so host-to-device copies overlap compute.
+- ``views=True`` (``train.objective=video_ssl``): each sample is two windows of one clip
+  (``video``, ``video2``), no audio decoded; the sample order is the same as for AVTS pairs.
 
 Worker processes and prefetching come from torchdata's ``StatefulDataLoader``; the
 authoritative position is ours (the global step), so its own state is never needed: a restore
@@ -42,10 +44,17 @@ from avts_dist.data.blockreads import BlockReads
 from avts_dist.data.blocks import BlockSampler, auto_streams
 from avts_dist.data.decode import DecodeError, audio_window, decode_audio, decode_video, logmel
 from avts_dist.data.health import SkipBudget, SkippedClipsError, check_shards
-from avts_dist.data.pairs import NEGATIVE_KINDS, PairPlan, mix_probabilities, plan_pair
+from avts_dist.data.index import DatasetError, DatasetIndex
+from avts_dist.data.pairs import (
+    NEGATIVE_KINDS,
+    PairPlan,
+    ViewsPlan,
+    mix_probabilities,
+    plan_pair,
+    plan_views,
+)
 from avts_dist.data.reader import ClipReader, ReadFailure
 from avts_dist.data.sampler import GlobalSampler, LoaderState, MixSchedule, sample_rng
-from avts_dist.data.index import DatasetError, DatasetIndex
 
 __all__ = ["AVLoader", "SkippedClipsError", "build_loader", "resolve_access"]
 
@@ -134,7 +143,8 @@ class _AllAttemptsFailed(Exception):
 
 
 class _PairDataset(torch.utils.data.Dataset):
-    """Turns a list of sample tasks ``(epoch, position, row, mix)`` into one collated batch.
+    """Turns a list of sample tasks ``(epoch, position, row, mix)`` into one collated batch
+    (AVTS pairs, or with ``views`` two video windows of each clip).
 
     All reads of the batch are issued first (bounded by the reader's pool), then the clips are
     decoded in order while later reads are still in flight. With block access (``blocks``) the
@@ -149,8 +159,10 @@ class _PairDataset(torch.utils.data.Dataset):
         video_ids: np.ndarray,
         train: bool,
         blocks: tuple[BlockSampler, BlockCache] | None = None,
+        views: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.views = views
         self.index = index
         self.pool = pool
         self.durations = index.duration.astype(np.float64)
@@ -173,12 +185,14 @@ class _PairDataset(torch.utils.data.Dataset):
             )
         self.decodes = Counter()
         # task -> (plan, read futures) started ahead of the batch that needs them.
-        self._ahead: dict[tuple, tuple[PairPlan, tuple[Future, Future | None]]] = {}
+        self._ahead: dict[tuple, tuple[PairPlan | ViewsPlan, tuple[Future, Future | None]]] = {}
 
     def __len__(self) -> int:
         return len(self.pool)
 
-    def _plan(self, epoch: int, position: int, row: int, mix: dict, attempt: int) -> PairPlan:
+    def _plan(
+        self, epoch: int, position: int, row: int, mix: dict, attempt: int
+    ) -> PairPlan | ViewsPlan:
         rng = sample_rng(self.cfg.seed, epoch, position, attempt)
         pool = self.pool
         if self.blocks is not None and attempt <= WINDOW_ATTEMPTS:
@@ -187,6 +201,8 @@ class _PairDataset(torch.utils.data.Dataset):
         if attempt > 0:
             # A replacement clip: drawn from the pool by the same counter-based generator.
             row = int(pool[int(rng.integers(0, len(pool)))])
+        if self.views:
+            return plan_views(rng, row, self.durations, self.clip_s)
         return plan_pair(
             rng,
             row,
@@ -199,18 +215,21 @@ class _PairDataset(torch.utils.data.Dataset):
             self.train,
         )
 
-    def _start(self, task: tuple) -> tuple[PairPlan, tuple[Future, Future | None]]:
+    def _start(self, task: tuple) -> tuple[PairPlan | ViewsPlan, tuple[Future, Future | None]]:
         epoch, pos, row, mix = task
         plan = self._plan(epoch, pos, row, _mix_dict(mix), 0)
         return plan, self._fetch(plan, epoch, pos)
 
-    def _fetch(self, plan: PairPlan, epoch: int, position: int) -> tuple[Future, Future | None]:
+    def _fetch(
+        self, plan: PairPlan | ViewsPlan, epoch: int, position: int
+    ) -> tuple[Future, Future | None]:
         if self.blocks is not None:
             submit = lambda row: self.blocks.submit(epoch, position, row)  # noqa: E731
         else:
             submit = lambda row: self.reader.submit(row, MEDIA_EXT)  # noqa: E731
         pos = submit(plan.row)
-        neg = submit(plan.neg_row) if plan.neg_row != plan.row else None
+        neg_row = getattr(plan, "neg_row", plan.row)  # two views read one clip
+        neg = submit(neg_row) if neg_row != plan.row else None
         return pos, neg
 
     def _audio(self, wave: np.ndarray, start_s: float) -> torch.Tensor:
@@ -218,7 +237,24 @@ class _PairDataset(torch.utils.data.Dataset):
         window = audio_window(wave, cfg.sample_rate, start_s, self.clip_s)
         return logmel(window, cfg.sample_rate, cfg.num_mel_bins, cfg.mel_win_ms, cfg.mel_hop_ms)
 
-    def _decode(self, plan: PairPlan, pos_bytes: bytes, neg_bytes: bytes | None) -> dict:
+    def _decode_views(self, plan: ViewsPlan, clip_bytes: bytes) -> dict:
+        """Two windows of one clip, each with its own crop/flip draw; no audio."""
+        cfg, views = self.cfg, {}
+        for name, start, seed in (
+            ("video", plan.video_start, plan.aug_seed),
+            ("video2", plan.video2_start, plan.aug2_seed),
+        ):
+            aug = np.random.Generator(np.random.Philox(seed))
+            self.decodes["video_decodes"] += 1
+            views[name] = decode_video(
+                clip_bytes, start, cfg.num_frames, cfg.fps, cfg.size, self.train, aug,
+                uint8=True, decoder=cfg.video_decoder,
+            )  # fmt: skip
+        return views
+
+    def _decode(self, plan: PairPlan | ViewsPlan, pos_bytes: bytes, neg_bytes: bytes | None) -> dict:
+        if isinstance(plan, ViewsPlan):
+            return self._decode_views(plan, pos_bytes)
         cfg = self.cfg
         aug = np.random.Generator(np.random.Philox(plan.aug_seed))
         self.decodes["video_decodes"] += 1
@@ -330,35 +366,20 @@ class _PairDataset(torch.utils.data.Dataset):
                     f"{epoch}; last: {failures[-1][1:] if failures else None}",
                     failures,
                 )
-            fallbacks += int(plan.fell_back)
-            sample.update(
-                key=key(plan.row),
-                neg_key=key(plan.neg_row),
-                neg_kind=plan.neg_kind,
-                label=int(labels[plan.row]),
-                video_start=plan.video_start,
-                audio_start=plan.video_start,
-                neg_audio_start=plan.neg_start,
-                position=pos,
-                epoch=epoch,
-            )
+            sample.update(key=key(plan.row), label=int(labels[plan.row]), position=pos, epoch=epoch)
+            if isinstance(plan, ViewsPlan):
+                sample.update(video_start=plan.video_start, video2_start=plan.video2_start)
+            else:
+                fallbacks += int(plan.fell_back)
+                sample.update(
+                    neg_key=key(plan.neg_row),
+                    neg_kind=plan.neg_kind,
+                    video_start=plan.video_start,
+                    audio_start=plan.video_start,
+                    neg_audio_start=plan.neg_start,
+                )
             samples.append(sample)
-        batch = {
-            "key": [s["key"] for s in samples],
-            "neg_key": [s["neg_key"] for s in samples],
-            "video": _stack([s["video"] for s in samples]),
-            "audio": _stack([s["audio"] for s in samples]),
-            "neg_audio": _stack([s["neg_audio"] for s in samples]),
-            "neg_kind": torch.tensor([s["neg_kind"] for s in samples], dtype=torch.long),
-            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-            "video_start": torch.tensor([s["video_start"] for s in samples], dtype=torch.float64),
-            "audio_start": torch.tensor([s["audio_start"] for s in samples], dtype=torch.float64),
-            "neg_audio_start": torch.tensor(
-                [s["neg_audio_start"] for s in samples], dtype=torch.float64
-            ),
-            "position": torch.tensor([s["position"] for s in samples], dtype=torch.long),
-            "epoch": torch.tensor([s["epoch"] for s in samples], dtype=torch.long),
-        }
+        batch = _collate(samples)
         batch["_stats"] = {
             "decode_s": decode_s,
             "failures": failures,
@@ -366,6 +387,24 @@ class _PairDataset(torch.utils.data.Dataset):
             "clips": len(samples),
         }
         return batch
+
+
+# Batch fields by type; a sample has those of its kind (AVTS pair or two views).
+_MEDIA_FIELDS = ("video", "video2", "audio", "neg_audio")
+_INT_FIELDS = ("neg_kind", "label", "position", "epoch")
+_TIME_FIELDS = ("video_start", "video2_start", "audio_start", "neg_audio_start")
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    first = samples[0]
+    batch: dict[str, Any] = {k: [s[k] for s in samples] for k in ("key", "neg_key") if k in first}
+    for names, make in (
+        (_MEDIA_FIELDS, _stack),
+        (_INT_FIELDS, lambda values: torch.tensor(values, dtype=torch.long)),
+        (_TIME_FIELDS, lambda values: torch.tensor(values, dtype=torch.float64)),
+    ):
+        batch.update({k: make([s[k] for s in samples]) for k in names if k in first})
+    return batch
 
 
 class _Tasks(list):
@@ -438,6 +477,7 @@ class AVLoader:
         access: str = "random",
         build_stats: dict[str, Any] | None = None,
         pin_memory: bool = False,
+        views: bool = False,
     ) -> None:
         self.cfg = cfg
         self.pin_memory = pin_memory
@@ -463,7 +503,9 @@ class AVLoader:
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.num_epochs = None if infinite else (max(1, cfg.epochs) if train else 1)
         blocks = (self.sampler, self.cache) if self.cache is not None else None
-        self.dataset = _PairDataset(cfg, index, self.sampler.pool, video_ids, train, blocks)
+        self.dataset = _PairDataset(
+            cfg, index, self.sampler.pool, video_ids, train, blocks, views=views
+        )
         if self.dataset.blocks is not None and self.num_epochs is not None:
             self.dataset.blocks.last_epoch = self.num_epochs - 1
         self.schedule = MixSchedule([(0, cfg.initial_negative_mix)])
@@ -766,8 +808,12 @@ def build_loader(
     train: bool = True,
     infinite: bool | None = None,
     pin_memory: bool = False,
+    views: bool = False,
 ) -> AVLoader:
     """The loader of rank ``rank`` of ``world_size``; clear errors for unusable datasets.
+
+    ``views``: two video windows per sample (``video``, ``video2``) instead of an AVTS pair.
+    The pool is the same (clips with audio too), so both objectives see the same clip order.
 
     ``split`` defaults to ``cfg.split`` (training) or ``cfg.val_split`` (``train=False``).
     ``infinite`` defaults to ``cfg.epochs == 0`` for training and False for evaluation.
@@ -820,4 +866,5 @@ def build_loader(
         access=resolve_access(cfg, cfg.url, train),
         build_stats=build_stats,
         pin_memory=pin_memory,
+        views=views,
     )

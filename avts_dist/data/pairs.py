@@ -10,6 +10,9 @@ Negative kinds (AVTS, Korbar et al. 2018):
 - hard (1): same video, windows do not overlap: ``|offset| >= clip length``;
 - superhard (2): same video, overlapping but out of sync: ``min_shift <= |offset| < clip length``.
 
+``train.objective=video_ssl`` plans two views of one clip instead (:func:`plan_views`): two
+windows drawn independently, each with its own augmentation seed (CVRL's positive pair).
+
 A kind that cannot be drawn for a clip (a video shorter than two clips cannot give a hard
 negative) falls back to easy; ``neg_kind`` always reports the kind actually delivered.
 """
@@ -26,10 +29,12 @@ __all__ = [
     "NEGATIVE_KINDS",
     "SUPERHARD",
     "PairPlan",
+    "ViewsPlan",
     "choose_kind",
     "hard_start",
     "mix_probabilities",
     "plan_pair",
+    "plan_views",
     "superhard_start",
     "video_start",
 ]
@@ -179,3 +184,28 @@ def plan_pair(
         aug_seed=aug_seed,
         fell_back=fell_back,
     )
+
+
+@dataclass(frozen=True)
+class ViewsPlan:
+    """Two windows of clip ``row`` (the video-only objective): no audio, no negative."""
+
+    row: int
+    video_start: float
+    video2_start: float
+    aug_seed: int
+    aug2_seed: int
+
+
+def plan_views(
+    rng: np.random.Generator, row: int, durations: np.ndarray, clip_s: float
+) -> ViewsPlan:
+    """Two windows of clip ``row``, uniform and independent, each with its own augmentation.
+
+    Random in evaluation too: two centred windows would be one window twice. ``rng`` is keyed by
+    the sample's position, so an evaluation pass still sees the same pairs every time.
+    """
+    duration = float(durations[row])
+    starts = [video_start(duration, clip_s, True, rng) for _ in range(2)]
+    seeds = rng.integers(0, 2**63 - 1, size=2)
+    return ViewsPlan(int(row), starts[0], starts[1], int(seeds[0]), int(seeds[1]))

@@ -5,6 +5,10 @@
 sync_logit=None, neg_sync_logit=None, step=None) -> dict[str, Tensor]`` with ``"loss"`` (the
 tensor to backpropagate: this rank's local mean) plus detached terms and metrics; turn those into
 global-batch floats with :func:`reduce_metrics` at log steps.
+
+``build_loss(cfg.loss, objective="video_ssl")`` returns the video-only baseline's two-view
+InfoNCE instead, called as ``loss_fn(view1_emb, view2_emb, rank=, world_size=)``
+(:mod:`avts_dist.losses.video_ssl`).
 """
 
 from __future__ import annotations
@@ -13,11 +17,21 @@ from torch import nn
 
 from avts_dist.config import LossConfig
 from avts_dist.losses.avts import AVTSContrastiveLoss, AVTSInfoNCELoss, reduce_metrics
+from avts_dist.losses.video_ssl import VideoSSLInfoNCELoss
 
-__all__ = ["AVTSContrastiveLoss", "AVTSInfoNCELoss", "build_loss", "reduce_metrics"]
+__all__ = [
+    "AVTSContrastiveLoss",
+    "AVTSInfoNCELoss",
+    "VideoSSLInfoNCELoss",
+    "build_loss",
+    "reduce_metrics",
+]
 
 
-def build_loss(cfg: LossConfig) -> nn.Module:
+def build_loss(cfg: LossConfig, objective: str = "avts") -> nn.Module:
+    """The loss of ``train.objective``: AVTS (``loss.kind``) or the video-only InfoNCE."""
+    if objective == "video_ssl":
+        return VideoSSLInfoNCELoss(cfg)
     if cfg.kind == "contrastive":
         return AVTSContrastiveLoss(cfg)
     if cfg.kind == "infonce":

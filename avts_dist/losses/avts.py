@@ -51,6 +51,20 @@ def _pairwise_dist(x_bD: torch.Tensor, y_BD: torch.Tensor) -> torch.Tensor:
     return sq.clamp_min(_EPS).sqrt()
 
 
+def gather_global_batch(local_bD: torch.Tensor, world_size: int, with_grad: bool) -> torch.Tensor:
+    """Every rank's rows in rank order: the exact gather (``loss.gather_with_grad``), or the
+    naive one for the ablation; checks that the process group has ``world_size`` ranks."""
+    if world_size == 1:
+        return local_bD
+    out = (all_gather_with_grad if with_grad else all_gather_no_grad)(local_bD)
+    if out.shape[0] != local_bD.shape[0] * world_size:
+        raise ValueError(
+            f"loss called with world_size={world_size} but the process group gathered "
+            f"{out.shape[0] // max(local_bD.shape[0], 1)} rank(s): start it with init_distributed()"
+        )
+    return out
+
+
 class _AVTSLossBase(nn.Module):
     """Shared plumbing: input checks, gathering, negative selection, metrics."""
 
@@ -75,16 +89,7 @@ class _AVTSLossBase(nn.Module):
         return {k: float(v) for k, v in merged.items()}
 
     def _gather(self, t: torch.Tensor, world_size: int) -> torch.Tensor:
-        if world_size == 1:
-            return t
-        gather = all_gather_with_grad if self.cfg.gather_with_grad else all_gather_no_grad
-        out = gather(t)
-        if out.shape[0] != t.shape[0] * world_size:
-            raise ValueError(
-                f"loss called with world_size={world_size} but the process group gathered "
-                f"{out.shape[0] // max(t.shape[0], 1)} rank(s): start it with init_distributed()"
-            )
-        return out
+        return gather_global_batch(t, world_size, self.cfg.gather_with_grad)
 
     def _random_cols(self, step: int, num_global: int, k: int, device) -> torch.Tensor:
         """``[2, B, k]`` negative columns drawn from (seed, step) only, so every rank and a single
@@ -419,6 +424,8 @@ def reduce_metrics(out: dict[str, torch.Tensor], world_size: int) -> dict[str, f
             weight = out["num/neg_" + key.split("neg_", 1)[1]]
         elif key == "dist/neg":
             weight = out["num/neg"]
+        elif "num/" + key.split("/", 1)[-1] in out:  # e.g. acc/view weighted by num/view
+            weight = out["num/" + key.split("/", 1)[-1]]
         else:
             continue  # balanced accuracies: recomputed from the reduced parts below
         weight = torch.ones((), device=value.device) if weight is None else weight.float()

@@ -6,6 +6,7 @@ Pure ``torch.nn`` (no ``torch.distributed``): parallelism is applied from outsid
 - ``r2plus1d_18()``, ``mc3_18()``, ``r3d_18()``: torchvision state_dict-compatible video nets.
 - ``build_video_net(cfg.model)``, ``build_audio_net(cfg.model)``, ``build_model(cfg.model)``
   (``AVTSModel`` or ``EarlyFusionModel``).
+- ``VideoSSLModel``: the video net + a projection head (``train.objective=video_ssl``).
 - ``VideoClassifier`` / ``AudioClassifier``: a subnetwork alone, with a classification head;
   ``ConcatClassifier``: both, their pooled features concatenated (multimodal fine-tuning).
 - ``load_pretrained(path_or_url, part="video"|"audio")``: a pretrained subnetwork, plain nn.Module.
@@ -44,6 +45,7 @@ from avts_dist.models.export import (
     model_card,
     model_card_path,
     model_config_from_export,
+    require_audio,
     save_exported,
     write_model_card,
 )
@@ -56,6 +58,7 @@ from avts_dist.models.video import (
     r2plus1d_18,
     r3d_18,
 )
+from avts_dist.models.video_ssl import VideoSSLModel
 
 __all__ = [
     "AUDIO_ARCHS",
@@ -73,6 +76,7 @@ __all__ = [
     "StreamClassifier",
     "VideoClassifier",
     "VideoResNet",
+    "VideoSSLModel",
     "audio_vgg",
     "batch_partner",
     "build_audio_net",
@@ -92,6 +96,7 @@ __all__ = [
     "model_config_from_export",
     "r2plus1d_18",
     "r3d_18",
+    "require_audio",
     "save_exported",
     "silent_logmel",
     "write_model_card",

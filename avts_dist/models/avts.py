@@ -157,14 +157,20 @@ def _time_bins(feats_BCT: torch.Tensor, num_bins: int) -> torch.Tensor:
     return nn.functional.adaptive_avg_pool1d(feats_BCT, num_bins).flatten(1)
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """``AVTSModel`` (``model.arch=two_stream``, its video net fresh or from ``cfg.init_from``)
-    or ``EarlyFusionModel`` (``early_fusion``)."""
+def build_model(cfg: ModelConfig, objective: str = "avts") -> nn.Module:
+    """``AVTSModel`` (``model.arch=two_stream``, its video net fresh or from ``cfg.init_from``),
+    ``EarlyFusionModel`` (``early_fusion``), or with ``objective="video_ssl"``
+    (``train.objective``) the video-only ``VideoSSLModel``."""
     if cfg.arch == "early_fusion":
         from avts_dist.models.early_fusion import EarlyFusionModel  # it imports this module
 
         return EarlyFusionModel(cfg)
-    model = AVTSModel(cfg)
+    if objective == "video_ssl":
+        from avts_dist.models.video_ssl import VideoSSLModel  # it imports this module
+
+        model = VideoSSLModel(cfg)
+    else:
+        model = AVTSModel(cfg)
     if cfg.init_from:
         init_video_from(model.video, cfg.init_from)
     return model

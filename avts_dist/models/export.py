@@ -3,9 +3,13 @@
 Format (version 1), a ``torch.save`` dict of plain types and fp32 tensors, loadable with
 ``torch.load(weights_only=True)``::
 
-    {"format_version": 1, "model_config": asdict(cfg.model),
+    {"format_version": 1, "model_config": asdict(cfg.model), "objective": "avts",
      "video": video_state_dict, "audio": audio_state_dict, "heads": head_state_dict,
      "source_checkpoint": str, "step": int}
+
+``objective`` is ``train.objective``; a ``video_ssl`` export (the video-only baseline) has no
+``audio`` entry and its ``heads`` hold the projection head; asking it for the audio net is an
+:class:`ExportError` that says so. Files written before ``objective`` existed are ``avts``.
 
 The path may be local or any fsspec URL (``s3://...``). ``avts export`` writes ``MODEL_CARD.md``
 beside it (:func:`write_model_card`); :func:`load_pretrained` is the one-line loader.
@@ -38,12 +42,13 @@ __all__ = [
     "model_card",
     "model_card_path",
     "model_config_from_export",
+    "require_audio",
     "save_exported",
     "write_model_card",
 ]
 
 EXPORT_FORMAT_VERSION = 1
-_REQUIRED = ("format_version", "model_config", "video", "audio", "heads")
+_REQUIRED = ("format_version", "model_config", "video", "heads")
 
 
 class ExportError(ValueError):
@@ -61,16 +66,30 @@ def _fp32_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def export_payload(
     model: AVTSModel, model_cfg: ModelConfig, source_checkpoint: str = "", step: int = 0
 ) -> dict[str, Any]:
-    """The export dict for ``model`` (unwrap DeepSpeed/DDP first: ``engine.module``)."""
-    return {
+    """The export dict for ``model`` (unwrap DeepSpeed/DDP first: ``engine.module``); a
+    ``VideoSSLModel`` gives a video-only export."""
+    payload = {
         "format_version": EXPORT_FORMAT_VERSION,
         "model_config": dataclasses.asdict(model_cfg),
+        "objective": getattr(model, "objective", "avts"),
         "video": _fp32_cpu(model.video.state_dict()),
-        "audio": _fp32_cpu(model.audio.state_dict()),
         "heads": _fp32_cpu(model.heads.state_dict()),
         "source_checkpoint": str(source_checkpoint),
         "step": int(step),
     }
+    if hasattr(model, "audio"):
+        payload["audio"] = _fp32_cpu(model.audio.state_dict())
+    return payload
+
+
+def require_audio(payload: dict[str, Any], what: str) -> None:
+    """ExportError unless the export has an audio net (a ``video_ssl`` export has none)."""
+    if "audio" not in payload:
+        objective = payload.get("objective", "avts")
+        raise ExportError(
+            f"{what} was pretrained with train.objective={objective} and has no audio net; "
+            "its video net alone is usable (part='video', the video evaluation jobs)"
+        )
 
 
 def save_exported(payload: dict[str, Any], path: str, storage_options: dict | None = None) -> str:
@@ -113,7 +132,7 @@ def load_exported(path: str, storage_options: dict | None = None) -> dict[str, A
             f"{path}: export format_version {version!r}, this code reads {EXPORT_FORMAT_VERSION}"
         )
     for key in ("video", "audio", "heads"):
-        if not isinstance(payload[key], dict):
+        if key in payload and not isinstance(payload[key], dict):
             raise ExportError(f"{path}: '{key}' must be a state_dict")
     return payload
 
@@ -151,6 +170,7 @@ def build_audio_net_from_export(
     path: str, storage_options: dict | None = None, **overrides: Any
 ) -> AudioVGG:
     payload = load_exported(path, storage_options)
+    require_audio(payload, path)
     cfg = dataclasses.replace(model_config_from_export(payload), **overrides)
     net = build_audio_net(cfg)
     _load_strict(net, payload["audio"], "audio")
@@ -160,6 +180,7 @@ def build_audio_net_from_export(
 def build_model_from_export(path: str, storage_options: dict | None = None) -> nn.Module:
     """The whole model with its heads (e.g. for sync evaluation): two-stream or early fusion."""
     payload = load_exported(path, storage_options)
+    require_audio(payload, path)
     cfg = dataclasses.replace(model_config_from_export(payload), init_from="")
     model = build_model(cfg)
     _load_strict(model.video, payload["video"], "video")
@@ -240,6 +261,8 @@ def model_card(
     trainer = trainer_state or {}
     step = int(payload.get("step", 0))
     video_params = _num_params(payload["video"])
+    if "audio" not in payload:
+        return _video_ssl_card(payload, mc, weights_name, video_params, step)
     audio_params = _num_params(payload["audio"])
     # Both backbones end in 8 x width channels (BasicBlock / VGG stage widths), pooled.
     video_dim = mc.video_width * 8
@@ -320,6 +343,34 @@ def model_card(
             "these weights."
         )
     return "\n".join(lines) + "\n"
+
+
+def _video_ssl_card(
+    payload: dict[str, Any], mc: ModelConfig, weights_name: str, video_params: int, step: int
+) -> str:
+    """The short card of a video-only export (``train.objective=video_ssl``)."""
+    return (
+        "\n".join(
+            [
+                f"# video_ssl pretrained weights: {mc.video_arch} video net (no audio net)",
+                "",
+                "The video-only self-supervised baseline (CVRL, Qian et al., CVPR 2021): two windows "
+                "of each video are a positive pair, InfoNCE over the global batch.",
+                "",
+                "```python",
+                "from avts_dist.models import load_pretrained",
+                f'video_net = load_pretrained("{weights_name}", part="video").eval()',
+                "```",
+                "",
+                f"- video: `{mc.video_arch}`, width {mc.video_width}, stage depths "
+                f"{mc.video_layers}, {video_params:,} parameters, output [B, {mc.video_width * 8}]",
+                f"- projection head (training only): {_num_params(payload['heads']):,} parameters",
+                f"- steps: {step:,}; source checkpoint: "
+                f"`{payload.get('source_checkpoint') or 'unknown'}`",
+            ]
+        )
+        + "\n"
+    )
 
 
 def _input_spec(data: dict[str, Any], mean, std) -> list[str]:

@@ -1,6 +1,7 @@
 """A loader batch onto the run's device: it crosses once, and only the media change dtype.
 
-Video may arrive as uint8 ``[B, 3, T, H, W]`` (a quarter of float32's bytes over PCIe): it is
+Video (``video``, and ``video2``: the second view of ``train.objective=video_ssl``) may arrive
+as uint8 ``[B, 3, T, H, W]`` (a quarter of float32's bytes over PCIe): it is
 cast and Kinetics-normalised on the device. Only media (``video``, ``audio``, ``neg_audio``) may
 change dtype (to ``dtype`` when one is given; the trainer gives none: under bf16 autocast each
 convolution casts its own input). Everything else keeps its dtype: labels and indices stay
@@ -17,7 +18,8 @@ from avts_dist.data.decode import KINETICS_MEAN, KINETICS_STD
 
 __all__ = ["MEDIA_KEYS", "micro_batches", "normalize_video", "to_device"]
 
-MEDIA_KEYS = ("video", "audio", "neg_audio")
+MEDIA_KEYS = ("video", "video2", "audio", "neg_audio")
+VIDEO_KEYS = ("video", "video2")
 
 
 def normalize_video(video_u8_BCTHW: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -39,7 +41,7 @@ def to_device(
                 # non_blocking copies only overlap from page-locked memory.
                 value = value.pin_memory()
             value = value.to(device, non_blocking=True)
-            if key == "video" and value.dtype == torch.uint8:
+            if key in VIDEO_KEYS and value.dtype == torch.uint8:
                 value = normalize_video(value, dtype or torch.float32)
             elif key in MEDIA_KEYS and dtype is not None:
                 value = value.to(dtype)
@@ -48,7 +50,8 @@ def to_device(
 
 
 def micro_batches(batch: dict[str, Any], num: int) -> list[dict[str, Any]]:
-    """The model inputs of ``batch`` cut into ``num`` equal micro-batches (gradient accumulation)."""
+    """The model inputs of ``batch`` (those it has: an AVTS pair batch or a two-view batch) cut
+    into ``num`` equal micro-batches (gradient accumulation)."""
     rows = batch["video"].shape[0] // num
-    keys = (*MEDIA_KEYS, "neg_kind")
+    keys = [k for k in (*MEDIA_KEYS, "neg_kind") if k in batch]
     return [{k: batch[k][i * rows : (i + 1) * rows] for k in keys} for i in range(num)]

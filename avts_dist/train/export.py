@@ -60,9 +60,10 @@ def export_checkpoint(
         model_cfg = config_from_dict(client["config"]["model"], schema=ModelConfig)
     except (KeyError, ConfigError) as exc:
         raise ExportFailed(f"checkpoint {ref.url} has no usable model config: {exc}") from None
-    # The architecture the run trained (two-stream or early fusion); init_from is cleared: those
-    # weights are in the checkpoint already.
-    model = build_model(dataclasses.replace(model_cfg, init_from=""))
+    # The architecture and objective the run trained (two-stream, early fusion or video_ssl);
+    # init_from is cleared: those weights are in the checkpoint already.
+    objective = client["config"].get("train", {}).get("objective", "avts")
+    model = build_model(dataclasses.replace(model_cfg, init_from=""), objective=objective)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ExportFailed(

@@ -1,4 +1,5 @@
-"""The pretraining loop: loader -> two-stream model -> AVTS loss -> DeepSpeed step.
+"""The pretraining loop: loader -> two-stream model -> AVTS loss -> DeepSpeed step
+(``train.objective=video_ssl``: two-view loader -> video net + projection -> two-view InfoNCE).
 
 Resumable state, each under a fixed key of the checkpoint's client state (format versioned):
 ``trainer`` (step, epoch, skipped-step counts), ``curriculum``, ``loader`` (global: identical on
@@ -99,24 +100,37 @@ class Trainer:
         self.resume_plan = self.ckpt.plan_resume(cfg.resume)
         # Pinned batches (a pin-memory thread) let the host-to-device copy overlap compute.
         pin = ctx.device.type == "cuda"
+        # video_ssl: two video windows per sample, no audio, no negatives to schedule.
+        self.video_ssl = views = cfg.train.objective == "video_ssl"
         self.loader = build_loader(
-            cfg.data, rank=self.rank, world_size=self.world_size, pin_memory=pin
+            cfg.data, rank=self.rank, world_size=self.world_size, pin_memory=pin, views=views
         )
         self.val_loaders = {}
         if cfg.train.val_every_steps > 0:
             self.val_loaders = build_val_loaders(
-                cfg.data, rank=self.rank, world_size=self.world_size, pin_memory=pin
+                cfg.data, rank=self.rank, world_size=self.world_size, pin_memory=pin, views=views
             )
         self.max_steps = self._run_length()
-        self.loss_fn = build_loss(cfg.loss)
-        self.curriculum = Curriculum(cfg.curriculum)
+        self.loss_fn = build_loss(cfg.loss, cfg.train.objective)
+        self.curriculum = Curriculum(
+            dataclasses.replace(cfg.curriculum, enabled=False) if views else cfg.curriculum
+        )
+        if views and self.is_main:
+            log.info("train.objective=video_ssl: the curriculum does not apply and is ignored")
         plan = self.resume_plan
+        saved_objective = plan.source.meta.get("objective", "avts") if plan else None
+        if saved_objective not in (None, cfg.train.objective):
+            raise ValueError(
+                f"resume: {plan.source.url} was trained with train.objective={saved_objective}, "
+                f"this run has train.objective={cfg.train.objective}"
+            )
         ds_config = build_ds_config(
             cfg.deepspeed, cfg.optim, global_batch_size=cfg.data.global_batch_size,
             world_size=self.world_size, total_steps=self.max_steps,
             load_universal=plan is not None and plan.universal, use_cuda=ctx.device.type == "cuda",
         )  # fmt: skip
-        self.engine = initialize_engine(build_model(cfg.model), ds_config, backend=ctx.backend)
+        model = build_model(cfg.model, cfg.train.objective)
+        self.engine = initialize_engine(model, ds_config, backend=ctx.backend)
         self.device = self.engine.device
         self.micro_steps = cfg.deepspeed.grad_accum_steps
         self.metrics = MetricsLogger(
@@ -189,6 +203,11 @@ class Trainer:
     # ---- one step ----
 
     def _forward_loss(self, batch: dict[str, Any], **loss_kwargs) -> dict[str, torch.Tensor]:
+        if self.video_ssl:  # loss_kwargs (negative-kind weights, step) do not apply
+            views = self.engine(batch["video"], batch["video2"])
+            return self.loss_fn(
+                views["view1_emb"], views["view2_emb"], rank=self.rank, world_size=self.world_size
+            )
         emb = self.engine(batch["video"], batch["audio"], batch["neg_audio"])
         # fp32 before the gather, so that its backward reduce-scatter sums gradients in fp32.
         emb = {k: v.float() for k, v in emb.items() if v is not None}
@@ -279,6 +298,7 @@ class Trainer:
             "global_batch_size": self.cfg.data.global_batch_size,
             "mlflow_run_id": self.mlflow_run_id,
             "epoch": self.loader.epoch,
+            "objective": self.cfg.train.objective,
         }
         tag = self.ckpt.save(self.engine, self.step, self.state_dict(), meta, quarantine=quarantine)
         if not quarantine:

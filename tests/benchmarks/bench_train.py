@@ -61,15 +61,43 @@ def _disk_throughput(folder: Path, num_bytes: int) -> dict[str, float]:
     return {"bytes": size, "write_MBps": size / write_s / 1e6, "read_MBps": size / read_s / 1e6}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
+def parse_bench_args(argv: list[str] | None, doc: str | None, steps_help: str):
+    """The arguments of the trainer benchmarks (this one and bench_video_ssl.py); sets torch's
+    thread count from OMP_NUM_THREADS."""
+    parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--out", required=True)
     parser.add_argument("--config", default=str(REPO / "configs/pretrain/quickstart.yaml"))
     parser.add_argument("--corpus", default="", help="dataset URL (default: synthesize one)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
+    parser.add_argument("--steps", type=int, default=20, help=steps_help)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return args
+
+
+def write_result(result: dict, out: str) -> dict:
+    """``result`` as JSON to ``out`` (folders made) and to stdout."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def bench_corpus(corpus: str, work: Path) -> str:
+    """``corpus``, or a 48-video synthetic corpus written under ``work``."""
+    if corpus:
+        return corpus
+    from avts_dist.data.synthetic import synthesize
+
+    corpus = str(work / "synth")
+    synthesize(corpus, num_videos=48, seconds=4.0, fps=8.0, size=32, sample_rate=16000,
+               num_classes=4, shard_size=16, seed=0)  # fmt: skip
+    return corpus
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_bench_args(argv, __doc__, "timed steps per side")
 
     from avts_dist.config import load_config
     from avts_dist.distributed import collectives as C
@@ -79,13 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     from avts_dist.train.trainer import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    corpus = args.corpus
-    if not corpus:
-        from avts_dist.data.synthetic import synthesize
-
-        corpus = str(work / "synth")
-        synthesize(corpus, num_videos=48, seconds=4.0, fps=8.0, size=32, sample_rate=16000,
-                   num_classes=4, shard_size=16, seed=0)  # fmt: skip
+    corpus = bench_corpus(args.corpus, work)
     cfg = load_config(
         args.config,
         [f"data.url={corpus}", f"run.dir={work / 'run'}", "tracking.enabled=false",
@@ -198,11 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         "checkpoint": ckpt,
     }
     trainer.close()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":
