@@ -66,6 +66,12 @@ class Pretrained:
             torch.manual_seed(seed)
         if pretrained:
             self.require_audio("audio")
+            if self.model_cfg.arch == "early_fusion":
+                raise EvalError(
+                    f"checkpoint {self.checkpoint} is model.arch=early_fusion: its audio branch "
+                    "feeds the shared video trunk and is not an audio network; audio-only jobs "
+                    "need a two_stream checkpoint"
+                )
         net = build_audio_net(self.model_cfg)
         if pretrained:
             _load(net, self.payload["audio"], "audio", self.checkpoint)

@@ -177,7 +177,10 @@ def run_sync(
             "evaluation needs >= 2 of each (set eval.sync.split)"
         )
     model = model.eval().to(rt.device)
-    fusion = "fusion" in model.heads
+    # Early fusion (model.arch=early_fusion): "embeddings" are the video features at the fusion
+    # point and the projected audio; its sync head scores each pair (logit > 0: in sync).
+    early = hasattr(model, "fuse_and_score")
+    fusion = early or "fusion" in model.heads
     threshold = cfg.threshold or loss.margin / 2
     durations = idx.duration.astype(np.float64)
     fs = idx.open_fs()
@@ -196,8 +199,10 @@ def run_sync(
     def flush() -> None:
         if not batch_video:
             return
-        emb.video.append(model.encode_video(torch.stack(batch_video).to(rt.device)).float().cpu())
-        audio = model.encode_audio(torch.stack([m for _, m in batch_audio]).to(rt.device))
+        video = model.encode_video(torch.stack(batch_video).to(rt.device))
+        emb.video.append(video.float().cpu())
+        mels = torch.stack([m for _, m in batch_audio]).to(rt.device)
+        audio = model.encode_audio(mels, video.shape[2]) if early else model.encode_audio(mels)
         for (kind, _), a in zip(batch_audio, audio.float().cpu(), strict=True):
             emb.audio[kind].append(a[None])
         batch_video.clear()
@@ -252,11 +257,16 @@ def run_sync(
         raise EvalError(f"{idx.url}: no clip of split {split!r} could be decoded")
 
     video = torch.cat(emb.video)
-    audio = {k: torch.cat(v) if v else torch.zeros(0, video.shape[1]) for k, v in emb.audio.items()}
+    audio = {
+        k: torch.cat(v) if v else video.new_zeros(0, *video.shape[1:]) for k, v in emb.audio.items()
+    }
     clips = {k: torch.tensor(v, dtype=torch.long) for k, v in emb.clips.items()}
 
     @torch.no_grad()
     def score(video_ND: torch.Tensor, audio_ND: torch.Tensor) -> torch.Tensor:
+        if early:
+            logits = model.fuse_and_score(video_ND.to(rt.device), audio_ND.to(rt.device))
+            return logits.float().cpu().reshape(-1)
         if fusion:
             head = model.heads["fusion"]
             return head(video_ND.to(rt.device), audio_ND.to(rt.device)).float().cpu().reshape(-1)

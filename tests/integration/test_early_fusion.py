@@ -91,3 +91,11 @@ def test_early_fusion_trains_on_the_sync_objective_and_resumes_exactly(
     assert type(model).__name__ == "EarlyFusionModel"
     payload = torch.load(out, weights_only=True)
     assert payload["step"] == 8 and payload["model_config"]["arch"] == "early_fusion"
+
+    # avts eval sync scores pairs with the early-fusion sync head (a traceback before).
+    eval_dir = tmp_path / "sync"
+    args = ["eval", "sync", "--checkpoint", str(run / "checkpoints"), "--json"]
+    overrides = [f"data.url={corpus}", f"eval.out_dir={eval_dir}", "tracking.enabled=false"]
+    assert main([*args, *overrides, "eval.sync.max_clips=8"]) == 0
+    sync = json.loads((eval_dir / "sync" / "metrics.json").read_text())["metrics"]
+    assert 0.0 <= sync["acc_easy"] <= 1.0 and sync["num_easy"] > 0

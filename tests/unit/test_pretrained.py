@@ -153,3 +153,23 @@ def test_load_pretrained_parts(tmp_path):
     assert video.activation_checkpointing and video.fc is None
     with pytest.raises(ValueError, match=r"part must be one of \['video', 'audio', 'model'\]"):
         load_pretrained(path, part="heads")
+
+
+def test_early_fusion_export_serves_its_video_and_model_but_no_audio_net(tmp_path):
+    """An early-fusion export: video weights and the whole model load; an audio-only use is one
+    clear error (its audio branch is not an audio network), not a state-dict mismatch."""
+    from eval.common import EvalError
+    from eval.pretrained import load_pretrained as load_for_eval
+
+    cfg = dataclasses.replace(
+        _cfg("mc3_18", width=8, video_layers=[1, 1, 1, 1]), arch="early_fusion"
+    )
+    model = build_model(cfg)
+    path = str(tmp_path / "ef.pt")
+    save_exported(export_payload(model, cfg), path)
+    pre = load_for_eval(path)
+    assert type(pre.model()).__name__ == "EarlyFusionModel"
+    for key, value in model.video.state_dict().items():
+        assert torch.equal(pre.video_net().state_dict()[key], value), key
+    with pytest.raises(EvalError, match="early_fusion: its audio branch"):
+        pre.audio_net()
