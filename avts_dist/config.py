@@ -443,6 +443,9 @@ class TrackingConfig:
     uri: str = ""
     experiment: str = "avts"
     system_metrics: bool = True
+    # Set on the MLflow run of `avts train` and of every `avts eval` job; `avts study` groups its
+    # runs by them (avts.study, avts.arm, avts.pretrain_seed).
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 SlurmSignal = Literal["USR2", "USR1", "TERM", "INT", "HUP"]

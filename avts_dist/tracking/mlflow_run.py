@@ -210,7 +210,7 @@ def open_train_run(
         run_name=cfg.run.name,
         run_id=run_id,
         params=flatten_config(cfg),
-        tags={"avts.world_size": str(world_size)},
+        tags={**cfg.tracking.tags, "avts.world_size": str(world_size)},
     )
     id_file.write_text(run.run_id + "\n")
     run.log_text(yaml.safe_dump(redact(config_to_dict(cfg)), sort_keys=False), "config.yaml")
