@@ -527,7 +527,9 @@ def _run_slurm(p: StudyPlan, echo: Callable[[str], None], wait: bool) -> dict[st
     with secrets_in_environment(p.units[0].config):
         for key, units, dep in _arrays(p):
             launch = _launch(units[0].config, p.study, key)
-            dependency = f"{dep}:{ids['pretrain']}" if dep else None
+            # A batch of one is a plain job (submitit), which aftercorr does not address.
+            kind = "afterok" if dep and len(units) == 1 else dep
+            dependency = f"{kind}:{ids['pretrain']}" if dep else None
             ex = executors.make_executor(
                 launch,
                 launch.folder,
@@ -546,15 +548,18 @@ def _run_slurm(p: StudyPlan, echo: Callable[[str], None], wait: bool) -> dict[st
                 f"submitted job array {ids[key]} ({p.study.name}-{key}, {len(units)} element(s))"
                 + (f", dependency {dependency}" if dependency else "")
             )
+    if not ids:
+        return {}
     if not wait:
         return {f"{k}/{ids[k]}": "SUBMITTED" for k in ids}
-    final = wait_for_arrays(ids, echo)
+    final = wait_for_arrays({ids[k]: len(elements[k]) for k in ids}, echo)
     states = {}
     for key, units in elements.items():
         for i, unit in enumerate(units):
             state = final.get(f"{ids[key]}_{i}", "UNKNOWN")
             if key == "pretrain":
-                states[unit.key] = state
+                done = finished_checkpoint_step(unit.config) == unit.config.train.max_steps
+                states[unit.key] = "COMPLETED" if state == "GONE" and done else state
                 continue
             for e in unit.evals:
                 if e.reused:
@@ -574,6 +579,9 @@ def _element_states(job_id: str) -> dict[str, dict[str, str]]:
 
     out = {}
     for info in job_states(job_id):
+        if "ArrayTaskId" not in info and info.get("JobId") == job_id:
+            # submitit submits a batch of one as a plain job: element 0.
+            out[f"{job_id}_0"] = info
         for task in _task_ids(info.get("ArrayTaskId", "")):
             out[f"{job_id}_{task}"] = info
     return out
@@ -590,27 +598,34 @@ def _task_ids(text: str) -> list[int]:
 
 
 def wait_for_arrays(
-    ids: dict[str, str], echo: Callable[[str], None], poll_s: float = 3.0
+    arrays: dict[str, int], echo: Callable[[str], None], poll_s: float = 3.0
 ) -> dict[str, str]:
-    """Waits until every element ends; an element whose dependency can never be met (its
-    pretraining failed) is cancelled so that it does not wait forever."""
+    """Waits until every element of the arrays (id -> number of elements) ended; element ->
+    final state. An element whose dependency can never be met (its pretraining failed) is
+    cancelled so that it does not wait forever; one SLURM no longer reports (finished longer
+    than MinJobAge ago) counts as ended, state ``GONE``."""
     from launch.executors import TERMINAL_STATES
 
+    expected = {f"{job_id}_{i}" for job_id, n in arrays.items() for i in range(n)}
     last: dict[str, str] = {}
     while True:
         current: dict[str, str] = {}
-        for job_id in ids.values():
+        for job_id in arrays:
             for element, info in _element_states(job_id).items():
                 state = info.get("JobState", "UNKNOWN")
                 if state == "PENDING" and info.get("Reason") == "DependencyNeverSatisfied":
                     subprocess.run(["scancel", element], check=False, capture_output=True)
                     echo(f"job {element}: its pretraining failed; cancelled")
                 current[element] = state
+        for element in expected - set(current):
+            if element in last:  # seen before, no longer known to SLURM: it ended
+                current[element] = last[element] if last[element] in TERMINAL_STATES else "GONE"
         for element, state in sorted(current.items()):
             if last.get(element) != state:
                 echo(f"job {element}: {state}")
         last = current
-        if current and all(s in TERMINAL_STATES for s in current.values()):
+        done = {e for e, s in current.items() if s in TERMINAL_STATES or s == "GONE"}
+        if expected <= done:
             return current
         time.sleep(poll_s)
 

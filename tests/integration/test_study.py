@@ -24,7 +24,7 @@ HAS_LOWLABEL = "lowlabel" in JOBS
 EVALS = {"sync", "lowlabel_rhythm"} if HAS_LOWLABEL else {"sync"}
 
 
-def study(work, *args: str) -> subprocess.CompletedProcess:
+def study(work, *args: str, status: int = 0) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "avts_dist", "study", "--config", SMOKE]
     argv += ["--runs", str(work / "runs"), "--tracking-uri", str(work / "mlruns"), *args]
     argv += [f"corpus.out={work / 'data'}"]
@@ -33,7 +33,7 @@ def study(work, *args: str) -> subprocess.CompletedProcess:
         argv.append("evals.lowlabel_rhythm.arms=[]")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == status, f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     return proc
 
 
@@ -46,8 +46,10 @@ def study_runs(work) -> list:
     return client.search_runs([exp.experiment_id], "tags.`avts.study` = 'smoke'")
 
 
-def check_grouped(work) -> None:
+def check_grouped(work, earlier_failure: bool = False) -> None:
     runs = study_runs(work)
+    if earlier_failure:  # a failed attempt's run stays, FAILED; readers take FINISHED runs
+        runs = [r for r in runs if r.info.status == "FINISHED"]
     by_kind = {}
     for r in runs:
         t = r.data.tags
@@ -106,23 +108,34 @@ def test_debug_study_rerun_reuses_and_redoes_only_what_is_missing(debug_study):
     assert len(syncs) == 3
 
 
-def test_local_slurm_study_arrays_dependencies_and_reuse(tmp_path, slurm_cluster):
+def test_local_slurm_study_arrays_dependencies_failure_and_reuse(tmp_path, slurm_cluster):
     from launch.executors import job_states
 
-    proc = study(tmp_path, "--cluster", "local")
-    ids = dict(re.findall(r"submitted job array (\d+) \(smoke-(\w+),", proc.stderr))
-    ids = {v: k for k, v in ids.items()}
+    # 1. One pretraining fails (its checkpoint folder cannot be created): the other pretraining
+    # and its evaluations go on; the failed one's evaluation element is cancelled, not run.
+    broken = "arms.avts_no_curriculum.overrides=[checkpoint.dir=/proc/avts-not-writable]"
+    proc = study(tmp_path, "--cluster", "local", broken, status=1)
+    ids = {k: v for v, k in re.findall(r"submitted job array (\d+) \(smoke-(\w+),", proc.stderr)}
     assert set(ids) == {"pretrain", "eval"}
     pre = {i["ArrayTaskId"]: i for i in job_states(ids["pretrain"])}
     ev = {i["ArrayTaskId"]: i for i in job_states(ids["eval"])}
     # Array elements visible to SLURM (no accounting database here: scontrol, not sacct).
     assert set(pre) == set(ev) == {"0", "1"}
-    for task in ("0", "1"):
-        assert pre[task]["ArrayJobId"] == ids["pretrain"] and pre[task]["JobState"] == "COMPLETED"
-        assert ev[task]["JobState"] == "COMPLETED"
-        # Per element: evaluation i started only after pretraining i ended.
-        assert ev[task]["StartTime"] >= pre[task]["EndTime"]
-    check_grouped(tmp_path)
+    assert pre["0"]["ArrayJobId"] == ids["pretrain"]
+    assert [pre[t]["JobState"] for t in "01"] == ["COMPLETED", "FAILED"]
+    assert [ev[t]["JobState"] for t in "01"] == ["COMPLETED", "CANCELLED"]
+    # Per element: evaluation 0 started only after pretraining 0 ended; 1 never started.
+    assert ev["0"]["StartTime"] >= pre["0"]["EndTime"]
+    assert "avts_no_curriculum/p0/sync               NOT RUN (pretraining failed)" in proc.stdout
+    assert "1 failed" not in proc.stderr and "2 failed: avts_no_curriculum/p0" in proc.stderr
+
+    # 2. Fixed and run again: only the failed pretraining and its evaluation run.
     again = study(tmp_path, "--cluster", "local")
-    assert "nothing to run: every pretraining and evaluation is reused" in again.stdout
-    assert "submitted job array" not in again.stderr
+    assert re.search(r"pretrain avts/p0 +reused", again.stdout)
+    assert "job array smoke-pretrain: 1 element(s): 0=avts_no_curriculum/p0" in again.stdout
+    check_grouped(tmp_path, earlier_failure=True)
+
+    # 3. Everything done: nothing is submitted.
+    last = study(tmp_path, "--cluster", "local")
+    assert "nothing to run: every pretraining and evaluation is reused" in last.stdout
+    assert "submitted job array" not in last.stderr
