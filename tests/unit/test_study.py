@@ -51,6 +51,9 @@ def test_main_study_is_the_protocol_grid(tmp_path):
     assert {a for a, n in evals if n == "sync"} == set(arms) - {"video_ssl"}
     assert {a for a, n in evals if n == "lowlabel_rhythm"} == set(arms) - {"early_fusion"}
     assert {a for a, n in evals if n == "lowlabel_appearance"} == {"avts"}
+    assert {a for a, n in evals if n == "lowlabel_t3"} == {"avts", "early_fusion"}
+    t3 = _override(evals[("early_fusion", "lowlabel_t3")].overrides, "eval.lowlabel.recipes")
+    assert t3 == "[multimodal, silent_audio, finetune, probe]"
 
 
 def test_synth_command_is_the_protocol_corpus():
