@@ -44,8 +44,10 @@ demo: install
 STUDY ?= main
 study: install
 	$(BIN)/avts launch cluster status >/dev/null 2>&1 || $(BIN)/avts launch cluster up
-	$(BIN)/avts study --config configs/study/$(STUDY).yaml --cluster local
-	$(BIN)/avts compare --study $(STUDY) --out runs/study_$(STUDY)
+	@# The tables are written even when some element failed (its cells print "not run"); the
+	@# study's exit status is make's.
+	$(BIN)/avts study --config configs/study/$(STUDY).yaml --cluster local; status=$$?; \
+	$(BIN)/avts compare --study $(STUDY) --out runs/study_$(STUDY) && exit $$status
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

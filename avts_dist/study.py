@@ -465,6 +465,7 @@ def write_corpus(p: StudyPlan, echo: Callable[[str], None]) -> None:
 
 def execute(p: StudyPlan, echo: Callable[[str], None], wait: bool = True) -> dict[str, str]:
     """Runs what the plan left to do; unit or eval key -> final state (reused ones included)."""
+    check_not_running(p)
     write_corpus(p, echo)
     states = {u.key: "reused" for u in p.units if u.reused}
     for u in p.units:
@@ -516,6 +517,33 @@ def _eval_state(ev: EvalUnit) -> str:
 def _last_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[-1] if lines else type(exc).__name__
+
+
+def jobs_in_slurm(folder: Path) -> list[str]:
+    """Ids of pending or running SLURM jobs submitted from this study's job folder."""
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%i|%o"], capture_output=True, text=True, timeout=30, check=False
+    )
+    prefix = str(folder).rstrip("/") + "/"
+    return [
+        line.split("|", 1)[0]
+        for line in out.stdout.splitlines()
+        if "|" in line and line.split("|", 1)[1].startswith(prefix)
+    ]
+
+
+def check_not_running(p: StudyPlan) -> None:
+    """A study still in SLURM (an earlier `avts study` left waiting, or --no-wait) is not
+    submitted again: two jobs would train into the same run dir."""
+    if p.cluster != "local":
+        return
+    running = jobs_in_slurm(p.study.runs_dir / "slurm")
+    if running:
+        raise ConfigError(
+            f"study {p.study.name} still has SLURM jobs {', '.join(running)} "
+            f"(from {p.study.runs_dir / 'slurm'}): wait for them (squeue) or scancel them, "
+            "then run it again"
+        )
 
 
 def _run_slurm(p: StudyPlan, echo: Callable[[str], None], wait: bool) -> dict[str, str]:
