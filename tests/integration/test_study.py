@@ -139,3 +139,17 @@ def test_local_slurm_study_arrays_dependencies_failure_and_reuse(tmp_path, slurm
     last = study(tmp_path, "--cluster", "local")
     assert "nothing to run: every pretraining and evaluation is reused" in last.stdout
     assert "submitted job array" not in last.stderr
+
+    # 4. A study still in SLURM (submitted with --no-wait) is not submitted twice.
+    from avts_dist.study import jobs_in_slurm
+
+    study(tmp_path, "--cluster", "local", "--no-wait", "seeds=[1]")
+    folder = tmp_path / "runs" / "slurm"
+    submitted = jobs_in_slurm(folder)
+    try:
+        assert submitted
+        twice = study(tmp_path, "--cluster", "local", "seeds=[1]", status=2)
+        assert "still has SLURM jobs" in twice.stderr
+        assert "submitted job array" not in twice.stderr
+    finally:
+        subprocess.run(["scancel", *{j.split("_")[0] for j in submitted}], check=False)
