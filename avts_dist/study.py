@@ -339,7 +339,6 @@ def synth_argv(study: StudyConfig) -> list[str]:
 def render_plan(p: StudyPlan) -> str:
     """What would run and what is reused, and the job arrays with their dependencies."""
     s = p.study
-    reuse = lambda done: "reused" if done else "to run"  # noqa: E731
     out = [
         f"study {s.name}: {len(s.arms)} arm(s) x {len(s.seeds)} seed(s) = {len(p.units)} "
         f"pretraining(s), {sum(len(u.evals) for u in p.units)} evaluation(s); cluster "
@@ -348,17 +347,17 @@ def render_plan(p: StudyPlan) -> str:
         + (
             "reused (index exists)"
             if p.corpus_exists
-            else "to write: avts " + " ".join(synth_argv(s)[:])
+            else "to write: avts " + " ".join(synth_argv(s))
         ),
     ]
     for unit in p.units:
-        out.append(f"  pretrain {unit.key:28s} {reuse(unit.reused):7s} {unit.run_dir}")
+        out.append(f"  pretrain {unit.key:28s} {_reuse(unit.reused):7s} {unit.run_dir}")
         for ev in unit.evals:
-            out.append(f"    eval {ev.name:20s} ({ev.job}) {reuse(ev.reused)}")
+            out.append(f"    eval {ev.name:20s} ({ev.job}) {_reuse(ev.reused)}")
     arrays = _arrays(p)
     for key, units, dep in arrays:
         element = ", ".join(f"{i}={u.key}" for i, u in enumerate(units))
-        after = f" after {dep}" if dep else ""
+        after = f" with dependency {dep} on {s.name}-pretrain" if dep else ""
         out.append(f"job array {s.name}-{key}: {len(units)} element(s){after}: {element}")
     if not arrays:
         out.append("nothing to run: every pretraining and evaluation is reused")
@@ -375,6 +374,10 @@ def render_plan(p: StudyPlan) -> str:
     return "\n".join(out)
 
 
+def _reuse(done: bool) -> str:
+    return "reused" if done else "to run"
+
+
 def _arrays(p: StudyPlan) -> list[tuple[str, list[PretrainUnit], str]]:
     """(key, units, dependency kind) of each job array, in submission order."""
     arrays = []
@@ -382,8 +385,10 @@ def _arrays(p: StudyPlan) -> list[tuple[str, list[PretrainUnit], str]]:
         arrays.append(("pretrain", p.to_pretrain, ""))
     if p.evals_after(pretrained=True):
         # Element i evaluates pretraining element i (SLURM's aftercorr: per element, after it
-        # completed); an element with nothing left to evaluate returns at once.
-        arrays.append(("eval", p.to_pretrain, "aftercorr"))
+        # completed); an element with nothing left to evaluate returns at once. A batch of one
+        # is a plain job (submitit), which aftercorr does not address: afterok.
+        dep = "aftercorr" if len(p.to_pretrain) > 1 else "afterok"
+        arrays.append(("eval", p.to_pretrain, dep))
     reused = p.evals_after(pretrained=False)
     if reused:
         arrays.append(("eval-reused", reused, ""))
@@ -555,9 +560,7 @@ def _run_slurm(p: StudyPlan, echo: Callable[[str], None], wait: bool) -> dict[st
     with secrets_in_environment(p.units[0].config):
         for key, units, dep in _arrays(p):
             launch = _launch(units[0].config, p.study, key)
-            # A batch of one is a plain job (submitit), which aftercorr does not address.
-            kind = "afterok" if dep and len(units) == 1 else dep
-            dependency = f"{kind}:{ids['pretrain']}" if dep else None
+            dependency = f"{dep}:{ids['pretrain']}" if dep else None
             ex = executors.make_executor(
                 launch,
                 launch.folder,

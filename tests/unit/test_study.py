@@ -102,7 +102,7 @@ def test_dry_run_prints_arrays_and_runs_nothing(tmp_path, capsys):
     assert avts_main(argv) == 0
     out = capsys.readouterr().out
     assert "job array smoke-pretrain: 2 element(s): 0=avts/p0, 1=avts_no_curriculum/p0" in out
-    assert "job array smoke-eval: 2 element(s) after aftercorr" in out
+    assert "job array smoke-eval: 2 element(s) with dependency aftercorr on smoke-pretrain" in out
     assert f"corpus {tmp_path / 'data'}: to write: avts synth" in out
     assert not runs.exists() and not (tmp_path / "data").exists()
 
