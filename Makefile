@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # and decord bring their own. Debian 12 ships FFmpeg 5; any FFmpeg 4-8 does (see README).
 FFMPEG_LIBS := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8
 
-.PHONY: install system-libs demo test chaos lint format bench gpu-check gpu-wheels clean
+.PHONY: install system-libs demo study test chaos lint format bench gpu-check gpu-wheels clean
 
 system-libs:
 	@if ldconfig -p | grep -Eq 'libavcodec\.so\.(58|59|60|61|62) '; then :; \
@@ -37,6 +37,17 @@ install: system-libs $(STAMP)
 
 demo: install
 	$(BIN)/python -m avts_dist.demo
+
+# The whole study of docs/results.md on the local SLURM cluster (brought up when it is not), then
+# its tables, plot and intervals. Hours on 2 CPUs (docs/results.md 1.8); a re-run reuses every
+# finished pretraining and evaluation.
+STUDY ?= main
+study: install
+	$(BIN)/avts launch cluster status >/dev/null 2>&1 || $(BIN)/avts launch cluster up
+	@# The tables are written even when some element failed (its cells print "not run"); the
+	@# study's exit status is make's.
+	$(BIN)/avts study --config configs/study/$(STUDY).yaml --cluster local; status=$$?; \
+	$(BIN)/avts compare --study $(STUDY) --out runs/study_$(STUDY) && exit $$status
 
 test: install
 	$(BIN)/python -m pytest -m "not chaos" $(PYTEST_ARGS)

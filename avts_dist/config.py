@@ -458,6 +458,9 @@ class TrackingConfig:
     uri: str = ""
     experiment: str = "avts"
     system_metrics: bool = True
+    # Set on the MLflow run of `avts train` and of every `avts eval` job; `avts study` groups its
+    # runs by them (avts.study, avts.arm, avts.pretrain_seed).
+    tags: dict[str, str] = field(default_factory=dict)
     system_metrics_every_s: float = 10.0
     # Every MLflow HTTP call of the trainer is bounded by these (MLflow's own
     # MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES, which win when set); a background thread makes

@@ -3,9 +3,15 @@
 1. ``avts synth``   writes the corpus to ``data/synth`` and ``avts inspect`` summarizes it;
 2. ``avts train``   pretrains twice: with the curriculum (easy, then easy + hard negatives) and
    without it (the ablation: the final mix from step 0);
-3. ``avts eval``    runs the sync evaluation and the synthetic downstream tasks (video fine-tuning
-   against the same net from scratch, audio linear probe) on each run, as MLflow child runs;
+3. ``avts eval``    runs the sync evaluation on each run, then the low-label job on the rhythm
+   labels (the temporal pattern sync has to learn; docs/results.md 1.2): the curriculum run's
+   video net against the same net from scratch, fine-tuned and linearly probed with k = 4 and
+   all labelled clips per class, as MLflow child runs;
 4. ``avts compare`` writes the side-by-side table and plots to ``runs/demo_compare``.
+
+This is one seed at one k of the study ``make study`` runs (docs/results.md: 3 pretraining and 3
+fine-tuning seeds, k = 1 ... all, five arms, intervals). In a checkout without the low-label job
+(``avts eval lowlabel``), step 3 runs the older ``avts eval synthetic`` instead and says so.
 
 Every step is the ``avts`` command a user would type; each is printed before it runs.
 """
@@ -19,6 +25,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from eval.registry import JOBS
+
+# The study's corpus shape (docs/results.md 1.2) at a third of its size: 40 labelled eval_train
+# clips (about 13 per rhythm class) and 24 eval_test clips, never pretrained on.
+LOWLABEL = "lowlabel" in JOBS
+EVAL_SPLITS = ["--eval-train-fraction", "0.25", "--eval-test-fraction", "0.15"]
+NUM_VIDEOS = "160" if LOWLABEL else "96"
 
 RUNS = {
     "demo_curriculum": "configs/pretrain/quickstart.yaml",
@@ -44,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
 
     avts(
-        "synth", "--out", args.data, "--num-videos", "96", "--seconds", "4", "--fps", "8",
+        "synth", "--out", args.data, "--num-videos", NUM_VIDEOS, "--seconds", "4", "--fps", "8",
         "--size", "32", "--sample-rate", "16000", "--num-classes", "4", "--shard-size", "16",
-        "--seed", "0", "--num-workers", "2",
+        "--seed", "0", "--num-workers", "2", *(EVAL_SPLITS if LOWLABEL else []),
     )  # fmt: skip
     avts("inspect", args.data)
 
@@ -62,15 +76,24 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         ckpt = str(run_dir / "checkpoints")
         avts("eval", "sync", "--checkpoint", ckpt)
-        avts(
-            "eval", "synthetic", "--checkpoint", ckpt, "--config", "configs/eval/toy_cpu.yaml",
-            f"eval.datasets.synthetic={args.data}",
-        )  # fmt: skip
+        if LOWLABEL and name == "demo_curriculum":
+            avts(
+                "eval", "lowlabel", "--checkpoint", ckpt, "eval.lowlabel.label_set=rhythm",
+                "eval.lowlabel.shots=[4, 0]", "eval.lowlabel.seeds=[0]",
+                "eval.lowlabel.scratch=true", "eval.batch_size=8",
+            )  # fmt: skip
+        elif not LOWLABEL:
+            print("\n(no `avts eval lowlabel` in this checkout: the older synthetic evaluation)")
+            avts(
+                "eval", "synthetic", "--checkpoint", ckpt, "--config",
+                "configs/eval/toy_cpu.yaml", f"eval.datasets.synthetic={args.data}",
+            )  # fmt: skip
         run_ids.append((run_dir / "mlflow_run_id").read_text().strip())
 
     out = Path(args.runs) / "demo_compare"
     avts("compare", "--runs", *run_ids, "--out", str(out))
     print(f"\ndemo finished in {time.monotonic() - start:.0f} s; report in {out}/", flush=True)
+    print("the whole study, with intervals: make study (docs/results.md, docs/study.md)")
     return 0
 
 

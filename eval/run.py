@@ -186,7 +186,11 @@ def run_eval(
                 tracking_uri=cfg.tracking.uri,
                 parent_run_id=parent,
                 experiment=cfg.tracking.experiment,
-                tags={"avts.checkpoint": pre.checkpoint, "avts.dataset": url},
+                tags={
+                    **cfg.tracking.tags,
+                    "avts.checkpoint": pre.checkpoint,
+                    "avts.dataset": url,
+                },
                 checkpoint_step=pre.payload.get("step"),
             )
         except ValueError as exc:

@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("avts_dist.cli.export", "export consolidated fp32 weights from a checkpoint"),
     "compare": ("avts_dist.cli.compare", "compare MLflow runs side by side"),
     "launch": ("avts_dist.cli.launch", "submit jobs to SLURM through submitit"),
+    "study": ("avts_dist.cli.study", "run a study: arms x seeds, evaluations, one MLflow group"),
     "status": ("avts_dist.cli.status", "how a pretraining run is doing (step, ETA, checkpoint)"),
     "sync-tracking": (
         "avts_dist.cli.sync_tracking",

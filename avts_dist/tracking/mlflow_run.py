@@ -224,7 +224,7 @@ def open_train_run(
         tracking_uri_for(tcfg.uri),
         on_run_id=lambda rid: id_file.write_text(rid + "\n"),
     )
-    tags = {"mlflow.runName": cfg.run.name, "avts.kind": "pretrain"}
+    tags = {**tcfg.tags, "mlflow.runName": cfg.run.name, "avts.kind": "pretrain"}
     tags["avts.world_size"] = str(world_size)
     start = writer.submit(
         "start",
