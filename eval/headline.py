@@ -85,6 +85,22 @@ def _probe_rows(m: dict[str, float], prefix: str = "") -> list[HeadlineRow]:
     return _over(m, rf"{prefix}[^/]+/acc", label, "fold")
 
 
+def _lowlabel_rows(m: dict[str, float]) -> list[HeadlineRow]:
+    """One row per (label set, recipe, k, init): the mean over fine-tuning seeds f (metrics
+    ``<label_set>/<recipe>/<init>/k<k>/f<f>/acc``), pretrained above scratch."""
+    cell = re.compile(r"([^/]+)/([^/]+)/(pretrained|scratch)/k([^/]+)/f\d+/acc")
+    found = {match.groups() for key in m if (match := cell.fullmatch(key))}
+    cells = sorted(
+        ((label_set, recipe, k, init) for label_set, recipe, init, k in found),
+        key=lambda c: (c[0], c[1], int(c[2]) if c[2].isdigit() else 1 << 30, c[3] != "pretrained"),
+    )
+    rows = []
+    for label_set, recipe, k, init in cells:
+        pattern = rf"{label_set}/{recipe}/{init}/k{k}/f\d+/acc"
+        rows += _over(m, pattern, f"{label_set} {recipe}, k={k}, {init}", "fine-tuning seed")
+    return rows
+
+
 def _multimodal_rows(m: dict[str, float]) -> list[HeadlineRow]:
     rows = []
     for part, label in (("fused", "late fusion"), ("video_only", "video"), ("audio_only", "audio")):
@@ -104,6 +120,8 @@ def headline_rows(kind: str, metrics: dict[str, float]) -> list[HeadlineRow]:
         return _multimodal_rows(metrics)
     if kind == "synthetic":
         return _finetune_rows(metrics, "video/") + _probe_rows(metrics, "audio/")
+    if kind == "lowlabel":
+        return _lowlabel_rows(metrics)
     return []
 
 

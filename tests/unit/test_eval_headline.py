@@ -93,3 +93,28 @@ def test_synthetic_headline_video_finetune_and_audio_probe():
         ("gain over scratch", -0.25), ("audio linear-probe accuracy", 1.0),
     ]  # fmt: skip
     assert all(r.low is None for r in rows)  # one split, one fold: no interval
+
+
+def test_lowlabel_headline_is_one_row_per_cell_over_fine_tuning_seeds():
+    m = {
+        "rhythm/probe/pretrained/k4/f0/acc": 0.5,
+        "rhythm/probe/pretrained/k4/f1/acc": 0.7,
+        "rhythm/probe/pretrained/k4/f2/acc": 0.6,
+        "rhythm/probe/scratch/k4/f0/acc": 0.3,
+        "rhythm/finetune/pretrained/kall/f0/acc": 0.4,
+        "rhythm/finetune/pretrained/k8/f0/acc": 0.2,
+    }
+    rows = headline_rows("lowlabel", m)
+    labels = [r.label for r in rows]
+    # Sorted by recipe, then k as a number (8 before all), pretrained before scratch.
+    assert labels == [
+        "rhythm finetune, k=8, pretrained",
+        "rhythm finetune, k=all, pretrained",
+        "rhythm probe, k=4, pretrained",
+        "rhythm probe, k=4, scratch",
+    ]
+    probe = rows[2]
+    # Mean 0.6, t(0.975, df=2) = 4.3027 x sd 0.1 / sqrt(3), computed by hand.
+    assert probe.value == pytest.approx(0.6)
+    assert probe.high - probe.value == pytest.approx(4.3027 * 0.1 / 3**0.5, rel=1e-3)
+    assert probe.over == "3 fine-tuning seeds" and rows[3].low is None
