@@ -23,6 +23,7 @@ Encoding is single-threaded and bit-exact, so the same source gives the same byt
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tempfile
@@ -218,10 +219,8 @@ class _Encoder:
         hi = float("inf") if hi is None else hi
         if lo > 1.0:
             # An untrimmed source: start decoding at the keyframe before the segment.
-            try:
+            with contextlib.suppress(av.error.FFmpegError):  # else decode from the start
                 src.seek(int((lo - 1.0) * av.time_base), backward=True)
-            except av.error.FFmpegError:
-                pass  # decode from the start instead
         with tempfile.TemporaryDirectory(prefix="avts-mp4-") as tmp:
             path = os.path.join(tmp, "clip.mp4")
             out, v_out, a_out = self._open_output(path)
