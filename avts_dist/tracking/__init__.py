@@ -20,6 +20,9 @@ _EXPORTS = {
     "open_train_run": "mlflow_run",
     "tracking_uri_for": "mlflow_run",
     "Progress": "progress",
+    "RunTracking": "session",
+    "open_tracking": "session",
+    "progress_fields": "session",
 }
 
 __all__ = sorted(_EXPORTS)

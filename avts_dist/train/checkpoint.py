@@ -166,6 +166,15 @@ class ResumePlan:
     def rng_file(self, rank: int) -> Path:
         return self.local_root / self.source.tag / rng_file_name(rank)
 
+    def check_objective(self, objective: str) -> None:
+        """ValueError when the source was trained with another ``train.objective``."""
+        saved = self.source.meta.get("objective", "avts")
+        if saved != objective:
+            raise ValueError(
+                f"resume: {self.source.url} was trained with train.objective={saved}, "
+                f"this run has train.objective={objective}"
+            )
+
 
 # ---------------------------------------------------------------------------------------------
 # Finding and verifying

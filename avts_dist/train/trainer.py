@@ -1,11 +1,10 @@
-"""The pretraining loop: loader -> two-stream model -> AVTS loss -> DeepSpeed step
-(``train.objective=video_ssl``: two-view loader -> video net + projection -> two-view InfoNCE).
+"""The pretraining loop: loader -> model -> loss -> DeepSpeed step, with validation, the
+curriculum, checkpoints and tracking on their schedules.
 
-Resumable state, each under a fixed key of the checkpoint's client state (format versioned):
-``trainer`` (step, epoch, skipped-step counts), ``curriculum``, ``loader`` (global: identical on
-every rank and valid at any world size), ``rng`` (rank 0; every rank also writes its own
-``rng_rank_*.pt``), ``mlflow_run_id`` and ``config`` (the resolved config). Model, optimizer and
-LR scheduler go through DeepSpeed's sharded checkpoint (``train/checkpoint.py``).
+Its parts live beside it: what a batch means per objective (``train/objectives.py``), the
+resumable state (``train/state.py``), the stop policy (``train/stopping.py``), checkpoints
+(``train/checkpoint.py``), validation (``train/validation.py``) and the run's tracking
+(``tracking/session.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from avts_dist.config import Config, redacted_config_dict, save_config
+from avts_dist.config import Config
 from avts_dist.curriculum import Curriculum
 from avts_dist.data import build_loader
 from avts_dist.distributed import collectives as C
@@ -38,20 +37,17 @@ from avts_dist.tracking import (
     Progress,
     StepRecord,
     StepTimer,
-    open_node_metrics,
-    open_train_run,
+    open_tracking,
+    progress_fields,
     sum_over_ranks,
     telemetry_fields,
 )
 from avts_dist.train.batch import micro_batches, to_device
-from avts_dist.train.checkpoint import (
-    CHECKPOINT_FORMAT_VERSION,
-    CheckpointError,
-    CheckpointManager,
-    get_rng_state,
-    set_rng_state,
-)
+from avts_dist.train.checkpoint import CheckpointManager
 from avts_dist.train.hooks import TrainHooks
+from avts_dist.train.objectives import forward_loss
+from avts_dist.train.state import checkpoint_meta, client_state, restore_client_state
+from avts_dist.train.stopping import nonfinite_stop_message, stop_reason
 from avts_dist.train.validation import build_val_loaders, sync_accuracy
 
 log = logging.getLogger("avts.train")
@@ -101,7 +97,7 @@ class Trainer:
         # Pinned batches (a pin-memory thread) let the host-to-device copy overlap compute.
         pin = ctx.device.type == "cuda"
         # video_ssl: two video windows per sample, no audio, no negatives to schedule.
-        self.video_ssl = views = cfg.train.objective == "video_ssl"
+        views = cfg.train.objective == "video_ssl"
         self.loader = build_loader(
             cfg.data, rank=self.rank, world_size=self.world_size, pin_memory=pin, views=views
         )
@@ -118,12 +114,8 @@ class Trainer:
         if views and self.is_main:
             log.info("train.objective=video_ssl: the curriculum does not apply and is ignored")
         plan = self.resume_plan
-        saved_objective = plan.source.meta.get("objective", "avts") if plan else None
-        if saved_objective not in (None, cfg.train.objective):
-            raise ValueError(
-                f"resume: {plan.source.url} was trained with train.objective={saved_objective}, "
-                f"this run has train.objective={cfg.train.objective}"
-            )
+        if plan is not None:
+            plan.check_objective(cfg.train.objective)
         ds_config = build_ds_config(
             cfg.deepspeed, cfg.optim, global_batch_size=cfg.data.global_batch_size,
             world_size=self.world_size, total_steps=self.max_steps,
@@ -153,76 +145,21 @@ class Trainer:
             return min(max_steps, epoch_steps) if max_steps > 0 else epoch_steps
         return max_steps
 
-    # ---- state ----
+    # ---- state (train/state.py) ----
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "trainer": {
-                "step": self.step,
-                "epoch": self.loader.epoch,
-                "num_skipped_steps": self.num_skipped_steps,
-                "num_nonfinite_in_row": self.num_nonfinite_in_row,
-                "samples_seen": self.step * self.cfg.data.global_batch_size,
-                "val_metrics": dict(self.val_metrics),
-            },
-            "curriculum": self.curriculum.state_dict(),
-            "loader": self.loader.state_dict(),
-            "rng": get_rng_state(),
-            # Rank 0's tracker knows the id once the server has created the run (maybe late).
-            "mlflow_run_id": self.tracker.run_id or self.mlflow_run_id,
-            # Redacted: checkpoints are copied and uploaded; credentials come from the user again.
-            "config": redacted_config_dict(self.cfg),
-            "world_size": self.world_size,
-        }
+        return client_state(self)
 
     def load_state_dict(self, state: dict[str, Any], rng_file: Path | None = None) -> None:
-        version = state.get("format_version")
-        if version != CHECKPOINT_FORMAT_VERSION:
-            raise ValueError(
-                f"checkpoint format_version {version!r}; this code reads {CHECKPOINT_FORMAT_VERSION}"
-            )
-        saved_model = state.get("config", {}).get("model")
-        if saved_model is not None and saved_model != dataclasses.asdict(self.cfg.model):
-            raise ValueError("the checkpoint's model config differs from this run's model.* keys")
-        trainer = state["trainer"]
-        self.step = int(trainer["step"])
-        self.num_skipped_steps = int(trainer["num_skipped_steps"])
-        self.num_nonfinite_in_row = int(trainer["num_nonfinite_in_row"])
-        self.val_metrics = dict(trainer.get("val_metrics", {}))
-        self.curriculum.load_state_dict(state["curriculum"])
-        self.loader.load_state_dict(state["loader"])
-        self.mlflow_run_id = state.get("mlflow_run_id") or ""
-        same_world = state.get("world_size") == self.world_size
-        if same_world and rng_file is not None and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        else:
-            # A new world size has no per-rank RNG to continue: derive it from the step.
-            torch.manual_seed(self.cfg.data.seed + 1_000_003 * self.step + self.rank)
+        restore_client_state(self, state, rng_file)
 
     # ---- one step ----
 
     def _forward_loss(self, batch: dict[str, Any], **loss_kwargs) -> dict[str, torch.Tensor]:
-        if self.video_ssl:  # loss_kwargs (negative-kind weights, step) do not apply
-            views = self.engine(batch["video"], batch["video2"])
-            return self.loss_fn(
-                views["view1_emb"], views["view2_emb"], rank=self.rank, world_size=self.world_size
-            )
-        emb = self.engine(batch["video"], batch["audio"], batch["neg_audio"])
-        # fp32 before the gather, so that its backward reduce-scatter sums gradients in fp32.
-        emb = {k: v.float() for k, v in emb.items() if v is not None}
-        # An early-fusion model has no embeddings, only sync logits (the loss's BCE-only mode).
-        return self.loss_fn(
-            emb.get("video_emb"),
-            emb.get("audio_emb"),
-            emb.get("neg_audio_emb"),
-            batch["neg_kind"],
-            rank=self.rank,
-            world_size=self.world_size,
-            sync_logit=emb.get("sync_logit"),
-            neg_sync_logit=emb.get("neg_sync_logit"),
-            **loss_kwargs,
-        )
+        return forward_loss(
+            self.engine, self.loss_fn, batch, objective=self.cfg.train.objective,
+            rank=self.rank, world_size=self.world_size, **loss_kwargs,
+        )  # fmt: skip
 
     def train_step(self, batch: dict[str, Any]) -> StepOutput:
         """One optimizer step over this rank's batch (``grad_accum_steps`` micro-batches).
@@ -271,35 +208,19 @@ class Trainer:
     # ---- the loop ----
 
     def _open_tracking(self) -> None:
-        """Rank 0: config.yaml, metrics.jsonl cut back to the resumed step, the MLflow run."""
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
-            self.metrics.truncate_after(self.step)
-            if self.cfg.tracking.enabled:
-                source = self.resume_plan.source.url if self.resume_plan else ""
-                self.tracker = self.metrics.tracker = open_train_run(
-                    self.cfg, run_dir=self.run_dir, run_id=self.mlflow_run_id, step=self.step,
-                    resumed_from=source, world_size=self.world_size,
-                )  # fmt: skip
-        self.mlflow_run_id = C.broadcast_object(self.tracker.run_id or self.mlflow_run_id)
-        if not self.is_main and self.ctx.local_rank == 0:
-            self.node_metrics = open_node_metrics(
-                self.cfg, run_dir=self.run_dir, run_id=self.mlflow_run_id, rank=self.rank,
-                world_size=self.world_size,
-            )  # fmt: skip
+        t = open_tracking(
+            self.cfg, self.metrics, run_dir=self.run_dir, step=self.step,
+            run_id=self.mlflow_run_id,
+            resumed_from=self.resume_plan.source.url if self.resume_plan else "",
+            rank=self.rank, local_rank=self.ctx.local_rank, world_size=self.world_size,
+        )  # fmt: skip
+        self.tracker, self.mlflow_run_id, self.node_metrics = t.tracker, t.run_id, t.node_metrics
 
     def save_checkpoint(self, *, quarantine: str = "") -> str:
         """Saves (and publishes) this state; ``quarantine``: keeps it under a quarantined name
         instead, never ``latest`` (see ``CheckpointManager.save``)."""
         self.metrics.flush()
-        meta = {
-            "zero_stage": self.cfg.deepspeed.zero_stage,
-            "global_batch_size": self.cfg.data.global_batch_size,
-            "mlflow_run_id": self.mlflow_run_id,
-            "epoch": self.loader.epoch,
-            "objective": self.cfg.train.objective,
-        }
+        meta = checkpoint_meta(self)
         tag = self.ckpt.save(self.engine, self.step, self.state_dict(), meta, quarantine=quarantine)
         if not quarantine:
             url = f"{self.cfg.checkpoint.dir.rstrip('/')}/{tag}"
@@ -342,58 +263,6 @@ class Trainer:
             self.tracker.log_curriculum(self.curriculum.history, self.curriculum.stage.name)
         return extra, log_step or bool(events) or validated
 
-    def _progress_fields(self) -> dict[str, Any]:
-        latest, writer = self.metrics.latest, self.tracker.writer
-        tracking = None
-        if writer is not None and writer.is_down:
-            tracking = f"MLflow down, {writer.outbox.num_pending} records buffered"
-        return {
-            "loss": self.metrics.last_loss,
-            "data_wait": latest.get("data/wait_fraction"),
-            "retries": latest.get("data/retries"),
-            "tracking": tracking,
-        }
-
-    def _stop_reason(self) -> str | None:
-        """``nonfinite`` or ``preempted`` when the run must stop after this step."""
-        if self.num_nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
-            return "nonfinite"
-        return "preempted" if self.stop_signal is not None else None
-
-    def _stop_on_nonfinite(self) -> str:
-        """Stops without publishing: ``latest`` stays on the last good checkpoint. The state is
-        kept as ``step_N.quarantined-nonfinite`` for debugging, unless it is the very state the
-        run resumed from (no step applied since); then the message says what that means."""
-        limit, count = self.cfg.train.max_nonfinite_steps, self.num_nonfinite_in_row
-        latest = self.ckpt.latest
-        if self.resume_plan is not None and self.num_applied_steps == 0:
-            source = self.resume_plan.source
-            older = self.ckpt.older_than(source)
-            back = f"resume={older.url} goes back one checkpoint" if older else (
-                "there is no older checkpoint to go back to"
-            )  # fmt: skip
-            return (
-                f"stopping: the first {count} optimizer steps after resuming from {source.tag} "
-                f"had a non-finite loss (train.max_nonfinite_steps={limit}), yet its files match "
-                "their checksums: the saved state itself, or this run's data or config, gives "
-                f"non-finite losses, not a damaged file. Nothing saved or quarantined, latest "
-                f"stays {source.tag}; {back}"
-            )
-        kept = ""
-        try:
-            kept = (
-                f"; this state kept for debugging as {self.save_checkpoint(quarantine='nonfinite')}"
-            )
-        except CheckpointError as exc:
-            kept = f"; this state not kept ({exc})"
-        good = f"latest stays {latest}, the last good checkpoint" if latest else (
-            "no checkpoint was published"
-        )  # fmt: skip
-        return (
-            f"stopping: {count} optimizer steps in a row had a non-finite loss "
-            f"(train.max_nonfinite_steps={limit}); {good}{kept}"
-        )
-
     def train(self) -> TrainResult:
         cfg = self.cfg
         self._open_tracking()
@@ -423,10 +292,17 @@ class Trainer:
                 )
                 if flush:
                     self.metrics.flush()
-                progress.update(self.step, self._progress_fields())
-                stop = self._stop_reason()
+                progress.update(self.step, progress_fields(self.metrics, self.tracker))
+                stop = stop_reason(
+                    self.num_nonfinite_in_row, cfg.train.max_nonfinite_steps, self.stop_signal
+                )
                 if stop == "nonfinite":
-                    status, message = "failed", self._stop_on_nonfinite()
+                    status, message = "failed", nonfinite_stop_message(
+                        count=self.num_nonfinite_in_row, limit=cfg.train.max_nonfinite_steps,
+                        ckpt=self.ckpt, resume_plan=self.resume_plan,
+                        num_applied_steps=self.num_applied_steps,
+                        save_quarantined=lambda: self.save_checkpoint(quarantine="nonfinite"),
+                    )  # fmt: skip
                     break
                 every = cfg.checkpoint.every_steps
                 # Not inside a run of non-finite steps: only a state whose last step applied is
