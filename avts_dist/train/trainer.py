@@ -87,6 +87,7 @@ class Trainer:
         self.mlflow_run_id = ""
         self.tracker = NoTracking()
         self.node_metrics = None  # another node's system metrics (multi-node runs)
+        self.last_saved = -1  # the step of the newest checkpoint on disk
         C.set_determinism(cfg.train.deterministic, ctx.device)
         torch.manual_seed(cfg.data.seed)
         self.ckpt = CheckpointManager(
@@ -263,6 +264,30 @@ class Trainer:
             self.tracker.log_curriculum(self.curriculum.history, self.curriculum.stage.name)
         return extra, log_step or bool(events) or validated
 
+    def _stop_or_save(self, out: StepOutput) -> tuple[str, str] | None:
+        """The stop policy (train/stopping.py) and the checkpoint schedule after a step;
+        ``(status, message)`` when the run stops here."""
+        limit = self.cfg.train.max_nonfinite_steps
+        stop = stop_reason(self.num_nonfinite_in_row, limit, self.stop_signal)
+        if stop == "nonfinite":
+            return "failed", nonfinite_stop_message(
+                count=self.num_nonfinite_in_row, limit=limit, ckpt=self.ckpt,
+                resume_plan=self.resume_plan, num_applied_steps=self.num_applied_steps,
+                save_quarantined=lambda: self.save_checkpoint(quarantine="nonfinite"),
+            )  # fmt: skip
+        every = self.cfg.checkpoint.every_steps
+        # Not inside a run of non-finite steps: only a state whose last step applied is
+        # published on schedule (a preemption still saves).
+        if stop == "preempted" or (every and self.step % every == 0 and out.applied):
+            self.save_checkpoint()
+            self.last_saved = self.step
+        if stop == "preempted":
+            return (
+                "preempted",
+                f"preempted by signal {self.stop_signal}: checkpoint at step {self.step}",
+            )
+        return None
+
     def train(self) -> TrainResult:
         cfg = self.cfg
         self._open_tracking()
@@ -273,7 +298,8 @@ class Trainer:
         status, message = "completed", ""
         data_iter = iter(self.loader)
         timer = StepTimer()
-        last_saved = self.step if self.resume_plan else -1  # a resumed step is on disk already
+        if self.resume_plan is not None:
+            self.last_saved = self.step  # a resumed step is on disk already
         try:
             while self.step < self.max_steps:
                 t0 = time.perf_counter()
@@ -293,31 +319,11 @@ class Trainer:
                 if flush:
                     self.metrics.flush()
                 progress.update(self.step, progress_fields(self.metrics, self.tracker))
-                stop = stop_reason(
-                    self.num_nonfinite_in_row, cfg.train.max_nonfinite_steps, self.stop_signal
-                )
-                if stop == "nonfinite":
-                    status, message = "failed", nonfinite_stop_message(
-                        count=self.num_nonfinite_in_row, limit=cfg.train.max_nonfinite_steps,
-                        ckpt=self.ckpt, resume_plan=self.resume_plan,
-                        num_applied_steps=self.num_applied_steps,
-                        save_quarantined=lambda: self.save_checkpoint(quarantine="nonfinite"),
-                    )  # fmt: skip
+                stopped = self._stop_or_save(out)
+                if stopped is not None:
+                    status, message = stopped
                     break
-                every = cfg.checkpoint.every_steps
-                # Not inside a run of non-finite steps: only a state whose last step applied is
-                # published on schedule (a preemption still saves).
-                periodic = every and self.step % every == 0 and out.applied
-                if stop == "preempted" or periodic:
-                    self.save_checkpoint()
-                    last_saved = self.step
-                if stop == "preempted":
-                    status = "preempted"
-                    message = (
-                        f"preempted by signal {self.stop_signal}: checkpoint at step {self.step}"
-                    )
-                    break
-            if status == "completed" and last_saved != self.step:
+            if status == "completed" and self.last_saved != self.step:
                 self.save_checkpoint()
             self.metrics.flush()
         except BaseException:
