@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from avts_dist.config import Config, ConfigError, _fail, load_config, redacted_config_dict
+from avts_dist.config import (
+    Config,
+    ConfigError,
+    _fail,
+    flatten_config,
+    load_config,
+    redacted_config_dict,
+)
 
 __all__ = [
     "ArmConfig",
@@ -151,11 +158,17 @@ class EvalUnit:
     overrides: list[str]
     out_dir: Path
     reused: bool = False
+    # Results exist but were made with other overrides (its record differs): run again.
+    stale: bool = False
 
     @property
     def metrics_file(self) -> Path:
         # eval/run.py writes it last, after the job's own results: present = finished.
         return self.out_dir / self.job / "metrics.json"
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return eval_record(self.job, self.overrides)
 
 
 @dataclass
@@ -184,6 +197,52 @@ def study_tags(study: StudyConfig, unit: PretrainUnit, **extra: str) -> dict[str
 def _tags_override(tags: dict[str, str]) -> str:
     # JSON is YAML flow syntax: the dotted tag names stay keys of one dict.
     return "tracking.tags=" + json.dumps(tags)
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: what produced a run dir's results, so that reuse never takes results of other settings
+
+RECORD = "study_record.json"
+# Keys that do not change what a run computes: where it is logged, launched, resumed from.
+_UNRECORDED = ("tracking.", "launch.", "run.", "resume", "train.progress")
+
+
+def pretrain_record(cfg: Config) -> dict[str, Any]:
+    """The resolved pretraining config, flattened, without the keys of ``_UNRECORDED``."""
+    flat = flatten_config(cfg)
+    return {k: v for k, v in flat.items() if not k.startswith(_UNRECORDED)}
+
+
+def eval_record(job: str, overrides: list[str]) -> dict[str, Any]:
+    """An evaluation's job and overrides, without the tracking ones."""
+    return {"job": job, "overrides": [o for o in overrides if not o.startswith("tracking.")]}
+
+
+def write_record(folder: Path, record: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(folder / RECORD)
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    """The record of ``folder``; None when there is none (results from before records)."""
+    try:
+        return json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def record_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Keys whose values differ; a key only one side knows (a config key added or removed by a
+    code change) is not a difference."""
+    return sorted(k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k])
+
+
+def results_stale(folder: Path, wanted: dict[str, Any]) -> bool:
+    """Results in ``folder`` whose record says they were made with other settings."""
+    saved = read_record(folder)
+    return bool(saved) and bool(record_differences(saved, wanted))
 
 
 def expand(study: StudyConfig) -> list[PretrainUnit]:
@@ -310,9 +369,20 @@ def plan(study: StudyConfig, cluster: str) -> StudyPlan:
             raise ConfigError(f"arms.{unit.arm}: {exc}") from None
         cfg.resume = "auto"  # an interrupted pretraining continues from its last checkpoint
         unit.config = cfg
+        saved = read_record(unit.run_dir)
+        changed = record_differences(saved, pretrain_record(cfg)) if saved else []
+        if changed:
+            raise ConfigError(
+                f"arms.{unit.arm}: {unit.run_dir} holds this study's pretraining p={unit.seed} "
+                f"made with other settings ({', '.join(changed[:5])}"
+                f"{', ...' if len(changed) > 5 else ''}): its checkpoints would be resumed or "
+                "reused as if they were this config's. Move that run dir away or give the study "
+                "another runs dir (--runs); nothing was changed"
+            )
         unit.reused = finished_checkpoint_step(cfg) == cfg.train.max_steps
         for ev in unit.evals:
-            ev.reused = ev.metrics_file.exists()
+            ev.stale = ev.metrics_file.exists() and results_stale(ev.out_dir, ev.record)
+            ev.reused = ev.metrics_file.exists() and not ev.stale
     try:
         DatasetIndex.load(study.corpus["out"])
         corpus_exists = True
@@ -353,7 +423,8 @@ def render_plan(p: StudyPlan) -> str:
     for unit in p.units:
         out.append(f"  pretrain {unit.key:28s} {_reuse(unit.reused):7s} {unit.run_dir}")
         for ev in unit.evals:
-            out.append(f"    eval {ev.name:20s} ({ev.job}) {_reuse(ev.reused)}")
+            why = " (its results were made with other overrides)" if ev.stale else ""
+            out.append(f"    eval {ev.name:20s} ({ev.job}) {_reuse(ev.reused)}{why}")
     arrays = _arrays(p)
     for key, units, dep in arrays:
         element = ", ".join(f"{i}={u.key}" for i, u in enumerate(units))
@@ -423,7 +494,10 @@ class StudyEvals:
         states: dict[str, str] = {}
         failures = []
         for name, job, overrides, metrics_file in self.evals:
-            if Path(metrics_file).exists():
+            out_dir = Path(metrics_file).parent.parent
+            if Path(metrics_file).exists() and not results_stale(
+                out_dir, eval_record(job, overrides)
+            ):
                 states[name] = "reused"
                 continue
             try:
@@ -431,6 +505,7 @@ class StudyEvals:
                     job, str(Path(self.run_dir) / "checkpoints"), overrides,
                     parent_run_dir=self.run_dir,
                 )()  # fmt: skip
+                write_record(out_dir, eval_record(job, overrides))
                 states[name] = "completed"
             except Exception as exc:  # noqa: BLE001  one evaluation's failure: the others go on
                 failures.append(f"{name}: {type(exc).__name__}: {_last_line(exc)}")
@@ -472,6 +547,9 @@ def execute(p: StudyPlan, echo: Callable[[str], None], wait: bool = True) -> dic
     """Runs what the plan left to do; unit or eval key -> final state (reused ones included)."""
     check_not_running(p)
     write_corpus(p, echo)
+    for u in p.units:
+        if not u.reused:  # before it runs: an interrupted run is checked against it next time
+            write_record(u.run_dir, pretrain_record(u.config))
     states = {u.key: "reused" for u in p.units if u.reused}
     for u in p.units:
         states.update({f"{u.key}/{e.name}": "reused" for e in u.evals if e.reused})
@@ -515,8 +593,12 @@ def _run_debug(p: StudyPlan, echo: Callable[[str], None]) -> dict[str, str]:
 NOT_RUN = "NOT RUN (pretraining failed)"
 
 
+def _eval_finished(ev: EvalUnit) -> bool:
+    return ev.metrics_file.exists() and not results_stale(ev.out_dir, ev.record)
+
+
 def _eval_state(ev: EvalUnit) -> str:
-    return "COMPLETED" if ev.metrics_file.exists() else "FAILED"
+    return "COMPLETED" if _eval_finished(ev) else "FAILED"
 
 
 def _last_line(exc: BaseException) -> str:
@@ -595,7 +677,7 @@ def _run_slurm(p: StudyPlan, echo: Callable[[str], None], wait: bool) -> dict[st
             for e in unit.evals:
                 if e.reused:
                     continue
-                done = e.metrics_file.exists()
+                done = _eval_finished(e)
                 states[f"{unit.key}/{e.name}"] = (
                     "COMPLETED"
                     if done

@@ -108,6 +108,40 @@ def test_debug_study_rerun_reuses_and_redoes_only_what_is_missing(debug_study):
     assert len(syncs) == 3
 
 
+def test_reuse_never_takes_results_made_with_other_settings(debug_study):
+    """Each run dir records what made it (study_record.json). Changed evaluation overrides run
+    that evaluation again and nothing else; a pretraining made with other settings is one
+    error line, not a silent reuse or resume, and nothing is touched."""
+    work, _ = debug_study
+    runs = work / "runs"
+    for arm in ("avts", "avts_no_curriculum"):
+        assert (runs / f"{arm}_p0" / "study_record.json").exists()
+        assert (runs / f"{arm}_p0" / "eval" / "sync" / "study_record.json").exists()
+    changed = "evals.sync.overrides=[eval.sync.max_clips=6, eval.batch_size=4]"
+    dry = study(work, "--cluster", "debug", "--dry-run", changed)
+    stale = r"eval sync +\(sync\) to run \(its results were made with other overrides\)"
+    assert len(re.findall(stale, dry.stdout)) == 2, dry.stdout
+    assert re.search(r"pretrain avts/p0 +reused", dry.stdout)
+    if HAS_LOWLABEL:
+        assert re.search(r"eval lowlabel_rhythm +\(lowlabel\) reused", dry.stdout)
+    marker = sorted((runs / "avts_p0" / "checkpoints").glob("step_*/COMPLETE"))[-1]
+    before = marker.stat().st_mtime_ns
+    bad = study(work, "--cluster", "debug", "--dry-run", "arms.avts.overrides=[optim.lr=0.002]",
+                status=2)  # fmt: skip
+    assert "arms.avts" in bad.stderr and "optim.lr" in bad.stderr, bad.stderr
+    assert "nothing was changed" in bad.stderr
+    # Run it: the two sync evaluations again, with the new overrides; the rest reused.
+    proc = study(work, "--cluster", "debug", changed)
+    assert "avts/p0/sync                             COMPLETED" in proc.stdout
+    assert "avts_no_curriculum/p0/sync               COMPLETED" in proc.stdout
+    assert "running in-process" not in proc.stderr
+    assert marker.stat().st_mtime_ns == before
+    record = (runs / "avts_p0" / "eval" / "sync" / "study_record.json").read_text()
+    assert "eval.sync.max_clips=6" in record
+    again = study(work, "--cluster", "debug", "--dry-run", changed)
+    assert "nothing to run: every pretraining and evaluation is reused" in again.stdout
+
+
 def test_local_slurm_study_arrays_dependencies_failure_and_reuse(tmp_path, slurm_cluster):
     from launch.executors import job_states
 
