@@ -299,6 +299,12 @@ def tracking_uri(study: StudyConfig) -> str:
 # The plan: configs resolved, reuse decided
 
 
+def _has_checkpoint(cfg: Config) -> bool:
+    from avts_dist.train.checkpoint import list_checkpoints
+
+    return bool(list_checkpoints(cfg.checkpoint.dir))
+
+
 def finished_checkpoint_step(cfg: Config) -> int | None:
     """The step of the newest verified COMPLETE checkpoint of the run, if any."""
     from avts_dist.train.checkpoint import CheckpointError, list_checkpoints, validate
@@ -371,7 +377,9 @@ def plan(study: StudyConfig, cluster: str) -> StudyPlan:
         unit.config = cfg
         saved = read_record(unit.run_dir)
         changed = record_differences(saved, pretrain_record(cfg)) if saved else []
-        if changed:
+        # Only checkpoints made with other settings are a danger (resumed or reused as this
+        # config's); a run that failed before its first checkpoint simply runs with the new ones.
+        if changed and _has_checkpoint(cfg):
             raise ConfigError(
                 f"arms.{unit.arm}: {unit.run_dir} holds this study's pretraining p={unit.seed} "
                 f"made with other settings ({', '.join(changed[:5])}"
