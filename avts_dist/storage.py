@@ -36,6 +36,7 @@ __all__ = [
     "StorageError",
     "StorageNotFoundError",
     "StorageUnreachableError",
+    "atomic_write_text",
     "check_bucket",
     "get_fs",
     "is_remote",
@@ -249,6 +250,16 @@ def is_remote(url: str) -> bool:
 def local_path(url: str) -> str:
     """The filesystem path of a local path or ``file://`` URL."""
     return url.removeprefix("file://")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Writes a small local file whole or not at all: a temporary beside it, fsync'ed, renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 _MIN_SECRET_LEN = 6

@@ -40,6 +40,7 @@ from avts_dist.config import (
     load_config,
     redacted_config_dict,
 )
+from avts_dist.storage import atomic_write_text
 
 __all__ = [
     "ArmConfig",
@@ -167,8 +168,8 @@ class EvalUnit:
         return self.out_dir / self.job / "metrics.json"
 
     @property
-    def record(self) -> dict[str, Any]:
-        return eval_record(self.job, self.overrides)
+    def finished(self) -> bool:
+        return eval_finished(self.metrics_file, self.job, self.overrides)
 
 
 @dataclass
@@ -220,9 +221,7 @@ def eval_record(job: str, overrides: list[str]) -> dict[str, Any]:
 
 def write_record(folder: Path, record: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    tmp.replace(folder / RECORD)
+    atomic_write_text(folder / RECORD, json.dumps(record, indent=1, sort_keys=True))
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
@@ -239,10 +238,14 @@ def record_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[st
     return sorted(k for k in saved.keys() & wanted.keys() if saved[k] != wanted[k])
 
 
-def results_stale(folder: Path, wanted: dict[str, Any]) -> bool:
-    """Results in ``folder`` whose record says they were made with other settings."""
-    saved = read_record(folder)
-    return bool(saved) and bool(record_differences(saved, wanted))
+def eval_finished(metrics_file: str | Path, job: str, overrides: list[str]) -> bool:
+    """The evaluation's results exist and its record (if any: results from before records have
+    none) says they were made with these overrides."""
+    metrics_file = Path(metrics_file)
+    if not metrics_file.exists():
+        return False
+    saved = read_record(metrics_file.parent.parent)  # <out_dir>/<job>/metrics.json
+    return not saved or not record_differences(saved, eval_record(job, overrides))
 
 
 def expand(study: StudyConfig) -> list[PretrainUnit]:
@@ -389,8 +392,8 @@ def plan(study: StudyConfig, cluster: str) -> StudyPlan:
             )
         unit.reused = finished_checkpoint_step(cfg) == cfg.train.max_steps
         for ev in unit.evals:
-            ev.stale = ev.metrics_file.exists() and results_stale(ev.out_dir, ev.record)
-            ev.reused = ev.metrics_file.exists() and not ev.stale
+            ev.reused = ev.finished
+            ev.stale = not ev.reused and ev.metrics_file.exists()
     try:
         DatasetIndex.load(study.corpus["out"])
         corpus_exists = True
@@ -502,10 +505,7 @@ class StudyEvals:
         states: dict[str, str] = {}
         failures = []
         for name, job, overrides, metrics_file in self.evals:
-            out_dir = Path(metrics_file).parent.parent
-            if Path(metrics_file).exists() and not results_stale(
-                out_dir, eval_record(job, overrides)
-            ):
+            if eval_finished(metrics_file, job, overrides):
                 states[name] = "reused"
                 continue
             try:
@@ -513,7 +513,7 @@ class StudyEvals:
                     job, str(Path(self.run_dir) / "checkpoints"), overrides,
                     parent_run_dir=self.run_dir,
                 )()  # fmt: skip
-                write_record(out_dir, eval_record(job, overrides))
+                write_record(Path(metrics_file).parent.parent, eval_record(job, overrides))
                 states[name] = "completed"
             except Exception as exc:  # noqa: BLE001  one evaluation's failure: the others go on
                 failures.append(f"{name}: {type(exc).__name__}: {_last_line(exc)}")
@@ -601,12 +601,8 @@ def _run_debug(p: StudyPlan, echo: Callable[[str], None]) -> dict[str, str]:
 NOT_RUN = "NOT RUN (pretraining failed)"
 
 
-def _eval_finished(ev: EvalUnit) -> bool:
-    return ev.metrics_file.exists() and not results_stale(ev.out_dir, ev.record)
-
-
 def _eval_state(ev: EvalUnit) -> str:
-    return "COMPLETED" if _eval_finished(ev) else "FAILED"
+    return "COMPLETED" if ev.finished else "FAILED"
 
 
 def _last_line(exc: BaseException) -> str:
@@ -685,7 +681,7 @@ def _run_slurm(p: StudyPlan, echo: Callable[[str], None], wait: bool) -> dict[st
             for e in unit.evals:
                 if e.reused:
                     continue
-                done = _eval_finished(e)
+                done = e.finished
                 states[f"{unit.key}/{e.name}"] = (
                     "COMPLETED"
                     if done

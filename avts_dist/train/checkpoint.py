@@ -76,7 +76,15 @@ from avts_dist.integrity import (
     stream_record,
     verify_files,
 )
-from avts_dist.storage import StorageError, check_bucket, get_fs, is_remote, join, local_path
+from avts_dist.storage import (
+    StorageError,
+    atomic_write_text,
+    check_bucket,
+    get_fs,
+    is_remote,
+    join,
+    local_path,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
@@ -393,15 +401,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # The manager: every method is collective (called on every rank)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _filesystem_group(root: Path, rank: int) -> tuple[bool, int, int]:
     """Whether this rank is the first of the ranks sharing ``root``'s filesystem, how many
     filesystems the ranks see, and how many ranks share this one. Each rank drops a probe file;
@@ -704,14 +703,14 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             return
         if note is not None:
-            _atomic_write(tmp / QUARANTINED, json.dumps(note))
-        _atomic_write(tmp / COMPLETE, json.dumps(meta, indent=1))
+            atomic_write_text(tmp / QUARANTINED, json.dumps(note))
+        atomic_write_text(tmp / COMPLETE, json.dumps(meta, indent=1))
         final = root / dest
         if final.exists():  # the same step saved again (e.g. a resume that went back further)
             shutil.rmtree(final)
         os.replace(tmp, final)
         if note is None:
-            _atomic_write(root / LATEST, dest)
+            atomic_write_text(root / LATEST, dest)
 
     # ---- quarantine and retention ----
 
@@ -745,7 +744,7 @@ class CheckpointManager:
             shutil.rmtree(self.local_root / tag, ignore_errors=True)  # a staged copy of it
         else:
             os.replace(self.local_root / tag, self.local_root / name)
-            _atomic_write(self.local_root / name / QUARANTINED, note)
+            atomic_write_text(self.local_root / name / QUARANTINED, note)
         # Its universal form was made from the same damaged files.
         shutil.rmtree(self.local_root / f"{tag}_universal", ignore_errors=True)
         return name
@@ -755,7 +754,7 @@ class CheckpointManager:
             fs, remote_root = self._remote_fs()
             fs.pipe_file(join(remote_root, LATEST), tag.encode())
         else:
-            _atomic_write(self.local_root / LATEST, tag)
+            atomic_write_text(self.local_root / LATEST, tag)
 
     def _verifies(
         self, ref: CheckpointRef, sizes: dict[str, int] | None
@@ -944,7 +943,7 @@ class CheckpointManager:
                 for p in tmp.rglob("*")
                 if p.is_file()
             }
-            _atomic_write(tmp / COMPLETE, json.dumps(meta, indent=1))
+            atomic_write_text(tmp / COMPLETE, json.dumps(meta, indent=1))
             shutil.rmtree(root / utag, ignore_errors=True)
             os.replace(tmp, root / utag)
             log.info(

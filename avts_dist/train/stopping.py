@@ -15,7 +15,9 @@ from avts_dist.train.checkpoint import CheckpointError, CheckpointManager, Resum
 __all__ = ["nonfinite_stop_message", "stop_reason"]
 
 
-def stop_reason(num_nonfinite_in_row: int, max_nonfinite_steps: int, stop_signal: int | None):
+def stop_reason(
+    num_nonfinite_in_row: int, max_nonfinite_steps: int, stop_signal: int | None
+) -> str | None:
     """``nonfinite`` or ``preempted`` when the run must stop after this step, else None."""
     if num_nonfinite_in_row >= max_nonfinite_steps:
         return "nonfinite"

@@ -87,7 +87,7 @@ class Trainer:
         self.mlflow_run_id = ""
         self.tracker = NoTracking()
         self.node_metrics = None  # another node's system metrics (multi-node runs)
-        self.last_saved = -1  # the step of the newest checkpoint on disk
+        self.last_saved = -1  # the step of the newest checkpoint on disk (a resumed one is)
         C.set_determinism(cfg.train.deterministic, ctx.device)
         torch.manual_seed(cfg.data.seed)
         self.ckpt = CheckpointManager(
@@ -133,6 +133,7 @@ class Trainer:
         if plan is not None:
             client = load_engine_checkpoint(self.engine, plan.local_root, plan.load_tag)
             self.load_state_dict(client, rng_file=plan.rng_file(self.rank))
+            self.last_saved = self.step
             if self.is_main:
                 log.info("resumed from %s at step %d", plan.source.url, self.step)
         else:
@@ -298,8 +299,6 @@ class Trainer:
         status, message = "completed", ""
         data_iter = iter(self.loader)
         timer = StepTimer()
-        if self.resume_plan is not None:
-            self.last_saved = self.step  # a resumed step is on disk already
         try:
             while self.step < self.max_steps:
                 t0 = time.perf_counter()
