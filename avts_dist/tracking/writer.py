@@ -73,16 +73,34 @@ def is_permanent_error(exc: BaseException) -> bool:
     return False
 
 
+_ERROR_CHARS = 120
+
+
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    # MLflow wraps urllib3's "Max retries exceeded ... (Caused by NewConnectionError(...))":
-    # the request and the cause say it all.
-    cause = re.search(r"Caused by (\w+)", line)
-    call = re.search(r"/api/[\d.]+/mlflow/([\w/-]+)", line)
-    if cause and call:
-        line = f"{call.group(1)}: {cause.group(1)}"
-    return line[:200]
+    """A tracking error in a few words for the log: the MLflow call and why it failed.
+
+    MLflow wraps the HTTP client's error in "API request to <url> failed with ..." and copies
+    urllib3's whole text ("Max retries exceeded ... (Caused by NewConnectionError(...))", a
+    timeout's pool repr and advice, an HTML error page): the call and the cause say it all.
+    """
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    call = re.search(r"/api/[\d.]+/mlflow/([\w/-]+)", text)
+    reason = None
+    for pattern in (
+        r"too many (\d+) error responses",  # urllib3's retries on a status, then gave up
+        r"error code (\d+)",
+        r"Caused by (\w+)",
+        r"(timed out)",
+        r"(Connection aborted|Connection reset|Connection refused|RemoteDisconnected)",
+    ):
+        if found := re.search(pattern, text):
+            reason = found.group(1)
+            break
+    if call and reason:
+        return f"{call.group(1)}: {'HTTP ' if reason.isdigit() else ''}{reason}"
+    return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 3] + "..."
 
 
 @dataclass

@@ -99,7 +99,8 @@ def test_training_outlives_the_tracking_server(outage_run):
     # progress is a line every progress_every_s seconds, not a bar.
     log_lines = [x for x in stderr.splitlines() if x.strip()]
     assert all("] avts." in x for x in log_lines), "\n".join(log_lines[:20])
-    assert max(len(x) for x in log_lines) < 250 + len(str(run_dir))
+    longest = max(log_lines, key=len)
+    assert len(longest) < 250 + len(str(run_dir)), longest
     progress = [x for x in log_lines if "] avts.progress: step " in x]
     assert max(len(x) for x in progress) < 200
     assert 1 <= len(progress) < MAX_STEPS and progress[-1].count(f"step {MAX_STEPS}/{MAX_STEPS}")
