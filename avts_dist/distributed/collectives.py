@@ -18,9 +18,11 @@ on a GPU cluster) and ``gloo`` without.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,7 +226,23 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistCo
 
 
 def destroy() -> None:
-    if is_dist():
+    """Ends this process's process groups while the interpreter is still whole.
+
+    What a finished run no longer references is collected first (an engine's cycles hold
+    groups), and with DeepSpeed up the groups go through ``deepspeed.comm``, which also drops
+    DeepSpeed's own references to them (``deepspeed.utils.groups``). A group destroyed only in
+    interpreter teardown can abort a finished rank ("terminate called without an active
+    exception", pytorch#190489). torch itself still binds the world group as a default argument
+    in modules imported after ``init_process_group`` (``torch.distributed.nn.functional``, via
+    ``use_deterministic_algorithms``); those references are out of reach here.
+    """
+    if not is_dist():
+        return
+    gc.collect()
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 

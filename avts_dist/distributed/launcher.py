@@ -6,11 +6,22 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 from avts_dist.distributed.collectives import free_port
 
 __all__ = ["spawn_local_ranks"]
+
+
+def _how(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited {code}"
+
 
 # A rank that fails leaves the others waiting in a collective: they are killed after this.
 _GRACE_S = 30.0
@@ -62,6 +73,13 @@ def spawn_local_ranks(cmd: list[str], nproc: int, *, ok_codes: tuple[int, ...] =
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if any(c not in ok_codes for c in codes.values()):
+    failed = {i: c for i, c in sorted(codes.items()) if c not in ok_codes}
+    if failed:
+        # Which rank and how: a rank killed by a signal after its work (an abort at interpreter
+        # exit) reads differently from one that failed or was killed after the grace period.
+        print(
+            "avts: " + "; ".join(f"rank {i} {_how(c)}" for i, c in failed.items()),
+            file=sys.stderr,
+        )
         return 1
     return next((c for c in ok_codes if c != 0 and c in codes.values()), 0)

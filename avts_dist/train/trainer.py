@@ -347,3 +347,6 @@ class Trainer:
         self.loader.close()
         for loader in self.val_loaders.values():
             loader.close()
+        # ZeRO's gradient hooks live in autograd's C++ graph and hold the optimizer, hence the
+        # engine and its process groups: DeepSpeed's own release removes them.
+        self.engine.destroy()
