@@ -73,33 +73,43 @@ def is_permanent_error(exc: BaseException) -> bool:
     return False
 
 
-_ERROR_CHARS = 120
+_ERROR_CHARS = 64  # the longest error summary a log line carries
 
 
 def _one_line(exc: BaseException) -> str:
-    """A tracking error in a few words for the log: the MLflow call and why it failed.
+    """A tracking error in a few words (at most ``_ERROR_CHARS``) for the log: the MLflow call
+    and why it failed.
 
     MLflow wraps the HTTP client's error in "API request to <url> failed with ..." and copies
-    urllib3's whole text ("Max retries exceeded ... (Caused by NewConnectionError(...))", a
-    timeout's pool repr and advice, an HTML error page): the call and the cause say it all.
+    its whole text: urllib3's "Max retries exceeded ... (Caused by NewConnectionError(...))", a
+    timeout's pool repr and advice, an HTML error page, "('Connection broken: IncompleteRead(...)".
+    Which one a failed call gets depends on where it was when the server went: the call and the
+    cause say it all.
     """
     text = " ".join(str(exc).split())
     if not text:
         return type(exc).__name__
     call = re.search(r"/api/[\d.]+/mlflow/([\w/-]+)", text)
-    reason = None
+    if not call:
+        return _cut(text)
     for pattern in (
         r"too many (\d+) error responses",  # urllib3's retries on a status, then gave up
         r"error code (\d+)",
         r"Caused by (\w+)",
         r"(timed out)",
-        r"(Connection aborted|Connection reset|Connection refused|RemoteDisconnected)",
+        r"(Connection (?:aborted|broken|reset|refused)|RemoteDisconnected|Broken pipe)",
     ):
         if found := re.search(pattern, text):
             reason = found.group(1)
+            reason = f"HTTP {reason}" if reason.isdigit() else reason
             break
-    if call and reason:
-        return f"{call.group(1)}: {'HTTP ' if reason.isdigit() else ''}{reason}"
+    else:  # an unknown shape: what follows "failed with (timeout) exception"
+        after = re.search(r"failed with (?:timeout )?(?:exception )?(.*)", text)
+        reason = (after.group(1) if after else text).lstrip("('\" ")
+    return _cut(f"{call.group(1)}: {reason}")
+
+
+def _cut(text: str) -> str:
     return text if len(text) <= _ERROR_CHARS else text[: _ERROR_CHARS - 3] + "..."
 
 

@@ -72,9 +72,45 @@ def test_an_html_error_page_is_its_status(quick_http):
     assert _one_line(exc) == "runs/get: HTTP 503", str(exc)[:300]
 
 
+def test_a_connection_broken_mid_answer_is_named():
+    """The server goes while it answers: headers promise 200 bytes, 10 come (a CI run's shape)."""
+
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "200")
+            self.end_headers()
+            self.wfile.write(b'{"run": {"')
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        exc = _error(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _one_line(exc) in ("runs/get: Connection broken", "runs/get: ProtocolError"), str(exc)
+
+
+def test_an_unknown_failure_of_a_call_keeps_the_call_and_is_short():
+    exc = RuntimeError(
+        "API request to http://h:5000/api/2.0/mlflow/runs/log-batch failed with exception "
+        "('Something new: " + 300 * "z" + "')"
+    )
+    line = _one_line(exc)
+    assert line.startswith("runs/log-batch: Something new: zz") and len(line) == _ERROR_CHARS
+
+
 def test_other_errors_are_cut_to_one_short_line():
     long = RuntimeError("first line\n" + "y" * 1000)
     line = _one_line(long)
     assert "\n" not in line and len(line) == _ERROR_CHARS and line.startswith("first line y")
+    assert line.endswith("...")
     assert _one_line(RuntimeError()) == "RuntimeError"
     assert _one_line(ValueError("no MLflow run yet")) == "no MLflow run yet"
