@@ -26,6 +26,17 @@ def _error(url: str) -> BaseException:
     return info.value
 
 
+def _served_error(handler) -> BaseException:
+    """The error of a call to a real HTTP server answering with ``handler``."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        return _error(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,13 +73,7 @@ def test_an_html_error_page_is_its_status(quick_http):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        exc = _error(f"http://127.0.0.1:{server.server_address[1]}")
-    finally:
-        server.shutdown()
-        server.server_close()
+    exc = _served_error(Unavailable)
     assert _one_line(exc) == "runs/get: HTTP 503", str(exc)[:300]
 
 
@@ -88,13 +93,7 @@ def test_a_connection_broken_mid_answer_is_named():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        exc = _error(f"http://127.0.0.1:{server.server_address[1]}")
-    finally:
-        server.shutdown()
-        server.server_close()
+    exc = _served_error(Broken)
     assert _one_line(exc) in ("runs/get: Connection broken", "runs/get: ProtocolError"), str(exc)
 
 
