@@ -877,8 +877,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def redacted_config_dict(cfg: Any) -> dict[str, Any]:
     """The config as it may be written anywhere (files, MLflow, checkpoints, logs): storage
-    options keep only the values of harmless keys (:func:`avts_dist.storage.redact`)."""
-    from avts_dist.storage import redact
+    options keep only the values of harmless keys (:func:`avts_dist.secrets.redact`)."""
+    from avts_dist.secrets import redact
 
     return redact(config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg))
 
@@ -915,7 +915,7 @@ SECRETS_ENV = "AVTS_CONFIG_SECRETS"
 
 def config_secrets(cfg: Any) -> dict[str, Any]:
     """``{"data.storage_options.secret": value, ...}``: every value that redaction hides."""
-    from avts_dist.storage import REDACTED
+    from avts_dist.secrets import REDACTED
 
     out: dict[str, Any] = {}
 
@@ -951,7 +951,7 @@ def secrets_in_environment(cfg: Any):
 def restore_secrets(cfg: Any, secrets: dict[str, Any] | None = None) -> Any:
     """Puts ``secrets`` (default: the JSON in ``$AVTS_CONFIG_SECRETS``) back where ``cfg`` holds
     a redaction placeholder; values the user gave again are kept."""
-    from avts_dist.storage import REDACTED
+    from avts_dist.secrets import REDACTED
 
     if secrets is None:
         text = os.environ.get(SECRETS_ENV, "")
