@@ -127,3 +127,43 @@ def test_run_length_from_data_epochs():
     cfg = load_config(overrides=["data.epochs=3", "train.max_steps=0"])
     assert cfg.data.epochs == 3 and cfg.train.max_steps == 0
     assert load_config(overrides=["deepspeed.precision=bf16"]).deepspeed.zero_stage == 0
+
+
+# ---- the config <-> storage cycle is gone: redaction is the leaf avts_dist.secrets ----
+
+
+def _imported_modules(path) -> set[str]:
+    """Every module a file imports, function-local imports included."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_config_imports_no_storage_and_secrets_is_a_leaf():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "avts_dist"
+    config_files = sorted((package / "config").glob("*.py"))
+    assert len(config_files) > 5
+    for path in config_files:
+        assert not any(m.startswith("avts_dist.storage") for m in _imported_modules(path)), path
+    assert not any(m.startswith("avts_dist") for m in _imported_modules(package / "secrets.py"))
+    assert "avts_dist.secrets" in _imported_modules(package / "storage.py")
+    code = (
+        "import sys, avts_dist.config; a = 'avts_dist.storage' in sys.modules; "
+        "import avts_dist.secrets as s; print(a, sorted(m for m in sys.modules "
+        "if m.startswith('avts_dist') and not m.startswith('avts_dist.config')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
+    assert out[0] == "False"  # importing the config loads no storage
+    assert "".join(out[1:]) == "['avts_dist','avts_dist.secrets']"
