@@ -13,8 +13,9 @@ __all__ = ["CurriculumConfig", "CurriculumStage"]
 @dataclass
 class CurriculumStage:
     name: str = "easy"
-    # Empty means {"easy": 1.0}. The default must be empty: OmegaConf merges a YAML mapping
-    # into the default one, so {hard: 1.0} would otherwise become {easy: 1.0, hard: 1.0}.
+    # Empty means data.negative_mix (the whole Config fills it in; easy only when that is empty
+    # too). The default must be empty: OmegaConf merges a YAML mapping into the default one, so
+    # {hard: 1.0} would otherwise become {easy: 1.0, hard: 1.0}.
     negative_mix: dict[str, float] = field(default_factory=dict)
     # Loss weights per negative kind for this stage (merged over loss.weights).
     loss_weights: dict[str, float] = field(default_factory=dict)
@@ -39,9 +40,8 @@ class CurriculumConfig:
             fail("curriculum.stages", "needs at least one stage")
         for i, stage in enumerate(self.stages):
             check_choices(stage, f"curriculum.stages.{i}")
-            if not stage.negative_mix:
-                stage.negative_mix = {"easy": 1.0}
-            check_mix(f"curriculum.stages.{i}.negative_mix", dict(stage.negative_mix))
+            if stage.negative_mix:
+                check_mix(f"curriculum.stages.{i}.negative_mix", dict(stage.negative_mix))
             if stage.plateau_patience < 1:
                 fail(f"curriculum.stages.{i}.plateau_patience", "must be >= 1")
             unknown = set(stage.loss_weights) - set(NEGATIVE_KINDS)

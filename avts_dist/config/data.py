@@ -34,8 +34,10 @@ class DataConfig:
     mel_hop_ms: float = 10.0
     # Super-hard negatives are offset by at least this many seconds (and less than a clip).
     min_shift: float = 0.25
-    # Initial mix of the extra negative's kind; empty means {"easy": 1.0}. The default must be
-    # empty: OmegaConf merges a YAML mapping into a default one ({hard: 1} would gain easy: 1).
+    # Mix of the extra negative's kind; empty means {"easy": 1.0}. In training it is the mix of
+    # every curriculum stage that names none (a stage that names its own makes this an error).
+    # The default must be empty: OmegaConf merges a YAML mapping into a default one ({hard: 1}
+    # would gain easy: 1).
     negative_mix: dict[str, float] = field(default_factory=dict)
     # The run's one epoch knob: passes over the split; 0 means an endless stream (the run is
     # then as long as train.max_steps). With both set, the run stops at whichever comes first.

@@ -58,6 +58,23 @@ class Config:
                 "train.objective",
                 "video_ssl trains the video net alone: needs model.arch=two_stream",
             )
+        self._fill_stage_mixes()
+
+    def _fill_stage_mixes(self) -> None:
+        """A curriculum stage without a mix draws ``data.negative_mix``. A stage with a mix of its
+        own would overrule ``data.negative_mix`` from its first step: both given is an error."""
+        data_mix = dict(self.data.negative_mix)
+        for i, stage in enumerate(self.curriculum.stages):
+            if data_mix and stage.negative_mix and dict(stage.negative_mix) != data_mix:
+                fail(
+                    "data.negative_mix",
+                    f"curriculum.stages.{i}.negative_mix ({dict(stage.negative_mix)}) sets the "
+                    "mix instead; give the mix in the curriculum's stages, or leave their "
+                    "negative_mix empty for data.negative_mix to apply",
+                )
+        for stage in self.curriculum.stages:
+            if not stage.negative_mix:
+                stage.negative_mix = self.data.initial_negative_mix
 
     def fill_derived(self) -> Config:
         """Fills defaults that depend on other keys (after every layer has merged)."""
