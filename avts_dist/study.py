@@ -35,7 +35,7 @@ from typing import Any
 from avts_dist.config import (
     Config,
     ConfigError,
-    _fail,
+    fail,
     flatten_config,
     load_config,
     redacted_config_dict,
@@ -112,31 +112,31 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name or ""):
-            _fail("name", f"a study name of letters, digits, _ . - is required, got {self.name!r}")
+            fail("name", f"a study name of letters, digits, _ . - is required, got {self.name!r}")
         if not self.corpus.get("out"):
-            _fail("corpus.out", "the corpus URL is required")
+            fail("corpus.out", "the corpus URL is required")
         if not self.arms:
-            _fail("arms", "at least one arm is required")
+            fail("arms", "at least one arm is required")
         for arm in self.arms:
             if not _NAME.fullmatch(arm) or arm == "scratch":
-                _fail(f"arms.{arm}", "arm names are letters, digits, _ . - (and not 'scratch')")
+                fail(f"arms.{arm}", "arm names are letters, digits, _ . - (and not 'scratch')")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            _fail("seeds", f"distinct pretraining seeds expected, got {self.seeds}")
+            fail("seeds", f"distinct pretraining seeds expected, got {self.seeds}")
         if not self.seed_keys:
-            _fail("seed_keys", "at least one config key must take the pretraining seed")
+            fail("seed_keys", "at least one config key must take the pretraining seed")
         for name, ev in self.evals.items():
             if not _NAME.fullmatch(name):
-                _fail(f"evals.{name}", "eval names are letters, digits, _ . -")
+                fail(f"evals.{name}", "eval names are letters, digits, _ . -")
             if not ev.job:
-                _fail(f"evals.{name}.job", "an evaluation job name is required")
+                fail(f"evals.{name}.job", "an evaluation job name is required")
             for key, arms in (("arms", ev.arms), ("arm_overrides", list(ev.arm_overrides))):
                 unknown = sorted(set(arms) - set(self.arms))
                 if unknown:
-                    _fail(
+                    fail(
                         f"evals.{name}.{key}", f"unknown arm(s) {unknown}; arms: {list(self.arms)}"
                     )
         if self.launch.cpus_per_task < 1:
-            _fail("launch.cpus_per_task", "must be >= 1")
+            fail("launch.cpus_per_task", "must be >= 1")
 
     @property
     def runs_dir(self) -> Path:
@@ -329,7 +329,7 @@ def _check_eval_overrides(study: StudyConfig) -> None:
         if not ev.arms:
             continue
         if ev.job not in JOBS:
-            _fail(f"evals.{name}.job", f"unknown evaluation {ev.job!r}; known: {', '.join(JOBS)}")
+            fail(f"evals.{name}.job", f"unknown evaluation {ev.job!r}; known: {', '.join(JOBS)}")
         for arm in ev.arms:
             try:
                 load_config(study.pretrain_config, [*ev.overrides, *ev.arm_overrides.get(arm, [])])
@@ -412,7 +412,7 @@ def synth_argv(study: StudyConfig) -> list[str]:
     argv = ["synth"]
     for key, value in study.corpus.items():
         if key not in known:
-            _fail(f"corpus.{key}", f"not an `avts synth` option; known: {', '.join(sorted(known))}")
+            fail(f"corpus.{key}", f"not an `avts synth` option; known: {', '.join(sorted(known))}")
         argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv
 

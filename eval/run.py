@@ -20,9 +20,9 @@ import torch
 
 from avts_dist.config import (
     Config,
-    _read_yaml_layers,
     flatten_config,
     load_config,
+    read_yaml_layers,
     resolve_config_path,
 )
 from avts_dist.data import DatasetError, DatasetIndex
@@ -55,7 +55,7 @@ def explicit_model_keys(config: str | None, overrides: Iterable[str]) -> set[str
     """``model.*`` keys the user set (overrides, ``--config``): they must match the checkpoint."""
     keys = {o.split("=", 1)[0][len("model.") :] for o in overrides if o.startswith("model.")}
     if config:
-        for layer in _read_yaml_layers(resolve_config_path(config)):
+        for layer in read_yaml_layers(resolve_config_path(config)):
             keys |= set((layer.get("model") or {}).keys())
     return keys
 

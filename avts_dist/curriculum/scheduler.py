@@ -55,7 +55,8 @@ class Curriculum:
     @property
     def negative_mix(self) -> dict[str, float]:
         """The current stage's mix, normalised to probabilities (for ``set_negative_mix``)."""
-        mix = {k: float(v) for k, v in self.stage.negative_mix.items()}
+        # Empty only in a CurriculumConfig built outside a Config (which fills in data's mix).
+        mix = {k: float(v) for k, v in (self.stage.negative_mix or {"easy": 1.0}).items()}
         total = sum(mix.values())
         return {k: v / total for k, v in mix.items()}
 

@@ -7,7 +7,7 @@
   thread delivers (:mod:`avts_dist.tracking.writer`): the training loop never waits on MLflow,
   and an outage loses nothing.
 - Params are the flattened resolved config with storage options redacted by an allowlist
-  (:func:`avts_dist.storage.redact`; passwords in URLs masked), so no credential reaches the store.
+  (:func:`avts_dist.secrets.redact`; passwords in URLs masked), so no credential reaches the store.
 - Each saved checkpoint becomes a LoggedModel of the run (MLflow 3), with the step and the
   config as params; the weights stay in the checkpoint store, referenced by the
   ``avts.checkpoint`` tag, not copied.
@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from avts_dist.config import config_to_dict, flatten_config
-from avts_dist.storage import redact
+from avts_dist.secrets import redact
 from avts_dist.tracking.eval_runs import resolve_tracking_uri
 from avts_dist.tracking.outbox import Outbox
 from avts_dist.tracking.system import SystemMetricsSampler, node_id_for

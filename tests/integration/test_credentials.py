@@ -21,7 +21,8 @@ import s3fs
 import yaml
 
 from avts_dist.config import load_config, restore_secrets, save_config
-from avts_dist.storage import REDACTED, StorageError, get_fs, redact, redact_storage_options
+from avts_dist.secrets import REDACTED, redact, redact_storage_options
+from avts_dist.storage import StorageError, get_fs
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "pretrain" / "quickstart.yaml"

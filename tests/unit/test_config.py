@@ -127,3 +127,88 @@ def test_run_length_from_data_epochs():
     cfg = load_config(overrides=["data.epochs=3", "train.max_steps=0"])
     assert cfg.data.epochs == 3 and cfg.train.max_steps == 0
     assert load_config(overrides=["deepspeed.precision=bf16"]).deepspeed.zero_stage == 0
+
+
+# ---- data.negative_mix against the curriculum (a fix: the curriculum overwrote it silently) ----
+
+
+def test_data_negative_mix_is_the_mix_where_no_stage_sets_one():
+    from avts_dist.curriculum import Curriculum
+
+    cfg = load_config(overrides=["data.negative_mix={easy: 3, hard: 1}"])
+    assert cfg.curriculum.stages[0].negative_mix == {"easy": 3.0, "hard": 1.0}
+    # What the trainer pushes to the loader at step 0 (it was easy only, whatever the user set).
+    assert Curriculum(cfg.curriculum).negative_mix == {"easy": 0.75, "hard": 0.25}
+    two = load_config(
+        overrides=[
+            "data.negative_mix={hard: 1}",
+            "curriculum.stages=[{name: a, until_step: 5}, {name: b}]",
+        ]
+    )
+    assert [s.negative_mix for s in two.curriculum.stages] == [{"hard": 1.0}] * 2
+    # The saved config reads back: stages that hold data's mix are no conflict.
+    assert config_to_dict(config_from_dict(config_to_dict(cfg))) == config_to_dict(cfg)
+    assert load_config().curriculum.stages[0].negative_mix == {"easy": 1.0}  # the default
+
+
+def test_data_negative_mix_where_a_stage_sets_one_is_one_clear_error():
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/pretrain/quickstart.yaml", ["data.negative_mix={hard: 1.0}"])
+    message = str(info.value)
+    assert message.startswith("config key 'data.negative_mix': ")
+    assert "curriculum.stages.0.negative_mix" in message and "\n" not in message
+    with pytest.raises(ConfigError, match=r"'data.negative_mix'.*curriculum.stages.1"):
+        load_config(
+            overrides=[
+                "data.negative_mix={easy: 1}",
+                "curriculum.stages=[{name: a, until_step: 5}, {name: b, negative_mix: {hard: 1}}]",
+            ]
+        )
+    # The same mix in both places says one thing: accepted.
+    same = load_config(
+        overrides=[
+            "data.negative_mix={easy: 0.5, hard: 0.5}",
+            "curriculum.stages=[{name: a, negative_mix: {easy: 0.5, hard: 0.5}}]",
+        ]
+    )
+    assert same.curriculum.stages[0].negative_mix == {"easy": 0.5, "hard": 0.5}
+
+
+# ---- the config <-> storage cycle is gone: redaction is the leaf avts_dist.secrets ----
+
+
+def _imported_modules(path) -> set[str]:
+    """Every module a file imports, function-local imports included."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_config_imports_no_storage_and_secrets_is_a_leaf():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[2] / "avts_dist"
+    config_files = sorted((package / "config").glob("*.py"))
+    assert len(config_files) > 5
+    for path in config_files:
+        assert not any(m.startswith("avts_dist.storage") for m in _imported_modules(path)), path
+    assert not any(m.startswith("avts_dist") for m in _imported_modules(package / "secrets.py"))
+    assert "avts_dist.secrets" in _imported_modules(package / "storage.py")
+    code = (
+        "import sys, avts_dist.config; a = 'avts_dist.storage' in sys.modules; "
+        "import avts_dist.secrets as s; print(a, sorted(m for m in sys.modules "
+        "if m.startswith('avts_dist') and not m.startswith('avts_dist.config')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
+    assert out[0] == "False"  # importing the config loads no storage
+    assert "".join(out[1:]) == "['avts_dist','avts_dist.secrets']"
