@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # and decord bring their own. Debian 12 ships FFmpeg 5; any FFmpeg 4-8 does (see README).
 FFMPEG_LIBS := libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8
 
-.PHONY: install system-libs demo study test chaos lint format bench gpu-check gpu-wheels clean
+.PHONY: install system-libs system-pkgs demo study test chaos lint format bench gpu-check gpu-wheels clean
 
 system-libs:
 	@if ldconfig -p | grep -Eq 'libavcodec\.so\.(58|59|60|61|62) '; then :; \
@@ -24,6 +24,24 @@ system-libs:
 		echo "warning: no FFmpeg shared libraries; install $(FFMPEG_LIBS) or use data.video_decoder=pyav" >&2; \
 	fi
 
+# What the tests start for real and Debian ships: the single-node SLURM cluster (slurm-wlm, munge;
+# iproute2 for the network-namespace nodes) and the browser the HTML reports are checked in. Installed
+# here, once, so that no test runs apt-get (launch/local_slurm.sh still installs slurm-wlm for a
+# user who brings the cluster up without `make install`).
+SYSTEM_PKGS := slurm-wlm munge iproute2 chromium
+system-pkgs:
+	@missing=""; for p in $(SYSTEM_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "apt-get install$$missing"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends $$missing >/dev/null \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; } \
+		|| echo "warning: could not install$$missing; the tests that need them will skip" >&2; \
+	else \
+		echo "warning: missing$$missing (needs root); the tests that need them will skip" >&2; \
+	fi
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
@@ -33,7 +51,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-install: system-libs $(STAMP)
+install: system-libs system-pkgs $(STAMP)
 
 demo: install
 	$(BIN)/python -m avts_dist.demo
@@ -49,8 +67,9 @@ study: install
 	$(BIN)/avts study --config configs/study/$(STUDY).yaml --cluster local; status=$$?; \
 	$(BIN)/avts compare --study $(STUDY) --out runs/study_$(STUDY) && exit $$status
 
+# --durations keeps the slowest tests in view on every run (docs: issue #21's budget, README).
 test: install
-	$(BIN)/python -m pytest -m "not chaos" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not chaos" --durations=25 $(PYTEST_ARGS)
 
 # The chaos run (tests/chaos, docs/training.md): kills, S3 faults and a tracking outage.
 chaos: install

@@ -107,6 +107,46 @@ def test_scancel_saves_and_does_not_requeue(tmp_path, capsys, monkeypatch):
     assert scontrol_job(job).get("Restarts") == "0", "a cancelled job must not requeue itself"
 
 
+def test_real_time_limit_signals_saves_requeues_and_finishes(tmp_path, capsys, monkeypatch):
+    """The one test that waits for SLURM's own time limit, at the smallest one SLURM keeps (one
+    minute): with grace_s 55 the signal is due 5 s in and lands at slurmctld's next time-limit
+    check (every ~30 s). The stand-in trainer saves at a step boundary, rank 0 requeues, and the
+    requeued job resumes and finishes: every step logged exactly once. The real trainer's side of
+    the same signal (a bitwise resume) is test_slurm_pretrain.py's, with scancel --signal."""
+    steps = 2000  # 0.1 s a step: far longer than the signal takes to land
+    monkeypatch.setenv("AVTS_TOY_STEP_S", "0.1")
+    monkeypatch.setenv("AVTS_TOY_REQUEUED_STEP_S", "0.002")
+    cfg = _config(tmp_path, "limit", max_steps=steps)
+    argv = ["--config", str(cfg), "--trainer", TOY, "--tasks-per-node", "2"]
+    status, info = _launch(capsys, *argv, "--time", "1", "--grace-s", "55", "--max-requeues", "2")
+    assert status == 0
+    job, run_dir = info["pretrain"], tmp_path / "limit"
+    deadline = time.monotonic() + 240
+    state = ""
+    while time.monotonic() < deadline:
+        job_info = scontrol_job(job)
+        state = job_info.get("JobState", "")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        if state == "PENDING" and job_info.get("Reason") == "BeginTime":
+            # Requeued: SLURM holds it ~2 minutes; release it now, with room to finish.
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=5"],
+                check=False,
+            )
+        time.sleep(0.3)
+    assert state == "COMPLETED", f"job {job} ended {state}"
+    assert int(scontrol_job(job)["Restarts"]) >= 1
+    err = (run_dir / "slurm" / f"{job}_0_log.err").read_text()
+    assert "trainer returned preempted" in err and "requeue 1 of at most" in err
+    saved = sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("checkpoints/*/COMPLETE"))
+    assert 0 < saved[0] < steps and saved[-1] == steps, saved
+    logged = [
+        json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert logged == list(range(1, steps + 1))
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -7,6 +7,8 @@ group killed) and started again on the same port with the same store.
   reads back what the server holds), LoggedModels included;
 - a server down from the start to the end: the run is created later by `avts sync-tracking`,
   which delivers everything once and, run again, has nothing to send.
+
+The three share one server (``mlflow_outage_server``), each test finding it running.
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
     return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
 
 
-def test_outage_is_buffered_and_replayed_in_order_once(mlflow_server_factory, tmp_path, caplog):
-    server = mlflow_server_factory()
+def test_outage_is_buffered_and_replayed_in_order_once(mlflow_outage_server, tmp_path, caplog):
+    server = mlflow_outage_server
     writer = TrackingWriter(Outbox(tmp_path / "tracking"), server.url)
     assert writer.wait_delivered(_start(writer, "outage"), 60)
     assert writer.wait_delivered(_metrics(writer, range(1, 6)), 60)
@@ -84,8 +86,8 @@ def test_outage_is_buffered_and_replayed_in_order_once(mlflow_server_factory, tm
     assert sum("reachable again" in w for w in warnings) == 1, warnings
 
 
-def test_replay_after_a_lost_acknowledgement_sends_nothing_twice(mlflow_server_factory, tmp_path):
-    server = mlflow_server_factory()
+def test_replay_after_a_lost_acknowledgement_sends_nothing_twice(mlflow_outage_server, tmp_path):
+    server = mlflow_outage_server
     folder = tmp_path / "tracking"
     writer = TrackingWriter(Outbox(folder), server.url)
     _start(writer, "lost-ack")
@@ -117,8 +119,8 @@ def test_replay_after_a_lost_acknowledgement_sends_nothing_twice(mlflow_server_f
     ]
 
 
-def test_sync_tracking_delivers_what_a_run_could_not(mlflow_server_factory, tmp_path, capsys):
-    server = mlflow_server_factory()
+def test_sync_tracking_delivers_what_a_run_could_not(mlflow_outage_server, tmp_path, capsys):
+    server = mlflow_outage_server
     server.stop()
     run_dir = tmp_path / "run"
     (run_dir / "config.yaml").parent.mkdir(parents=True)

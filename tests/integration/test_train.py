@@ -21,8 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from avts_dist.data.synthetic import synthesize
-
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "pretrain" / "quickstart.yaml"
 SECRET = "SUPERSECRET-do-not-log"
@@ -31,14 +29,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def train_corpus(tmp_path_factory) -> str:
-    # Enough held-out clips for one full validation batch of 4 (synth_corpus has too few).
-    url = str(tmp_path_factory.mktemp("train_corpus") / "ds")
-    synthesize(
-        url, num_videos=24, seconds=4.0, fps=8.0, size=32, sample_rate=16000, num_classes=4,
-        shard_size=8, seed=3, val_fraction=0.34,
-    )  # fmt: skip
-    return url
+def train_corpus(train_corpus_shared) -> str:
+    # The session's training corpus (tests/fixtures/corpus.py TRAIN_CORPUS: enough held-out
+    # clips for one full validation batch of 4), written once for every test that trains.
+    return train_corpus_shared
 
 
 def _config(tmp: Path, corpus: str) -> Path:
