@@ -1,10 +1,10 @@
 """The weights an evaluation starts from: an exported ``model.pt`` or a training checkpoint
-(exported on the fly with :func:`avts_dist.train.export.export_checkpoint`), plus the pretraining
-run it came from (run dir, MLflow run id)."""
+(exported on the fly with :func:`avts_dist.export.consolidate.export_checkpoint`), plus the
+pretraining run it came from (run dir, MLflow run id). The nets are built and loaded by
+:func:`avts_dist.export.pretrained_part`, the library's one weights loader."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -14,19 +14,17 @@ from typing import Any
 import torch
 
 from avts_dist.config import Config, ModelConfig
-from avts_dist.models import (
+from avts_dist.export import (
     ExportError,
-    build_audio_net,
-    build_model,
-    build_video_net,
     load_exported,
     model_config_from_export,
+    pretrained_part,
     require_audio,
 )
 from avts_dist.storage import is_remote
 from eval.registry import EvalError
 
-__all__ = ["ARCH_FIELDS", "Pretrained", "check_model_match", "load_pretrained"]
+__all__ = ["ARCH_FIELDS", "Pretrained", "check_model_match", "resolve_pretrained"]
 
 ARCH_FIELDS = (
     "video_arch",
@@ -49,10 +47,7 @@ class Pretrained:
 
     def video_net(self, pretrained: bool = True, seed: int = 0) -> torch.nn.Module:
         torch.manual_seed(seed)
-        net = build_video_net(self.model_cfg)
-        if pretrained:
-            _load(net, self.payload["video"], "video", self.checkpoint)
-        return net
+        return self._part("video", pretrained)
 
     def require_audio(self, job: str) -> None:
         """EvalError (one line, exit 2) when ``job`` needs an audio net this export lacks."""
@@ -66,41 +61,24 @@ class Pretrained:
             torch.manual_seed(seed)
         if pretrained:
             self.require_audio("audio")
-            if self.model_cfg.arch == "early_fusion":
-                raise EvalError(
-                    f"checkpoint {self.checkpoint} is model.arch=early_fusion: its audio branch "
-                    "feeds the shared video trunk and is not an audio network; audio-only jobs "
-                    "need a two_stream checkpoint"
-                )
-        net = build_audio_net(self.model_cfg)
-        if pretrained:
-            _load(net, self.payload["audio"], "audio", self.checkpoint)
-        return net
+        return self._part("audio", pretrained)
 
     def model(self, pretrained: bool = True, seed: int | None = None) -> torch.nn.Module:
         """The whole model; ``pretrained=False``: the same architecture from a random init
         (never ``model.init_from``'s weights)."""
         if seed is not None:
             torch.manual_seed(seed)
-        model = build_model(dataclasses.replace(self.model_cfg, init_from=""))
-        if not pretrained:
-            return model
-        self.require_audio("model")
-        _load(model.video, self.payload["video"], "video", self.checkpoint)
-        _load(model.audio, self.payload["audio"], "audio", self.checkpoint)
-        _load(model.heads, self.payload["heads"], "heads", self.checkpoint)
-        return model
+        if pretrained:
+            self.require_audio("model")
+        return self._part("model", pretrained)
 
-
-def _load(module: torch.nn.Module, state: dict, what: str, path: str) -> None:
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        raise EvalError(
-            f"checkpoint {path} does not match the model config ({what} weights): "
-            f"{' '.join(lines[1:3])[:300]}"
-        ) from None
+    def _part(self, part: str, pretrained: bool) -> torch.nn.Module:
+        try:
+            return pretrained_part(
+                self.payload, part, source=f"checkpoint {self.checkpoint}", load=pretrained
+            )
+        except ExportError as exc:
+            raise EvalError(str(exc)) from None
 
 
 def _find_run_dir(start: Path) -> Path | None:
@@ -126,7 +104,7 @@ def _export_to_memory(checkpoint: str) -> dict[str, Any]:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     # Deferred: the training package (DeepSpeed) takes seconds to import and is only needed to
     # export a checkpoint dir, not to read an exported .pt.
-    from avts_dist.train.export import ExportFailed, export_checkpoint
+    from avts_dist.export.consolidate import ExportFailed, export_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="avts-eval-") as tmp:
         try:
@@ -143,7 +121,7 @@ def _load_exported(path: str) -> dict[str, Any]:
         raise EvalError(str(exc)) from None
 
 
-def load_pretrained(checkpoint: str) -> Pretrained:
+def resolve_pretrained(checkpoint: str) -> Pretrained:
     """Resolves ``--checkpoint`` (an exported ``.pt``, or a checkpoint dir or tag dir, local or
     remote), its run dir and the pretraining run's MLflow id."""
     if not checkpoint:

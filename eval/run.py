@@ -32,7 +32,7 @@ from eval.audio import run_probe
 from eval.common import EvalRuntime, JobIO, MetricSink
 from eval.lowlabel import run_lowlabel
 from eval.multimodal import run_multimodal
-from eval.pretrained import ARCH_FIELDS, Pretrained, check_model_match, load_pretrained
+from eval.pretrained import ARCH_FIELDS, Pretrained, check_model_match, resolve_pretrained
 from eval.registry import EvalError, EvalSpec, dataset_url, get_job
 from eval.splits import split_plans
 from eval.sync import run_sync
@@ -77,7 +77,7 @@ def evaluate(
     :class:`avts_dist.config.ConfigError` with one line.
     """
     get_job(job)
-    pre = load_pretrained(checkpoint)
+    pre = resolve_pretrained(checkpoint)
     overrides = list(overrides)
     if parent_run_id:
         overrides.append(f"eval.parent_run_id={parent_run_id}")
@@ -164,7 +164,7 @@ def run_eval(
 ) -> EvalResult:
     """Runs one job for ``cfg.eval.checkpoint`` (or ``pre``) and logs it as an MLflow child run."""
     spec = get_job(job)
-    pre = pre or load_pretrained(cfg.eval.checkpoint)
+    pre = pre or resolve_pretrained(cfg.eval.checkpoint)
     check_model_match(pre, cfg, explicit_model_keys or set())
     if spec.kind in ("sync", "probe", "multimodal", "synthetic"):
         pre.require_audio(job)  # before any run is opened: a video-only export has no audio net

@@ -40,7 +40,7 @@ class ExportJob:
 
     def __call__(self) -> str:
         # Deferred to the job: torch and DeepSpeed are not needed to submit it.
-        from avts_dist.train.export import export_checkpoint
+        from avts_dist.export.consolidate import export_checkpoint
 
         _log_to_job_output()
         out, step = export_checkpoint(self.checkpoint, self.out)

@@ -4,7 +4,7 @@
 
 ``--checkpoint`` is a checkpoint directory (its newest complete tag is used) or one tag
 directory. ZeRO shards are gathered with DeepSpeed's zero_to_fp32
-(``get_fp32_state_dict_from_zero_checkpoint``). The file (format in ``avts_dist.models.export``)
+(``get_fp32_state_dict_from_zero_checkpoint``). The file (format in ``avts_dist.export.format``)
 loads without DeepSpeed: ``torch.load(path, weights_only=True)``.
 """
 
@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Deferred: torch and DeepSpeed load only when exporting, not for `avts --help`.
-    from avts_dist.train.export import ExportFailed, export_checkpoint
+    from avts_dist.export.consolidate import ExportFailed, export_checkpoint
 
     try:
         out, step = export_checkpoint(
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ExportFailed as exc:
         raise CLIError(str(exc)) from None
-    from avts_dist.models import model_card_path
+    from avts_dist.export import model_card_path
 
     print(f"avts export: wrote {out} (step {step}) and {model_card_path(out)}")
     return 0

@@ -1,4 +1,4 @@
-"""The two-stream AVTS model, its builders and the single-stream classification heads.
+"""The two-stream AVTS model: two subnetworks, their embedding heads and the fusion head.
 
 ``AVTSModel`` = video subnetwork + audio subnetwork + per-stream embedding heads (MLP to
 ``embed_dim``) + an optional fusion head that scores a (video, audio) pair as in sync.
@@ -12,41 +12,9 @@ import torch
 from torch import nn
 
 from avts_dist.config import ModelConfig
-from avts_dist.models.audio import AudioVGG
-from avts_dist.models.init_from import init_video_from
-from avts_dist.models.video import VideoResNet
+from avts_dist.models.backbones import build_audio_net, build_video_net
 
-__all__ = [
-    "AVTSModel",
-    "AudioClassifier",
-    "EmbeddingHead",
-    "FusionHead",
-    "StreamClassifier",
-    "VideoClassifier",
-    "build_audio_net",
-    "build_model",
-    "build_video_net",
-]
-
-
-def build_video_net(cfg: ModelConfig, num_classes: int = 0) -> VideoResNet:
-    """The video backbone of ``cfg`` (headless unless ``num_classes``)."""
-    return VideoResNet(
-        arch=cfg.video_arch,
-        layers=cfg.video_layers,
-        width=cfg.video_width,
-        num_classes=num_classes,
-        activation_checkpointing=cfg.activation_checkpointing,
-        channels_last_3d=cfg.channels_last_3d,
-    )
-
-
-def build_audio_net(cfg: ModelConfig) -> AudioVGG:
-    return AudioVGG(
-        arch=cfg.audio_arch,
-        width=cfg.audio_width,
-        activation_checkpointing=cfg.activation_checkpointing,
-    )
+__all__ = ["AVTSModel", "EmbeddingHead", "FusionHead"]
 
 
 class EmbeddingHead(nn.Sequential):
@@ -155,118 +123,3 @@ class AVTSModel(nn.Module):
 def _time_bins(feats_BCT: torch.Tensor, num_bins: int) -> torch.Tensor:
     """[B, C, T] -> [B, C * num_bins]: average over time within each of ``num_bins`` bins."""
     return nn.functional.adaptive_avg_pool1d(feats_BCT, num_bins).flatten(1)
-
-
-def build_model(cfg: ModelConfig, objective: str = "avts") -> nn.Module:
-    """``AVTSModel`` (``model.arch=two_stream``, its video net fresh or from ``cfg.init_from``),
-    ``EarlyFusionModel`` (``early_fusion``), or with ``objective="video_ssl"``
-    (``train.objective``) the video-only ``VideoSSLModel``."""
-    if cfg.arch == "early_fusion":
-        from avts_dist.models.early_fusion import EarlyFusionModel  # it imports this module
-
-        return EarlyFusionModel(cfg)
-    if objective == "video_ssl":
-        from avts_dist.models.video_ssl import VideoSSLModel  # it imports this module
-
-        model = VideoSSLModel(cfg)
-    else:
-        model = AVTSModel(cfg)
-    if cfg.init_from:
-        init_video_from(model.video, cfg.init_from)
-    return model
-
-
-class StreamClassifier(nn.Module):
-    """backbone features (``layer``, pooled) -> dropout -> linear, optionally a frozen backbone.
-
-    A frozen backbone gets no gradients and stays in eval mode (its BN statistics are kept),
-    which is the linear-probe protocol; unfrozen, it is fine-tuning.
-    """
-
-    def __init__(
-        self,
-        backbone: VideoResNet | AudioVGG,
-        num_classes: int,
-        dropout: float = 0.5,
-        freeze_backbone: bool = False,
-        layer: str = "pool",
-    ) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if layer not in backbone.stage_names:
-            raise ValueError(f"unknown layer {layer!r}; expected one of {backbone.stage_names}")
-        self.backbone = backbone
-        self.layer = layer
-        self.freeze_backbone = freeze_backbone
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(backbone.feature_dim_of(layer), num_classes)
-        if freeze_backbone:
-            self.backbone.requires_grad_(False)
-            self.backbone.eval()
-
-    def train(self, mode: bool = True) -> StreamClassifier:
-        super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.freeze_backbone:
-            with torch.no_grad():
-                feats = self.backbone.features(x, layer=self.layer, pooled=True)
-        else:
-            feats = self.backbone.features(x, layer=self.layer, pooled=True)
-        return self.fc(self.dropout(feats))
-
-
-class VideoClassifier(StreamClassifier):
-    """Fine-tuning / linear-probe head on a video backbone (input ``video_BCTHW``)."""
-
-    @classmethod
-    def from_export(
-        cls, path: str, num_classes: int, storage_options: dict | None = None, **kwargs
-    ) -> VideoClassifier:
-        """Pretrained video backbone from an ``avts export`` file plus a fresh head."""
-        from avts_dist.models.export import build_video_net_from_export  # export imports us
-
-        return cls(build_video_net_from_export(path, storage_options), num_classes, **kwargs)
-
-
-class AudioClassifier(StreamClassifier):
-    """Linear-probe / fine-tuning head on an audio backbone (input ``logmel_B1FT``)."""
-
-    @classmethod
-    def from_export(
-        cls, path: str, num_classes: int, storage_options: dict | None = None, **kwargs
-    ) -> AudioClassifier:
-        """Pretrained audio backbone from an ``avts export`` file plus a fresh head."""
-        from avts_dist.models.export import build_audio_net_from_export  # export imports us
-
-        return cls(build_audio_net_from_export(path, storage_options), num_classes, **kwargs)
-
-
-class ConcatClassifier(nn.Module):
-    """Both subnetworks' pooled features, concatenated -> dropout -> linear: the two-stream
-    model's multimodal classifier (``(video, log-mel) -> class logits``), both nets trained."""
-
-    def __init__(
-        self, video: VideoResNet, audio: AudioVGG, num_classes: int, dropout: float = 0.5
-    ) -> None:
-        super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.video, self.audio = video, audio
-        self.dropout = nn.Dropout(dropout)
-        dim = video.feature_dim_of("pool") + audio.feature_dim_of("pool")
-        self.fc = nn.Linear(dim, num_classes)
-
-    def forward(self, video_BCTHW: torch.Tensor, logmel_B1FT: torch.Tensor) -> torch.Tensor:
-        feats = torch.cat(
-            [
-                self.video.features(video_BCTHW, layer="pool", pooled=True),
-                self.audio.features(logmel_B1FT, layer="pool", pooled=True),
-            ],
-            dim=1,
-        )
-        return self.fc(self.dropout(feats))

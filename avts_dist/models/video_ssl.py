@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from avts_dist.config import ModelConfig
-from avts_dist.models.avts import EmbeddingHead, build_video_net
+from avts_dist.models.avts import EmbeddingHead
+from avts_dist.models.backbones import build_video_net
 
 __all__ = ["VideoSSLModel"]
 

@@ -29,8 +29,8 @@ from avts_dist.distributed.engine import (
     load_engine_checkpoint,
     optimizer_step,
 )
+from avts_dist.export import build_initial_model
 from avts_dist.losses import build_loss, reduce_metrics
-from avts_dist.models import build_model
 from avts_dist.tracking import (
     MetricsLogger,
     NoTracking,
@@ -122,7 +122,7 @@ class Trainer:
             world_size=self.world_size, total_steps=self.max_steps,
             load_universal=plan is not None and plan.universal, use_cuda=ctx.device.type == "cuda",
         )  # fmt: skip
-        model = build_model(cfg.model, cfg.train.objective)
+        model = build_initial_model(cfg.model, cfg.train.objective)
         self.engine = initialize_engine(model, ds_config, backend=ctx.backend)
         self.device = self.engine.device
         self.micro_steps = cfg.deepspeed.grad_accum_steps

@@ -32,10 +32,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from avts_dist.config import load_config  # noqa: E402
 from avts_dist.data import DatasetIndex  # noqa: E402
 from avts_dist.data.synthetic import use_label_set  # noqa: E402
-from avts_dist.models import build_model, export_payload, save_exported  # noqa: E402
+from avts_dist.export import export_payload, save_exported  # noqa: E402
+from avts_dist.models import build_model  # noqa: E402
 from eval.common import EvalRuntime, JobIO  # noqa: E402
 from eval.lowlabel import _finetune_cell, probe_accuracy, window_features  # noqa: E402
-from eval.pretrained import load_pretrained  # noqa: E402
+from eval.pretrained import resolve_pretrained  # noqa: E402
 from eval.splits import split_plans  # noqa: E402
 
 
@@ -78,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "model.pt")
         save_exported(export_payload(build_model(cfg.model), cfg.model), path)
-        pre = load_pretrained(path)
+        pre = resolve_pretrained(path)
     idx = use_label_set(DatasetIndex.load(args.data), cfg.eval.lowlabel.label_set)
     (plan,) = split_plans(idx, splits=[1], usable=idx.has_video.astype(bool))
     io = JobIO(idx, cfg.data, EvalRuntime.from_config(cfg.eval), Path(tmp), lambda *a: None, "")

@@ -39,13 +39,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from avts_dist.config import DataConfig  # noqa: E402
 from avts_dist.data.decode import audio_window, decode_audio, decode_video, logmel  # noqa: E402
 from avts_dist.data.index import DatasetIndex, read_member  # noqa: E402
+from avts_dist.export import load_exported, model_config_from_export  # noqa: E402
 from avts_dist.models import (  # noqa: E402
     FusedClassifier,
     VideoClassifier,
     build_model,
     build_video_net,
-    load_exported,
-    model_config_from_export,
     silent_logmel,
 )
 from avts_dist.stats import t_interval  # noqa: E402

@@ -83,11 +83,11 @@ def test_early_fusion_trains_on_the_sync_objective_and_resumes_exactly(
 
     # The export rebuilds the architecture the run trained, weights equal to the checkpoint's.
     from avts_dist.cli import main
-    from avts_dist.models.export import build_model_from_export
+    from avts_dist.export import load_pretrained
 
     out = tmp_path / "ef.pt"
     assert main(["export", "--checkpoint", str(run / "checkpoints"), "--out", str(out)]) == 0
-    model = build_model_from_export(str(out))
+    model = load_pretrained(str(out), part="model")
     assert type(model).__name__ == "EarlyFusionModel"
     payload = torch.load(out, weights_only=True)
     assert payload["step"] == 8 and payload["model_config"]["arch"] == "early_fusion"

@@ -44,7 +44,8 @@ def pretrained(tmp_path_factory) -> dict:
 
     import avts_dist.tracking.eval_runs  # noqa: F401  (allows MLflow's local file store)
     from avts_dist.config import load_config
-    from avts_dist.models import build_model, export_payload, save_exported
+    from avts_dist.export import export_payload, save_exported
+    from avts_dist.models import build_model
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("pretrain")
@@ -170,7 +171,8 @@ def _constant_export(pretrained, tmp_path, *, fusion_logit: float | None) -> str
     """An export whose embedding heads output one constant vector (every pair at distance 0),
     or, with a fusion head, whose fusion head outputs ``fusion_logit`` for every pair."""
     from avts_dist.config import load_config
-    from avts_dist.models import build_model, export_payload, save_exported
+    from avts_dist.export import export_payload, save_exported
+    from avts_dist.models import build_model
 
     overrides = TINY + (["model.fusion_head=true"] if fusion_logit is not None else [])
     cfg = load_config(None, overrides)

@@ -14,7 +14,7 @@ import torch
 from avts_dist.cli import main
 from avts_dist.config import load_config
 from avts_dist.data import build_loader
-from avts_dist.models import load_pretrained
+from avts_dist.export import load_pretrained
 from avts_dist.train.batch import normalize_video
 from tests.fixtures.tiny_run import TINY_RUN_STEPS
 

@@ -33,7 +33,8 @@ def lowlabel_corpus(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory) -> str:
     from avts_dist.config import load_config
-    from avts_dist.models import build_model, export_payload, save_exported
+    from avts_dist.export import export_payload, save_exported
+    from avts_dist.models import build_model
 
     cfg = load_config(None, TINY)
     torch.manual_seed(0)
@@ -100,7 +101,8 @@ def test_lowlabel_job_writes_every_cell_to_json_and_mlflow(
 @pytest.mark.parametrize("arch", ["two_stream", "early_fusion"])
 def test_lowlabel_multimodal_recipes_of_both_architectures(lowlabel_corpus, tmp_path, capsys, arch):
     from avts_dist.config import load_config
-    from avts_dist.models import build_model, export_payload, save_exported
+    from avts_dist.export import export_payload, save_exported
+    from avts_dist.models import build_model
 
     cfg = load_config(None, [*TINY, f"model.arch={arch}"])
     torch.manual_seed(0)

@@ -230,8 +230,8 @@ def test_export_loads_without_deepspeed(ref_run, tmp_path):
         "import sys, torch\n"
         f"p = torch.load({str(out)!r}, weights_only=True)\n"
         "assert 'deepspeed' not in sys.modules\n"
-        "from avts_dist.models import build_video_net_from_export, build_audio_net_from_export\n"
-        f"v = build_video_net_from_export({str(out)!r}); a = build_audio_net_from_export({str(out)!r})\n"
+        "from avts_dist.export import load_pretrained\n"
+        f"v = load_pretrained({str(out)!r}, part='video'); a = load_pretrained({str(out)!r}, part='audio')\n"
         "assert 'deepspeed' not in sys.modules\n"
         "print(p['step'], p['format_version'], sorted(p))\n"
     )
@@ -243,7 +243,7 @@ def test_export_loads_without_deepspeed(ref_run, tmp_path):
     assert proc.stdout.startswith("8 1 ")
     payload = torch.load(out, weights_only=True)
     # The exported weights are the checkpoint's (consolidated from the 2 ZeRO shards).
-    from avts_dist.train.export import consolidated_state_dict
+    from avts_dist.export.consolidate import consolidated_state_dict
 
     state, _ = consolidated_state_dict(ref_run["run_dir"] / "checkpoints", "step_000008")
     for key, value in payload["video"].items():

@@ -201,7 +201,7 @@ def test_resume_with_the_other_objective_is_refused(ssl_run, tmp_path):
 
 @pytest.mark.slow
 def test_export_is_the_video_net_and_eval_sync_refuses_it(ssl_run):
-    from avts_dist.models import ExportError, load_pretrained
+    from avts_dist.export import ExportError, load_pretrained
 
     work, out = ssl_run["work"], ssl_run["work"] / "export" / "model.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

@@ -138,7 +138,8 @@ def test_probe_scores_clips_by_their_mean_window_probability():
 def test_classifiers_of_each_recipe_read_the_inputs_they_should(arch):
     import torch
 
-    from avts_dist.models import build_model, export_payload
+    from avts_dist.export import export_payload
+    from avts_dist.models import build_model
     from eval.lowlabel import build_classifier
     from eval.pretrained import Pretrained
 

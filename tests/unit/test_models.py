@@ -17,29 +17,33 @@ import pytest
 import torch
 
 from avts_dist.config import ConfigError, ModelConfig, load_config
+from avts_dist.export import (
+    ExportError,
+    export_payload,
+    load_exported,
+    load_pretrained,
+    save_exported,
+)
 from avts_dist.models import (
     AudioClassifier,
     AudioVGG,
     AVTSModel,
     EarlyFusionModel,
-    ExportError,
     FusedClassifier,
     VideoClassifier,
     batch_partner,
-    build_audio_net_from_export,
     build_model,
-    build_model_from_export,
     build_video_net,
-    build_video_net_from_export,
-    export_payload,
-    load_exported,
     load_torchvision_weights,
     mc3_18,
+    model_name,
+    model_names,
     r2plus1d_18,
     r3d_18,
-    save_exported,
+    register_model,
     silent_logmel,
 )
+from avts_dist.models.registry import _BUILDERS
 
 ARCHS = {"r3d_18": r3d_18, "mc3_18": mc3_18, "r2plus1d_18": r2plus1d_18}
 # torchvision's published num_params for the Kinetics-400 weights (R3D_18_Weights etc.).
@@ -260,6 +264,68 @@ def test_models_package_has_no_distributed_code():
                 continue
             bad = [n for n in names if n.startswith(("torch.distributed", "deepspeed"))]
             assert not bad, f"{path.name}: {bad}"
+
+
+def _module_imports(path: Path) -> list[str]:
+    """Every module name ``path`` imports, at any depth (function-local imports too)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append(node.module or "")
+    return names
+
+
+def test_models_package_does_no_io_and_has_no_import_cycle():
+    """Architecture only: weights are read and written by avts_dist.export, and the modules
+    import each other one way (the registry on top), never back."""
+    src = Path(__file__).resolve().parents[2] / "avts_dist" / "models"
+    graph = {}
+    for path in src.glob("*.py"):
+        names = _module_imports(path)
+        io = [n for n in names if n.startswith(("fsspec", "s3fs", "avts_dist.storage"))]
+        io += [n for n in names if n.startswith(("avts_dist.export", "avts_dist.train"))]
+        assert not io, f"{path.name}: {io}"
+        mod = path.stem
+        graph[mod] = {n.split(".")[2] for n in names if n.startswith("avts_dist.models.")}
+    graph.pop("__init__")
+    done: set[str] = set()
+
+    def visit(mod: str, stack: tuple[str, ...]) -> None:
+        assert mod not in stack, f"import cycle: {' -> '.join((*stack, mod))}"
+        if mod in done:
+            return
+        for dep in graph.get(mod, ()):
+            visit(dep, (*stack, mod))
+        done.add(mod)
+
+    for mod in graph:
+        visit(mod, ())
+    assert graph["registry"] >= {"avts", "early_fusion", "video_ssl"}
+
+
+def test_build_model_is_a_registry():
+    assert model_names() == ["early_fusion", "two_stream", "video_ssl"]
+    cfg = tiny_model_config()
+    assert model_name(cfg) == "two_stream" and model_name(cfg, "video_ssl") == "video_ssl"
+    assert model_name(tiny_model_config(arch="early_fusion"), "video_ssl") == "early_fusion"
+    assert type(build_model(cfg, "video_ssl")).__name__ == "VideoSSLModel"
+    with pytest.raises(ValueError, match="'two_stream' is already registered"):
+        register_model("two_stream", AVTSModel)
+    # model.arch's config check names the built-in archs; the registry is checked at build.
+    unknown = tiny_model_config()
+    unknown.arch = "late_fusion"
+    with pytest.raises(ValueError, match=r"unknown model 'late_fusion'; registered: \['early"):
+        build_model(unknown)
+    register_model("video_only_classifier", lambda c: VideoClassifier(build_video_net(c), 3))
+    try:
+        assert "video_only_classifier" in model_names()
+        unknown.arch = "video_only_classifier"
+        model = build_model(unknown)
+        assert model(torch.randn(2, 3, 8, 32, 32)).shape == (2, 3)
+    finally:
+        _BUILDERS.pop("video_only_classifier")
 
 
 # -- audio -------------------------------------------------------------------------------------
@@ -485,16 +551,16 @@ def test_export_roundtrip(exported):
     assert payload["model_config"]["video_width"] == 8
     assert all(v.dtype in (torch.float32, torch.int64) for v in payload["video"].values())
     video, logmel = torch.randn(2, 3, 8, 32, 32), torch.randn(2, 1, 40, 80)
-    vnet = build_video_net_from_export(path).eval()
-    anet = build_audio_net_from_export(path).eval()
+    vnet = load_pretrained(path, part="video").eval()
+    anet = load_pretrained(path, part="audio").eval()
     torch.testing.assert_close(vnet.features(video), model.video.features(video))
     torch.testing.assert_close(anet(logmel), model.audio(logmel))
-    clf = VideoClassifier.from_export(path, num_classes=4, freeze_backbone=True).eval()
+    clf = VideoClassifier(load_pretrained(path), num_classes=4, freeze_backbone=True).eval()
     torch.testing.assert_close(clf.backbone.features(video), model.video.features(video))
     assert clf(video).shape == (2, 4)
-    aclf = AudioClassifier.from_export(path, num_classes=3, layer="layer3")
+    aclf = AudioClassifier(load_pretrained(path, part="audio"), num_classes=3, layer="layer3")
     assert aclf.fc.in_features == 32
-    full = build_model_from_export(path).eval()
+    full = load_pretrained(path, part="model").eval()
     torch.testing.assert_close(
         full(video, logmel)["sync_logit"], model(video, logmel)["sync_logit"]
     )
@@ -516,18 +582,18 @@ def test_export_errors_name_the_problem(exported, tmp_path):
     wrong = tmp_path / "wrong.pt"
     torch.save({**payload, "model_config": {**payload["model_config"], "video_width": 16}}, wrong)
     with pytest.raises(ExportError, match="video weights do not match"):
-        build_video_net_from_export(str(wrong))
+        load_pretrained(str(wrong), part="video")
     bad_cfg = tmp_path / "badcfg.pt"
     torch.save({**payload, "model_config": {**payload["model_config"], "video_arch": "x"}}, bad_cfg)
     with pytest.raises(ExportError, match="model.video_arch"):
-        build_video_net_from_export(str(bad_cfg))
+        load_pretrained(str(bad_cfg), part="video")
 
 
 def test_export_roundtrip_on_s3(exported, s3_bucket):
     model, path = exported
     url = f"s3://{s3_bucket}/exports/model.pt"
     save_exported(load_exported(path), url)
-    anet = build_audio_net_from_export(url).eval()
+    anet = load_pretrained(url, part="audio").eval()
     logmel = torch.randn(2, 1, 40, 80)
     torch.testing.assert_close(anet(logmel), model.audio(logmel))
 

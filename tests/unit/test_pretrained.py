@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from avts_dist.config import ConfigError, ModelConfig, load_config
-from avts_dist.models import (
-    AVTSModel,
-    VideoResNet,
-    build_model,
+from avts_dist.export import (
+    ExportError,
+    build_initial_model,
     export_payload,
     load_pretrained,
     save_exported,
 )
+from avts_dist.models import AVTSModel, VideoResNet, build_model
 
 try:
     import torchvision.models.video as tv_video
@@ -56,14 +56,14 @@ def test_init_from_a_torchvision_state_dict(arch, tmp_path):
     path = tmp_path / f"{arch}_k400.pt"
     torch.save(source.state_dict(), path)
 
-    model = build_model(_cfg(arch, init_from=str(path)))
+    model = build_initial_model(_cfg(arch, init_from=str(path)))
     want = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
     got = model.video.state_dict()
     assert set(got) == set(want)
     for key in want:
         assert torch.equal(got[key], want[key]), key
     # Without init_from the net starts elsewhere (the test above is not vacuous).
-    fresh = build_model(_cfg(arch)).video.state_dict()
+    fresh = build_initial_model(_cfg(arch)).video.state_dict()
     assert not torch.equal(fresh["stem.0.weight"], want["stem.0.weight"])
 
 
@@ -72,19 +72,19 @@ def test_init_from_accepts_wrapped_state_dicts_and_fsspec_urls(tmp_path):
     torch.save({"state_dict": source.state_dict(), "epoch": 3}, tmp_path / "wrapped.pt")
     cfg = _cfg("mc3_18", width=8, video_layers=[1, 1, 1, 1])
     url = (tmp_path / "wrapped.pt").as_uri()  # file:// through fsspec
-    model = build_model(dataclasses.replace(cfg, init_from=url))
+    model = build_initial_model(dataclasses.replace(cfg, init_from=url))
     assert torch.equal(model.video.stem[0].weight, source.stem[0].weight)
     # An avts export's video part serves as a starting point too.
     payload = export_payload(model, cfg)
     save_exported(payload, str(tmp_path / "export.pt"))
-    again = build_model(dataclasses.replace(cfg, init_from=str(tmp_path / "export.pt")))
+    again = build_initial_model(dataclasses.replace(cfg, init_from=str(tmp_path / "export.pt")))
     assert torch.equal(again.video.layer4[0].conv2[0].weight, source.layer4[0].conv2[0].weight)
 
 
 def test_init_from_mismatches_name_the_first_keys(tmp_path):
     torch.save(VideoResNet(arch="r3d_18").state_dict(), tmp_path / "r3d.pt")
     with pytest.raises(ConfigError) as err:
-        build_model(_cfg("mc3_18", init_from=str(tmp_path / "r3d.pt")))
+        build_initial_model(_cfg("mc3_18", init_from=str(tmp_path / "r3d.pt")))
     msg = str(err.value)
     assert msg.startswith("config key 'model.init_from':") and "\n" not in msg
     # MC3's stages 2-4 are 1x3x3, R3D's 3x3x3: the first differing key is named with shapes.
@@ -92,20 +92,20 @@ def test_init_from_mismatches_name_the_first_keys(tmp_path):
     assert "mc3_18, width 64" in msg
 
     with pytest.raises(ConfigError, match=r"shape mismatch.*file \[64, 3, 3, 7, 7\] vs model"):
-        build_model(_cfg("r3d_18", width=8, init_from=str(tmp_path / "r3d.pt")))
+        build_initial_model(_cfg("r3d_18", width=8, init_from=str(tmp_path / "r3d.pt")))
 
     # A whole-model state dict (prefixed keys) is not a video state dict.
     torch.save(AVTSModel(_cfg("r3d_18", width=8)).state_dict(), tmp_path / "whole.pt")
     with pytest.raises(ConfigError) as err:
-        build_model(_cfg("r3d_18", width=8, init_from=str(tmp_path / "whole.pt")))
+        build_initial_model(_cfg("r3d_18", width=8, init_from=str(tmp_path / "whole.pt")))
     assert "key(s) missing from the file: stem.0.weight" in str(err.value)
     assert "unexpected key(s) in the file: video.stem.0.weight" in str(err.value)
 
     with pytest.raises(ConfigError, match="model.init_from': file not found: .*nope.pt"):
-        build_model(_cfg("mc3_18", init_from=str(tmp_path / "nope.pt")))
+        build_initial_model(_cfg("mc3_18", init_from=str(tmp_path / "nope.pt")))
     (tmp_path / "notes.txt").write_text("not weights")
     with pytest.raises(ConfigError, match="is not a torch state dict"):
-        build_model(_cfg("mc3_18", init_from=str(tmp_path / "notes.txt")))
+        build_initial_model(_cfg("mc3_18", init_from=str(tmp_path / "notes.txt")))
 
 
 def test_init_from_is_a_config_key():
@@ -159,7 +159,7 @@ def test_early_fusion_export_serves_its_video_and_model_but_no_audio_net(tmp_pat
     """An early-fusion export: video weights and the whole model load; an audio-only use is one
     clear error (its audio branch is not an audio network), not a state-dict mismatch."""
     from eval.common import EvalError
-    from eval.pretrained import load_pretrained as load_for_eval
+    from eval.pretrained import resolve_pretrained as load_for_eval
 
     cfg = dataclasses.replace(
         _cfg("mc3_18", width=8, video_layers=[1, 1, 1, 1]), arch="early_fusion"
@@ -173,3 +173,15 @@ def test_early_fusion_export_serves_its_video_and_model_but_no_audio_net(tmp_pat
         assert torch.equal(pre.video_net().state_dict()[key], value), key
     with pytest.raises(EvalError, match="early_fusion: its audio branch"):
         pre.audio_net()
+    # The library's loader says the same (one loader under both).
+    with pytest.raises(ExportError, match="early_fusion: its audio branch"):
+        load_pretrained(path, part="audio")
+
+
+def test_build_model_reads_no_weights():
+    """Models are architecture only: ``model.init_from`` is read by build_initial_model, never by
+    the registry's build_model (which does no I/O)."""
+    cfg = _cfg("mc3_18", width=8, video_layers=[1, 1, 1, 1], init_from="/nonexistent/k400.pt")
+    assert isinstance(build_model(cfg), AVTSModel)
+    with pytest.raises(ConfigError, match="file not found: /nonexistent/k400.pt"):
+        build_initial_model(cfg)

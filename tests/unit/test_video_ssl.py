@@ -12,17 +12,9 @@ import torch
 from avts_dist.config import ConfigError, LossConfig, load_config
 from avts_dist.data.pairs import plan_views
 from avts_dist.data.sampler import sample_rng
+from avts_dist.export import ExportError, export_payload, load_pretrained, model_card, save_exported
 from avts_dist.losses import VideoSSLInfoNCELoss, build_loss, reduce_metrics
-from avts_dist.models import (
-    AVTSModel,
-    ExportError,
-    VideoSSLModel,
-    build_model,
-    export_payload,
-    load_pretrained,
-    model_card,
-    save_exported,
-)
+from avts_dist.models import AVTSModel, VideoSSLModel, build_model
 from avts_dist.train.batch import micro_batches
 
 TINY = [

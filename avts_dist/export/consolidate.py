@@ -1,4 +1,9 @@
-"""Checkpoint -> exported fp32 weights (the file evaluation reads; format in models/export.py)."""
+"""A training checkpoint -> exported fp32 weights (``avts export``; the format in ``format.py``).
+
+The one part of ``avts_dist.export`` that reads DeepSpeed checkpoints: ZeRO shards are gathered
+with DeepSpeed's zero_to_fp32. Import it only to export (``avts_dist.export`` itself stays free of
+the training stack).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ import torch
 
 from avts_dist.config import ConfigError, ModelConfig, config_from_dict
 from avts_dist.distributed.engine import consolidated_fp32_state_dict
-from avts_dist.models import build_model, export_payload, save_exported, write_model_card
+from avts_dist.export.card import write_model_card
+from avts_dist.export.format import export_payload, save_exported
+from avts_dist.models import build_model
 from avts_dist.storage import StorageError, join
 from avts_dist.train.checkpoint import (
     CheckpointError,
@@ -20,12 +27,7 @@ from avts_dist.train.checkpoint import (
     validate,
 )
 
-__all__ = [
-    "ExportFailed",
-    "consolidated_state_dict",
-    "export_checkpoint",
-    "resolve_checkpoint",
-]
+__all__ = ["ExportFailed", "consolidated_state_dict", "export_checkpoint"]
 
 
 class ExportFailed(RuntimeError):

@@ -1,220 +1,22 @@
-"""Exported pretraining weights: the file ``avts export`` writes and evaluation reads.
+"""The model card: ``MODEL_CARD.md`` beside an export, written by ``avts export``.
 
-Format (version 1), a ``torch.save`` dict of plain types and fp32 tensors, loadable with
-``torch.load(weights_only=True)``::
-
-    {"format_version": 1, "model_config": asdict(cfg.model), "objective": "avts",
-     "video": video_state_dict, "audio": audio_state_dict, "heads": head_state_dict,
-     "source_checkpoint": str, "step": int}
-
-``objective`` is ``train.objective``; a ``video_ssl`` export (the video-only baseline) has no
-``audio`` entry and its ``heads`` hold the projection head; asking it for the audio net is an
-:class:`ExportError` that says so. Files written before ``objective`` existed are ``avts``.
-
-The path may be local or any fsspec URL (``s3://...``). ``avts export`` writes ``MODEL_CARD.md``
-beside it (:func:`write_model_card`); :func:`load_pretrained` is the one-line loader.
+It gives the architecture, the input spec (from the run's resolved config), the pretraining
+data and steps, the evaluation figures at export time and how to load the weights. Storage
+options and credentials are never written.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import io
 from typing import Any
 
 import torch
-from torch import nn
 
-from avts_dist.config import ConfigError, ModelConfig, config_from_dict
-from avts_dist.models.audio import AudioVGG
-from avts_dist.models.avts import AVTSModel, build_audio_net, build_model, build_video_net
-from avts_dist.models.video import VideoResNet
-from avts_dist.storage import StorageError, get_fs
+from avts_dist.config import ModelConfig
+from avts_dist.data.decode import KINETICS_MEAN, KINETICS_STD
+from avts_dist.export.format import model_config_from_export
+from avts_dist.storage import get_fs
 
-__all__ = [
-    "EXPORT_FORMAT_VERSION",
-    "ExportError",
-    "build_audio_net_from_export",
-    "build_model_from_export",
-    "build_video_net_from_export",
-    "export_payload",
-    "load_exported",
-    "load_pretrained",
-    "model_card",
-    "model_card_path",
-    "model_config_from_export",
-    "require_audio",
-    "save_exported",
-    "write_model_card",
-]
-
-EXPORT_FORMAT_VERSION = 1
-_REQUIRED = ("format_version", "model_config", "video", "heads")
-
-
-class ExportError(ValueError):
-    """An exported weights file that cannot be used, with the reason in words."""
-
-
-def _fp32_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # Floating tensors to fp32 (bf16/fp16 training), integer buffers (num_batches_tracked) kept.
-    return {
-        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
-        for k, v in state.items()
-    }
-
-
-def export_payload(
-    model: AVTSModel, model_cfg: ModelConfig, source_checkpoint: str = "", step: int = 0
-) -> dict[str, Any]:
-    """The export dict for ``model`` (unwrap DeepSpeed/DDP first: ``engine.module``); a
-    ``VideoSSLModel`` gives a video-only export."""
-    payload = {
-        "format_version": EXPORT_FORMAT_VERSION,
-        "model_config": dataclasses.asdict(model_cfg),
-        "objective": getattr(model, "objective", "avts"),
-        "video": _fp32_cpu(model.video.state_dict()),
-        "heads": _fp32_cpu(model.heads.state_dict()),
-        "source_checkpoint": str(source_checkpoint),
-        "step": int(step),
-    }
-    if hasattr(model, "audio"):
-        payload["audio"] = _fp32_cpu(model.audio.state_dict())
-    return payload
-
-
-def require_audio(payload: dict[str, Any], what: str) -> None:
-    """ExportError unless the export has an audio net (a ``video_ssl`` export has none)."""
-    if "audio" not in payload:
-        objective = payload.get("objective", "avts")
-        raise ExportError(
-            f"{what} was pretrained with train.objective={objective} and has no audio net; "
-            "its video net alone is usable (part='video', the video evaluation jobs)"
-        )
-
-
-def save_exported(payload: dict[str, Any], path: str, storage_options: dict | None = None) -> str:
-    """Writes ``payload`` to ``path`` (local or fsspec URL) in one write; returns the path."""
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    fs, fs_path = get_fs(path, storage_options)
-    parent = fs_path.rsplit("/", 1)[0] if "/" in fs_path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = fs_path + ".tmp"
-    # Write then rename, so a reader never sees a half-written file (rename is a copy on S3).
-    with fs.open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    fs.mv(tmp, fs_path)
-    return path
-
-
-def load_exported(path: str, storage_options: dict | None = None) -> dict[str, Any]:
-    """Reads and validates an export; raises :class:`ExportError` naming the problem."""
-    try:
-        fs, fs_path = get_fs(path, storage_options)
-        if not fs.exists(fs_path):
-            raise ExportError(f"exported weights not found: {path}")
-        data = fs.cat_file(fs_path)
-    except (StorageError, OSError) as exc:
-        raise ExportError(f"cannot read exported weights {path}: {exc}") from None
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types (pickle, zip, unsupported global)
-        raise ExportError(f"{path} is not an exported weights file: {exc}") from None
-    if not isinstance(payload, dict):
-        raise ExportError(f"{path}: expected a dict, got {type(payload).__name__}")
-    missing = [k for k in _REQUIRED if k not in payload]
-    if missing:
-        raise ExportError(f"{path}: not an avts export, missing key(s) {missing}")
-    version = payload["format_version"]
-    if version != EXPORT_FORMAT_VERSION:
-        raise ExportError(
-            f"{path}: export format_version {version!r}, this code reads {EXPORT_FORMAT_VERSION}"
-        )
-    for key in ("video", "audio", "heads"):
-        if key in payload and not isinstance(payload[key], dict):
-            raise ExportError(f"{path}: '{key}' must be a state_dict")
-    return payload
-
-
-def model_config_from_export(payload: dict[str, Any]) -> ModelConfig:
-    try:
-        return config_from_dict(payload["model_config"], schema=ModelConfig)
-    except ConfigError as exc:
-        raise ExportError(f"export's model_config is invalid: {exc}") from None
-
-
-def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise ExportError(
-            f"{what} weights do not match the exported model_config: {first[:3]}"
-        ) from None
-
-
-def build_video_net_from_export(
-    path: str, storage_options: dict | None = None, **overrides: Any
-) -> VideoResNet:
-    """The pretrained video backbone (headless); ``overrides`` change ModelConfig runtime options
-    such as ``activation_checkpointing`` (never the architecture)."""
-    payload = load_exported(path, storage_options)
-    cfg = dataclasses.replace(model_config_from_export(payload), **overrides)
-    net = build_video_net(cfg)
-    _load_strict(net, payload["video"], "video")
-    return net
-
-
-def build_audio_net_from_export(
-    path: str, storage_options: dict | None = None, **overrides: Any
-) -> AudioVGG:
-    payload = load_exported(path, storage_options)
-    require_audio(payload, path)
-    cfg = dataclasses.replace(model_config_from_export(payload), **overrides)
-    net = build_audio_net(cfg)
-    _load_strict(net, payload["audio"], "audio")
-    return net
-
-
-def build_model_from_export(path: str, storage_options: dict | None = None) -> nn.Module:
-    """The whole model with its heads (e.g. for sync evaluation): two-stream or early fusion."""
-    payload = load_exported(path, storage_options)
-    require_audio(payload, path)
-    cfg = dataclasses.replace(model_config_from_export(payload), init_from="")
-    model = build_model(cfg)
-    _load_strict(model.video, payload["video"], "video")
-    _load_strict(model.audio, payload["audio"], "audio")
-    _load_strict(model.heads, payload["heads"], "heads")
-    return model
-
-
-PARTS = ("video", "audio", "model")
-
-
-def load_pretrained(
-    path_or_url: str,
-    part: str = "video",
-    storage_options: dict | None = None,
-    **overrides: Any,
-) -> torch.nn.Module:
-    """A pretrained subnetwork from an ``avts export`` file (local path or fsspec URL).
-
-    ``part="video"``: the headless video net, ``video_BCTHW`` -> pooled features [B, C];
-    ``"audio"``: the audio net, ``logmel_B1FT`` -> [B, C]; ``"model"``: the two-stream model with
-    its heads. A plain ``nn.Module`` in training mode (call ``.eval()`` to extract features);
-    ``overrides`` set runtime options such as ``activation_checkpointing``.
-    """
-    if part == "video":
-        return build_video_net_from_export(path_or_url, storage_options, **overrides)
-    if part == "audio":
-        return build_audio_net_from_export(path_or_url, storage_options, **overrides)
-    if part == "model":
-        return build_model_from_export(path_or_url, storage_options)
-    raise ValueError(f"part must be one of {list(PARTS)}, got {part!r}")
-
-
-# ---- the model card ---------------------------------------------------------------------------
+__all__ = ["MODEL_CARD", "model_card", "model_card_path", "write_model_card"]
 
 MODEL_CARD = "MODEL_CARD.md"
 _TORCHVISION_LAYERS = [2, 2, 2, 2]
@@ -253,8 +55,6 @@ def model_card(
     ``trainer`` entry (samples seen, validation figures); ``eval_metrics`` any evaluation
     figures to list. Storage options and credentials are never written.
     """
-    from avts_dist.data.decode import KINETICS_MEAN, KINETICS_STD
-
     mc = model_config_from_export(payload)
     cfg = config or {}
     data = cfg.get("data", {})
@@ -277,7 +77,7 @@ def model_card(
         "## Load it",
         "",
         "```python",
-        "from avts_dist.models import load_pretrained",
+        "from avts_dist.export import load_pretrained",
         f'video_net = load_pretrained("{weights_name}", part="video").eval()  # or part="audio"',
         f"features = video_net(video_BCTHW)  # [B, {video_dim}] pooled features; input spec below",
         "```",
@@ -358,7 +158,7 @@ def _video_ssl_card(
                 "of each video are a positive pair, InfoNCE over the global batch.",
                 "",
                 "```python",
-                "from avts_dist.models import load_pretrained",
+                "from avts_dist.export import load_pretrained",
                 f'video_net = load_pretrained("{weights_name}", part="video").eval()',
                 "```",
                 "",
