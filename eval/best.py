@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from eval.metric_docs import DOWN, describe_metric
+from report.metric_docs import DOWN, describe_metric
 
 __all__ = ["BestCheckpoint", "best_checkpoints", "format_best"]
 

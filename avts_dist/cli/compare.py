@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _best(args: argparse.Namespace) -> int:
     from eval.best import best_checkpoints, format_best
-    from eval.metric_docs import DOWN, describe_metric
+    from report.metric_docs import DOWN, describe_metric
 
     if args.top < 1:
         raise CLIError("--top must be >= 1")

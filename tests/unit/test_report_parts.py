@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from eval.intervals import mean_ci
-from eval.metric_docs import describe_metric
 from eval.report import group_runs, mlflow_run_url
+from report.metric_docs import describe_metric
 
 
 def test_mean_ci_by_hand():
