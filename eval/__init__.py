@@ -19,7 +19,7 @@ Modules: :mod:`eval.registry` (the job list), :mod:`eval.run` (``evaluate``: one
 :mod:`eval.pretrained` (checkpoint -> weights), :mod:`eval.splits` (split plans),
 :mod:`eval.common` (clips, features, classifiers, artifacts), one module per runner
 (:mod:`eval.sync`, :mod:`eval.action`, :mod:`eval.audio`, :mod:`eval.multimodal`) and
-:mod:`eval.compare` (``avts compare``). This package file stays light (see eval/registry.py).
+:mod:`report.compare` (``avts compare``). This package file stays light (see eval/registry.py).
 """
 
 from eval.registry import JOBS, EvalError, EvalSpec, get_job

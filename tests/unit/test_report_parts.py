@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from eval.intervals import mean_ci
-from eval.report import group_runs, mlflow_run_url
+from report.html import group_runs, mlflow_run_url
 from report.metric_docs import describe_metric
 
 

@@ -3,7 +3,7 @@ metrics as columns (``<job>/<metric>``), plus the parameters that differ between
 
 Everything is read through MLflow's search API (``MlflowClient.search_runs``,
 ``get_metric_history``), so a local store and a tracking server work alike.
-Outputs: a terminal table and, with ``out_dir``, the report of ``eval/report.py``
+Outputs: a terminal table and, with ``out_dir``, the report of ``report/html.py``
 (``compare.html``, ``compare.csv``, ``compare_groups.csv`` and the PNG figures).
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.report import write_report
+from report.html import write_report
 
 __all__ = ["Comparison", "compare_runs"]
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from eval.intervals import Interval, mean_ci
-from eval.report_plots import PALETTE, bar_figure, curves_figure, offset_figure
 from report.metric_docs import UP, describe_metric
+from report.plots import PALETTE, bar_figure, curves_figure, offset_figure
 
 __all__ = ["BAR_METRICS", "group_runs", "mlflow_run_url", "write_report"]
 
