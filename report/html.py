@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.intervals import Interval, mean_ci
+from avts_dist.stats import Interval, mean_ci
 from report.metric_docs import UP, describe_metric
 from report.plots import PALETTE, bar_figure, curves_figure, offset_figure
 

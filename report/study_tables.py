@@ -140,8 +140,7 @@ def _fmt(cell: Cell, signed: bool = False) -> str:
 def _json(cell: Cell) -> Any:
     if isinstance(cell, str):
         return cell
-    d = cell.as_dict()
-    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in d.items()}
+    return cell.as_dict()  # no interval (n = 1): low, high and half_width are null
 
 
 @dataclass

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from eval.intervals import mean_ci
+from avts_dist.stats import mean_ci
 from report.html import group_runs, mlflow_run_url
 from report.metric_docs import describe_metric
 
