@@ -26,7 +26,6 @@ import copy
 import json
 import re
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -640,6 +639,7 @@ def check_not_running(p: StudyPlan) -> None:
 def _run_slurm(p: StudyPlan, echo: Callable[[str], None], wait: bool) -> dict[str, str]:
     from avts_dist.config import secrets_in_environment
     from launch import executors
+    from launch.jobs import GONE, element_name, wait_for_jobs
 
     ids: dict[str, str] = {}
     elements: dict[str, list[PretrainUnit]] = {}
@@ -669,14 +669,15 @@ def _run_slurm(p: StudyPlan, echo: Callable[[str], None], wait: bool) -> dict[st
         return {}
     if not wait:
         return {f"{k}/{ids[k]}": "SUBMITTED" for k in ids}
-    final = wait_for_arrays({ids[k]: len(elements[k]) for k in ids}, echo)
+    arrays = {ids[k]: len(elements[k]) for k in ids}
+    final = wait_for_jobs(arrays, echo, poll_s=3.0)
     states = {}
     for key, units in elements.items():
         for i, unit in enumerate(units):
-            state = final.get(f"{ids[key]}_{i}", "UNKNOWN")
+            state = final.get(element_name(ids[key], i, len(units)), "UNKNOWN")
             if key == "pretrain":
                 done = finished_checkpoint_step(unit.config) == unit.config.train.max_steps
-                states[unit.key] = "COMPLETED" if state == "GONE" and done else state
+                states[unit.key] = "COMPLETED" if state == GONE and done else state
                 continue
             for e in unit.evals:
                 if e.reused:
@@ -688,63 +689,6 @@ def _run_slurm(p: StudyPlan, echo: Callable[[str], None], wait: bool) -> dict[st
                     else ("NOT RUN (pretraining failed)" if state == "CANCELLED" else "FAILED")
                 )
     return states
-
-
-def _element_states(job_id: str) -> dict[str, dict[str, str]]:
-    """``<array>_<i>`` -> scontrol's fields, for every element SLURM reports."""
-    from launch.executors import job_states
-
-    out = {}
-    for info in job_states(job_id):
-        if "ArrayTaskId" not in info and info.get("JobId") == job_id:
-            # submitit submits a batch of one as a plain job: element 0.
-            out[f"{job_id}_0"] = info
-        for task in _task_ids(info.get("ArrayTaskId", "")):
-            out[f"{job_id}_{task}"] = info
-    return out
-
-
-def _task_ids(text: str) -> list[int]:
-    """SLURM's ArrayTaskId: ``3``, or for elements not started yet ``0-7%2`` / ``1,3-4``."""
-    ids = []
-    for part in text.split("%")[0].split(","):
-        first, _, last = part.partition("-")
-        if first.isdigit():
-            ids += range(int(first), int(last or first) + 1)
-    return ids
-
-
-def wait_for_arrays(
-    arrays: dict[str, int], echo: Callable[[str], None], poll_s: float = 3.0
-) -> dict[str, str]:
-    """Waits until every element of the arrays (id -> number of elements) ended; element ->
-    final state. An element whose dependency can never be met (its pretraining failed) is
-    cancelled so that it does not wait forever; one SLURM no longer reports (finished longer
-    than MinJobAge ago) counts as ended, state ``GONE``."""
-    from launch.executors import TERMINAL_STATES
-
-    expected = {f"{job_id}_{i}" for job_id, n in arrays.items() for i in range(n)}
-    last: dict[str, str] = {}
-    while True:
-        current: dict[str, str] = {}
-        for job_id in arrays:
-            for element, info in _element_states(job_id).items():
-                state = info.get("JobState", "UNKNOWN")
-                if state == "PENDING" and info.get("Reason") == "DependencyNeverSatisfied":
-                    subprocess.run(["scancel", element], check=False, capture_output=True)
-                    echo(f"job {element}: its pretraining failed; cancelled")
-                current[element] = state
-        for element in expected - set(current):
-            if element in last:  # seen before, no longer known to SLURM: it ended
-                current[element] = last[element] if last[element] in TERMINAL_STATES else "GONE"
-        for element, state in sorted(current.items()):
-            if last.get(element) != state:
-                echo(f"job {element}: {state}")
-        last = current
-        done = {e for e, s in current.items() if s in TERMINAL_STATES or s == "GONE"}
-        if expected <= done:
-            return current
-        time.sleep(poll_s)
 
 
 def summary_lines(states: dict[str, str]) -> tuple[list[str], list[str]]:

@@ -105,10 +105,3 @@ def test_dry_run_prints_arrays_and_runs_nothing(tmp_path, capsys):
     assert "job array smoke-eval: 2 element(s) with dependency aftercorr on smoke-pretrain" in out
     assert f"corpus {tmp_path / 'data'}: to write: avts synth" in out
     assert not runs.exists() and not (tmp_path / "data").exists()
-
-
-def test_array_task_ids_of_pending_ranges():
-    assert S._task_ids("3") == [3]
-    assert S._task_ids("0-3%2") == [0, 1, 2, 3]
-    assert S._task_ids("1,4-5") == [1, 4, 5]
-    assert S._task_ids("") == []
