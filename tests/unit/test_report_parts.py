@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from avts_dist.stats import mean_ci
-from report.html import group_runs, mlflow_run_url
+from report.groups import group_runs
+from report.html import mlflow_run_url
 from report.metric_docs import describe_metric
 
 
