@@ -1,4 +1,5 @@
-"""From ``cfg.launch`` to submitit executors and sbatch scripts; cluster checks; job waiting.
+"""From ``cfg.launch`` to submitit executors and sbatch scripts; cluster checks (job states and
+waiting: :mod:`launch.jobs`).
 
 One source of truth: :func:`slurm_parameters` gives submitit's SLURM parameters (sbatch
 names). Submission passes them to ``AutoExecutor`` as ``slurm_*``; ``--dry-run`` renders them
@@ -14,7 +15,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,6 @@ from avts_dist.config import REPO_ROOT, ConfigError, LaunchConfig
 
 LOCAL_SLURM = REPO_ROOT / "launch" / "local_slurm.sh"
 
-# Terminal SLURM job states (REQUEUED/PENDING/RUNNING... are not).
-TERMINAL_STATES = {
-    "COMPLETED",
-    "FAILED",
-    "CANCELLED",
-    "TIMEOUT",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "BOOT_FAIL",
-    "DEADLINE",
-    "PREEMPTED",
-}
 # Environment every task exports, from submitit's TorchDistributedEnvironment (shown by --dry-run).
 DIST_ENV_DOC = {
     "MASTER_ADDR": "first host of $SLURM_JOB_NODELIST",
@@ -445,74 +433,3 @@ def dist_env_summary(launch: LaunchConfig) -> dict[str, str]:
         env["backend"] = "gloo"
     env["AVTS_PREEMPT_SIGNAL"] = f"{launch.signal} ({launch.grace_s}s before the time limit)"
     return env
-
-
-# ---------------------------------------------------------------------------------------------
-# Job state
-
-
-def job_states(job_id: str, timeout_s: float = 15.0) -> list[dict[str, str]]:
-    """``scontrol show job -o`` as dicts, one per job (an array id gives one per task)."""
-    try:
-        out = subprocess.run(
-            ["scontrol", "show", "job", "-o", str(job_id)],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
-    except subprocess.TimeoutExpired:
-        return []
-    if out.returncode != 0:
-        return []
-    return [
-        dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
-        for line in out.stdout.splitlines()
-        if line.strip()
-    ]
-
-
-def job_state(job_id: str, timeout_s: float = 15.0) -> dict[str, str]:
-    """The job's ``scontrol show job`` fields (JobState, Restarts, Reason, ...); {} if unknown."""
-    states = job_states(job_id, timeout_s)
-    return states[0] if states else {}
-
-
-def _combined_state(infos: list[dict[str, str]]) -> str:
-    """An array is done when every task is; it completed only if every task did."""
-    states = [i.get("JobState", "UNKNOWN") for i in infos] or ["UNKNOWN"]
-    if not all(s in TERMINAL_STATES for s in states):
-        return next(s for s in states if s not in TERMINAL_STATES)
-    return next((s for s in states if s != "COMPLETED"), "COMPLETED")
-
-
-def wait_for_jobs(
-    job_ids: list[str], poll_s: float = 2.0, timeout_s: float | None = None, echo=None
-) -> dict[str, str]:
-    """Blocks until every job is in a terminal state (requeues included); job id -> state.
-
-    Array jobs are waited for through their tasks (``<id>_<i>``) or the parent id.
-    """
-    echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    last: dict[str, str] = {}
-    final: dict[str, str] = {}
-    while True:
-        for jid in job_ids:
-            if jid in final:
-                continue
-            infos = job_states(jid)
-            info = infos[0] if infos else {}
-            state = _combined_state(infos)
-            if state != last.get(jid):
-                restarts = info.get("Restarts", "0")
-                echo(
-                    f"job {jid}: {state}" + (f" (requeued {restarts}x)" if restarts != "0" else "")
-                )
-                last[jid] = state
-            if state in TERMINAL_STATES:
-                final[jid] = state
-        if len(final) == len(job_ids):
-            return final
-        if deadline is not None and time.monotonic() > deadline:
-            return {jid: final.get(jid, last.get(jid, "UNKNOWN")) for jid in job_ids}
-        time.sleep(poll_s)

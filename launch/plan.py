@@ -27,6 +27,7 @@ from eval.registry import EvalError, parse_suite
 from launch import executors
 from launch.evaljobs import EvalJob, ExportJob, eval_jobs_for
 from launch.executors import LaunchError
+from launch.jobs import job_outcomes, job_state, wait_for_jobs
 from launch.pretrain import DEFAULT_TRAINER, PretrainJob
 
 __all__ = [
@@ -208,7 +209,7 @@ def eval_plan(
     note = executors.check_cluster(launch, dry_run)
     if after and launch.cluster != "slurm":
         raise LaunchError("--after needs --cluster slurm (a SLURM job dependency)")
-    if after and not dry_run and not executors.job_state(after):
+    if after and not dry_run and not job_state(after):
         raise LaunchError(f"--after: SLURM does not know job {after}")
     folder = _absolute(launch.folder or str(Path(_absolute(checkpoint)).parent / "slurm"))
     evals = eval_jobs_for(
@@ -288,7 +289,8 @@ def _submit(plan: JobPlan) -> SubmittedPlan:
 def wait(done: SubmittedPlan, echo: Callable[[str], None] | None = None) -> dict[str, str]:
     """Blocks until every job ends (requeues included); job id -> final state."""
     if all(job.launch.cluster == "slurm" for job in done.plan.jobs):
-        return executors.wait_for_jobs(list(done.ids.values()), echo=echo)
+        elements = {done.ids[key]: len(handles) for key, handles in done.handles.items()}
+        return job_outcomes(elements, wait_for_jobs(elements, echo=echo))
     states = {}
     for key, handles in done.handles.items():
         try:

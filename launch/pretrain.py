@@ -34,7 +34,7 @@ from typing import Any
 import submitit
 
 from avts_dist.config import config_from_dict
-from launch.executors import job_state
+from launch.jobs import job_state
 
 log = logging.getLogger("avts.launch")
 

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_study(args: argparse.Namespace) -> int:
-    from eval.study_tables import study_tables
+    from report.study_tables import study_tables
 
     others = ("runs", "experiment", "metrics", "curves", "best")
     if any(getattr(args, name, None) for name in others):
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.best:
         return _best(args)
     # Deferred: MLflow and matplotlib load only when comparing, not for `avts --help`.
-    from eval.compare import compare_runs
+    from report.compare import compare_runs
 
     try:
         comp = compare_runs(
@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
-    from eval.best import best_checkpoints, format_best
-    from eval.metric_docs import DOWN, describe_metric
+    from report.best import best_checkpoints, format_best
+    from report.metric_docs import DOWN, describe_metric
 
     if args.top < 1:
         raise CLIError("--top must be >= 1")

@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary_lines(result) -> list[str]:
-    """The headline table of the job (eval/headline.py), then where the full metrics went."""
-    from eval.headline import format_headline, headline_rows
+    """The headline table of the job (report/headline.py), then where the full metrics went."""
     from eval.registry import get_job
+    from report.headline import format_headline, headline_rows
 
     lines = [f"avts eval {result.job}: {result.seconds:.1f} s"]
     rows = headline_rows(get_job(result.job).kind, result.metrics)

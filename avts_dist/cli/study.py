@@ -37,7 +37,7 @@ def _echo(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from avts_dist import study as S
+    from launch import study as S
 
     overrides = list(args.overrides)
     if args.runs:

@@ -143,7 +143,7 @@ def test_reuse_never_takes_results_made_with_other_settings(debug_study):
 
 
 def test_local_slurm_study_arrays_dependencies_failure_and_reuse(tmp_path, slurm_cluster):
-    from launch.executors import job_states
+    from launch.jobs import job_states
 
     # 1. One pretraining fails (its checkpoint folder cannot be created): the other pretraining
     # and its evaluations go on; the failed one's evaluation element is cancelled, not run.
@@ -175,7 +175,7 @@ def test_local_slurm_study_arrays_dependencies_failure_and_reuse(tmp_path, slurm
     assert "submitted job array" not in last.stderr
 
     # 4. A study still in SLURM (submitted with --no-wait) is not submitted twice.
-    from avts_dist.study import jobs_in_slurm
+    from launch.study import jobs_in_slurm
 
     study(tmp_path, "--cluster", "local", "--no-wait", "seeds=[1]")
     folder = tmp_path / "runs" / "slurm"

@@ -100,3 +100,12 @@ def test_dataset_url_rules():
         dataset_url(JOBS["ucf101"], {}, "data/synth")
     with pytest.raises(EvalError, match=r"unknown evaluation\(s\) \['ucf'\]"):
         dataset_url(JOBS["ucf101"], {"ucf": "data/ucf"}, "data/synth")
+
+
+def test_eval_package_doc_lists_every_registered_job():
+    import eval
+
+    lines = eval.__doc__.splitlines()
+    rules = [i for i, line in enumerate(lines) if line.startswith("=")]
+    rows = lines[rules[1] + 1 : rules[2]]  # the table's body, between its last two rules
+    assert {line.split()[0] for line in rows if line[:1].isalpha()} == set(eval.JOBS)

@@ -1,4 +1,4 @@
-"""What `avts eval` prints: a short headline table per job kind (eval/headline.py) with 95%
+"""What `avts eval` prints: a short headline table per job kind (report/headline.py) with 95%
 intervals where the job has them, then where the full metrics went (avts_dist/cli/eval.py)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import statistics
 import pytest
 
 from avts_dist.cli.eval import summary_lines
-from eval.headline import format_headline, headline_rows
 from eval.run import EvalResult
+from report.headline import format_headline, headline_rows
 
 
 def _sync_metrics(num_clips: int, tpr: float = 0.75) -> dict[str, float]:

@@ -8,7 +8,7 @@ import pytest
 from avts_dist.cli import main as avts_main
 from avts_dist.config import ConfigError, LaunchConfig, load_config
 from eval.registry import JOBS, EvalError, parse_suite
-from launch import executors, plan
+from launch import executors, jobs, plan
 from launch.evaljobs import ExportJob, array_items, eval_jobs_for
 from launch.profiles import load_profile, profile_overrides, resolve_launch_config
 
@@ -254,10 +254,10 @@ def test_cli_bad_options_are_one_line_errors(tmp_path, capsys, monkeypatch):
 
 
 def test_array_state_is_done_only_when_every_task_is():
-    combined = executors._combined_state
-    assert combined([{"JobState": "COMPLETED"}, {"JobState": "RUNNING"}]) == "RUNNING"
-    assert combined([{"JobState": "COMPLETED"}, {"JobState": "FAILED"}]) == "FAILED"
-    assert combined([{"JobState": "COMPLETED"}, {"JobState": "COMPLETED"}]) == "COMPLETED"
+    combined = jobs.combined_state
+    assert combined(["COMPLETED", "RUNNING"]) == "RUNNING"
+    assert combined(["COMPLETED", "FAILED"]) == "FAILED"
+    assert combined(["COMPLETED", "COMPLETED"]) == "COMPLETED"
     assert combined([]) == "UNKNOWN"
 
 
@@ -336,3 +336,47 @@ def test_dry_run_shows_cpus_per_task_and_warns_on_workers(tmp_path, capsys, monk
     assert avts_main([*argv, "--cpus-per-task", "16"]) == 0
     out, err = capsys.readouterr()
     assert "#SBATCH --cpus-per-task=16" in out and "exceeds" not in err
+
+
+def test_one_waiter_for_plain_jobs_and_arrays(monkeypatch):
+    """launch.jobs.wait_for_jobs over scontrol's answers, poll by poll: an array's pending range
+    splits into elements, a dependency never met is cancelled, a requeue is said, an element
+    SLURM forgot counts as ended (GONE), and a plain job is named by its id."""
+    polls = iter(
+        [
+            {"7": [{"JobId": "7", "JobState": "RUNNING"}],
+             "8": [{"ArrayJobId": "8", "ArrayTaskId": "0-1", "JobState": "PENDING",
+                    "Reason": "Dependency"}]},
+            {"7": [{"JobId": "7", "JobState": "PENDING", "Restarts": "1"}],
+             "8": [{"ArrayTaskId": "0", "JobState": "COMPLETED"},
+                   {"ArrayTaskId": "1", "JobState": "PENDING",
+                    "Reason": "DependencyNeverSatisfied"}]},
+            {"7": [], "8": [{"ArrayTaskId": "0", "JobState": "COMPLETED"},
+                            {"ArrayTaskId": "1", "JobState": "CANCELLED"}]},
+        ]
+    )  # fmt: skip
+    answers: dict = {}
+
+    def job_states(job_id, timeout_s=15.0):
+        if job_id == "7":
+            answers.update(next(polls))
+        return answers[job_id]
+
+    cancelled, said = [], []
+    monkeypatch.setattr(jobs, "job_states", job_states)
+    monkeypatch.setattr(jobs, "cancel", cancelled.append)
+    final = jobs.wait_for_jobs({"7": 1, "8": 2}, echo=said.append, poll_s=0)
+    assert final == {"7": "GONE", "8_0": "COMPLETED", "8_1": "CANCELLED"}
+    assert cancelled == ["8_1"]
+    assert "job 7: RUNNING" in said and "job 7: PENDING (requeued 1x)" in said
+    assert "job 8_1: PENDING" in said
+    assert "job 8_1: a job it depends on failed; cancelled" in said
+    assert jobs.job_outcomes({"7": 1, "8": 2}, final) == {"7": "GONE", "8": "CANCELLED"}
+    assert jobs.element_name("8", 1, 2) == "8_1" and jobs.element_name("7", 0, 1) == "7"
+
+
+def test_array_task_ids_of_pending_ranges():
+    assert jobs.task_ids("3") == [3]
+    assert jobs.task_ids("0-3%2") == [0, 1, 2, 3]
+    assert jobs.task_ids("1,4-5") == [1, 4, 5]
+    assert jobs.task_ids("") == []

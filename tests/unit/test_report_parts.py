@@ -8,9 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from eval.intervals import mean_ci
-from eval.metric_docs import describe_metric
-from eval.report import group_runs, mlflow_run_url
+from avts_dist.stats import mean_ci
+from report.groups import group_runs
+from report.html import mlflow_run_url
+from report.metric_docs import describe_metric
 
 
 def test_mean_ci_by_hand():

@@ -6,7 +6,12 @@ import math
 
 import pytest
 
-from avts_dist.stats import bootstrap_interval, paired_t_interval, t_interval
+from avts_dist.stats import (
+    balanced_accuracy_interval,
+    bootstrap_interval,
+    paired_t_interval,
+    t_interval,
+)
 
 
 def test_t_interval_matches_a_hand_computed_case():
@@ -49,7 +54,7 @@ def test_bootstrap_interval_matches_the_enumerated_distribution():
 
 def test_degenerate_and_bad_inputs():
     one = t_interval([0.5])
-    assert one.mean == 0.5 and math.isnan(one.low) and str(one) == "0.500 (n=1, no interval)"
+    assert one.mean == 0.5 and one.low is None and str(one) == "0.500 (n=1, no interval)"
     assert t_interval([0.4, 0.4, 0.4]).half_width == pytest.approx(0.0, abs=1e-12)
     for bad, message in (([], "no values"), ([0.1, math.nan], "finite")):
         with pytest.raises(ValueError, match=message):
@@ -57,3 +62,16 @@ def test_degenerate_and_bad_inputs():
     with pytest.raises(ValueError, match="confidence"):
         t_interval([1, 2], confidence=95)
     assert t_interval([1.0, 2.0]).as_dict()["half_width"] == pytest.approx(12.706 * 0.5, abs=1e-3)
+
+
+def test_balanced_accuracy_interval_by_hand():
+    # Hit rate 0.75 over 16 positives, rejection 0.875 over 16 negatives: variance
+    # 0.25 * (0.75 * 0.25 / 16 + 0.875 * 0.125 / 16) = 0.0046387, z(0.975) = 1.96 (table).
+    ci = balanced_accuracy_interval(0.75, 16, 0.875, 16)
+    assert ci.mean == 0.8125 and ci.n == 32 and ci.method == "normal"
+    assert ci.half_width == pytest.approx(1.96 * math.sqrt(0.0046387), abs=1e-4)
+    # Clipped to [0, 1]; no positives is a clear error.
+    top = balanced_accuracy_interval(1.0, 4, 0.9, 4)
+    assert top.high == 1.0 and top.low < top.mean
+    with pytest.raises(ValueError, match="counts must be > 0"):
+        balanced_accuracy_interval(0.5, 0, 0.5, 4)

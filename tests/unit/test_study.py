@@ -1,15 +1,17 @@
 """`avts study`: the study YAML (typed, validated) and its expansion into arms x seeds with each
-pretrained net's evaluations (avts_dist/study.py); nothing here trains."""
+pretrained net's evaluations (launch/study/); nothing here trains."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from avts_dist import study as S
 from avts_dist.cli import main as avts_main
 from avts_dist.config import REPO_ROOT, ConfigError
+from launch import study as S
+from launch.study.execute import write_corpus
 
 MAIN = str(REPO_ROOT / "configs" / "study" / "main.yaml")
 SMOKE = str(REPO_ROOT / "configs" / "study" / "smoke.yaml")
@@ -54,6 +56,27 @@ def test_main_study_is_the_protocol_grid(tmp_path):
     assert {a for a, n in evals if n == "lowlabel_t3"} == {"avts", "early_fusion"}
     t3 = _override(evals[("early_fusion", "lowlabel_t3")].overrides, "eval.lowlabel.recipes")
     assert t3 == "[multimodal, silent_audio, finetune, probe]"
+
+
+def test_study_writes_the_corpus_of_its_synth_command(tmp_path):
+    """The corpus goes through `synthesize` (no CLI in-process); its bytes are those of the
+    `avts synth` command the plan prints."""
+    tiny = ["num_videos=6", "seconds=1", "size=16", "shard_size=3", "num_workers=1"]
+    overrides = [f"corpus.{o}" for o in tiny] + [f"corpus.out={tmp_path / 'study'}"]
+    study = S.load_study(SMOKE, [*SYNC_ONLY, f"runs={tmp_path / 'runs'}", *overrides])
+    said = []
+    write_corpus(SimpleNamespace(study=study, corpus_exists=False), said.append)
+    argv = S.synth_argv(study)
+    assert said[0] == "writing the corpus: avts " + " ".join(argv)
+    assert said[1].startswith(f"wrote 6 clips (6 ok) in 2 shards to {tmp_path / 'study'}")
+    cli_out = tmp_path / "cli"
+    assert avts_main([*argv, "--out", str(cli_out)]) == 0
+    written = sorted(p.relative_to(tmp_path / "study") for p in (tmp_path / "study").rglob("*"))
+    assert written == sorted(p.relative_to(cli_out) for p in cli_out.rglob("*"))
+    shards = [p for p in written if p.suffix == ".tar"]
+    assert len(shards) == 2
+    for rel in shards:
+        assert (tmp_path / "study" / rel).read_bytes() == (cli_out / rel).read_bytes()
 
 
 def test_synth_command_is_the_protocol_corpus():
@@ -105,10 +128,3 @@ def test_dry_run_prints_arrays_and_runs_nothing(tmp_path, capsys):
     assert "job array smoke-eval: 2 element(s) with dependency aftercorr on smoke-pretrain" in out
     assert f"corpus {tmp_path / 'data'}: to write: avts synth" in out
     assert not runs.exists() and not (tmp_path / "data").exists()
-
-
-def test_array_task_ids_of_pending_ranges():
-    assert S._task_ids("3") == [3]
-    assert S._task_ids("0-3%2") == [0, 1, 2, 3]
-    assert S._task_ids("1,4-5") == [1, 4, 5]
-    assert S._task_ids("") == []

@@ -1,9 +1,9 @@
 """Side-by-side comparison of MLflow runs: pretraining runs as rows, their child evaluation runs'
 metrics as columns (``<job>/<metric>``), plus the parameters that differ between the runs.
 
-Everything is read through MLflow's search API (``MlflowClient.search_runs``,
-``get_metric_history``), so a local store and a tracking server work alike.
-Outputs: a terminal table and, with ``out_dir``, the report of ``eval/report.py``
+Everything is read through :mod:`report.fetch` (MLflow's search API), so a local store and a
+tracking server work alike; the report is rendered from what was read.
+Outputs: a terminal table and, with ``out_dir``, the report of ``report/html.py``
 (``compare.html``, ``compare.csv``, ``compare_groups.csv`` and the PNG figures).
 """
 
@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.report import write_report
+from report.fetch import client_for, fetch_runs, metric_histories
+from report.figures import histories_needed
+from report.html import write_report
 
 __all__ = ["Comparison", "compare_runs"]
 
@@ -82,98 +84,87 @@ def compare_runs(
     out_dir: str | Path | None = None,
     max_params: int = 8,
 ) -> Comparison:
-    from mlflow import MlflowClient
-
-    from avts_dist.tracking.eval_runs import resolve_tracking_uri
-
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
-    runs: dict[str, Any] = {}
-    if run_ids:
-        for rid in run_ids:
-            try:
-                run = client.get_run(rid)
-            except Exception as exc:
-                raise ValueError(
-                    f"MLflow run {rid!r} not found: {str(exc).splitlines()[0]}"
-                ) from None
-            runs[rid] = run
-            children = client.search_runs(
-                [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{rid}'"
-            )
-            runs.update({c.info.run_id: c for c in children})
-    else:
-        name = experiment or "avts"
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            known = [e.name for e in client.search_experiments()]
-            raise ValueError(f"MLflow experiment {name!r} not found (experiments: {known})")
-        runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id], max_results=5000)}
+    client = client_for(tracking_uri)
+    runs = fetch_runs(client, experiment, run_ids)
     if not runs:
         raise ValueError("no runs to compare")
-
-    def is_eval(r) -> bool:
-        return r.data.tags.get("avts.kind") == "eval"
-
-    parents = [r for r in runs.values() if not is_eval(r)]
-    groups: dict[str, list[Any]] = {r.info.run_id: [] for r in parents}
-    orphans = []
-    for r in runs.values():
-        if is_eval(r):
-            pid = r.data.tags.get("mlflow.parentRunId", "")
-            if pid in groups:
-                groups[pid].append(r)
-            else:
-                orphans.append(r)
+    parents = [r for r in runs.values() if not _is_eval(r)]
+    groups, orphans = _children_of(parents, runs.values())
     # Eval runs whose parent is outside the selection get a row of their own.
     heads = sorted(parents, key=lambda r: r.info.start_time or 0) + orphans
-
-    params = {r.info.run_id: r.data.params for r in parents}
-    varying = sorted(
-        k
-        for k in {k for p in params.values() for k in p}
-        if len({p.get(k) for p in params.values()}) > 1
-        and not k.endswith(("run.dir", "checkpoint.dir", "run.name"))
-    )[:max_params]
-
-    rows: list[dict[str, Any]] = []
+    varying = _varying_params(parents, max_params)
+    rows = [_row(head, groups, varying) for head in heads]
     metric_cols: list[str] = []
-    for head in heads:
-        row: dict[str, Any] = {
-            "run": head.data.tags.get("mlflow.runName", head.info.run_id[:8]),
-            "run_id": head.info.run_id[:8],
-            "status": head.info.status,
-        }
-        for k in varying:
-            row[k] = head.data.params.get(k)
-        values: dict[str, float] = {}
-        if not is_eval(head):
-            values.update(head.data.metrics)
-        children = sorted(
-            groups.get(head.info.run_id, []) if not is_eval(head) else [head],
-            key=lambda r: r.info.start_time or 0,
-        )
-        for child in children:  # the latest run of each job wins
-            values.update(child.data.metrics)
-        row["num_evals"] = len(children)
-        for k, v in values.items():
+    for row in rows:
+        for k, v in row.pop("_values").items():
             if (metrics and _matches(k, metrics)) or (not metrics and _headline(k)):
                 row[k] = v
                 if k not in metric_cols:
                     metric_cols.append(k)
-        row["_run"] = head
-        row["_children"] = children
-        rows.append(row)
     columns = ["run", "run_id", "status", *varying, "num_evals", *sorted(metric_cols)]
     comp = Comparison(
         columns, rows, groups={pid: [c.info.run_id for c in cs] for pid, cs in groups.items()}
     )
     if out_dir is not None:
         title = "avts compare: " + ("selected runs" if run_ids else experiment or "avts")
+        curves = list(curves or DEFAULT_CURVES)
+        histories = metric_histories(client, histories_needed(rows, curves))
         write_report(
-            comp, client, Path(out_dir), list(curves or DEFAULT_CURVES),
-            tracking_uri=client.tracking_uri, title=title,
-        )  # fmt: skip
+            comp, histories, Path(out_dir), curves, tracking_uri=client.tracking_uri, title=title
+        )
     for row in rows:
         row.pop("_run")
         row.pop("_children")
     return comp
+
+
+def _is_eval(run) -> bool:
+    return run.data.tags.get("avts.kind") == "eval"
+
+
+def _children_of(parents: list, runs) -> tuple[dict[str, list], list]:
+    """Parent id -> its evaluation runs, and the evaluation runs whose parent is not here."""
+    groups: dict[str, list[Any]] = {r.info.run_id: [] for r in parents}
+    orphans = []
+    for r in runs:
+        if _is_eval(r):
+            pid = r.data.tags.get("mlflow.parentRunId", "")
+            if pid in groups:
+                groups[pid].append(r)
+            else:
+                orphans.append(r)
+    return groups, orphans
+
+
+def _varying_params(parents: list, max_params: int) -> list[str]:
+    params = [r.data.params for r in parents]
+    return sorted(
+        k
+        for k in {k for p in params for k in p}
+        if len({p.get(k) for p in params}) > 1
+        and not k.endswith(("run.dir", "checkpoint.dir", "run.name"))
+    )[:max_params]
+
+
+def _row(head, groups: dict[str, list], varying: list[str]) -> dict[str, Any]:
+    """A run's row: name, parameters that vary, and (under ``_values``) its metrics and its
+    evaluations' (the latest run of each job wins)."""
+    row: dict[str, Any] = {
+        "run": head.data.tags.get("mlflow.runName", head.info.run_id[:8]),
+        "run_id": head.info.run_id[:8],
+        "status": head.info.status,
+    }
+    for k in varying:
+        row[k] = head.data.params.get(k)
+    values: dict[str, float] = {} if _is_eval(head) else dict(head.data.metrics)
+    children = sorted(
+        groups.get(head.info.run_id, []) if not _is_eval(head) else [head],
+        key=lambda r: r.info.start_time or 0,
+    )
+    for child in children:
+        values.update(child.data.metrics)
+    row["num_evals"] = len(children)
+    row["_values"] = values
+    row["_run"] = head
+    row["_children"] = children
+    return row

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 
-from eval.intervals import mean_ci
+from avts_dist.stats import mean_ci
 
 __all__ = ["PALETTE", "bar_figure", "curves_figure", "offset_figure"]
 

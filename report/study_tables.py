@@ -1,6 +1,6 @@
 """A study's tables T1-T5 (docs/results.md 1.7) from its MLflow runs: ``avts compare --study``.
 
-Runs are found with MLflow's search API by the tag ``avts.study``; ``avts.arm`` and
+Runs are found with MLflow's search API by the tag ``avts.study`` (:func:`report.fetch.study_runs`); ``avts.arm`` and
 ``avts.pretrain_seed`` (p) say where each belongs (set by ``avts study`` through
 ``tracking.tags``). A pretraining seed's value of a low-label cell is the mean test accuracy over
 its fine-tuning seeds f; a cell reports the mean over p with the 95% t interval
@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from avts_dist.stats import Interval, paired_t_interval, t_interval
+from report.fetch import client_for, study_runs
 
-__all__ = ["StudyCells", "StudyTables", "Table", "build_tables", "load_study", "study_tables"]
+__all__ = ["StudyCells", "StudyTables", "Table", "build_tables", "study_cells", "study_tables"]
 
 ARMS = ("avts", "avts_no_curriculum", "avts_superhard", "early_fusion", "video_ssl")
 SHOTS = ("1", "2", "4", "8", "all")
@@ -70,27 +71,11 @@ class StudyCells:
         }
 
 
-def _search_all(client, study: str) -> list:
-    experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            experiment_ids,
-            filter_string=f"tags.`avts.study` = '{study}'",
-            max_results=1000,
-            order_by=["attributes.start_time ASC"],
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def load_study(client, study: str) -> StudyCells:
-    """Every run tagged ``avts.study=study``; a later run's value of the same cell wins."""
+def study_cells(runs: list, study: str) -> StudyCells:
+    """The cells of a study's runs (:func:`report.fetch.study_runs`); a later run's value of
+    the same cell wins."""
     cells = StudyCells(study)
-    runs = sorted(_search_all(client, study), key=lambda r: r.info.start_time or 0)
+    runs = sorted(runs, key=lambda r: r.info.start_time or 0)
     cells.num_runs = len(runs)
     for run in runs:
         tags = run.data.tags
@@ -140,8 +125,7 @@ def _fmt(cell: Cell, signed: bool = False) -> str:
 def _json(cell: Cell) -> Any:
     if isinstance(cell, str):
         return cell
-    d = cell.as_dict()
-    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in d.items()}
+    return cell.as_dict()  # no interval (n = 1): low, high and half_width are null
 
 
 @dataclass
@@ -368,14 +352,10 @@ def study_tables(
     study: str, *, tracking_uri: str = "", out_dir: str | Path | None = None
 ) -> StudyTables:
     """T1-T5 of ``study``; with ``out_dir``: results.md, results.json and accuracy_vs_k.png."""
-    from mlflow import MlflowClient
-
-    from avts_dist.tracking.eval_runs import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    cells = load_study(MlflowClient(tracking_uri=uri), study)
+    client = client_for(tracking_uri)
+    cells = study_cells(study_runs(client, study), study)
     if not cells.num_runs:
-        raise ValueError(f"no MLflow runs tagged avts.study={study!r} in {uri}")
+        raise ValueError(f"no MLflow runs tagged avts.study={study!r} in {client.tracking_uri}")
     result = StudyTables(cells, build_tables(cells))
     if out_dir is not None:
         out = Path(out_dir)

@@ -5,14 +5,15 @@ Each saved checkpoint is a LoggedModel of its pretraining run (``TrainRun.log_ch
 whose weights stay in the checkpoint store (tag ``avts.checkpoint``); evaluation runs link
 their metrics to it (``EvalRun``). :func:`best_checkpoints` asks MLflow's own search,
 ``search_logged_models`` ordered by the metric, better first (the direction from
-:mod:`eval.metric_docs`, or ``lower_is_better``).
+:mod:`report.metric_docs`, or ``lower_is_better``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from eval.metric_docs import DOWN, describe_metric
+from report.fetch import client_for, experiment_by_name
+from report.metric_docs import DOWN, describe_metric
 
 __all__ = ["BestCheckpoint", "best_checkpoints", "format_best"]
 
@@ -40,16 +41,8 @@ def best_checkpoints(
 ) -> list[BestCheckpoint]:
     """The ``top`` checkpoints of ``experiment`` (default ``avts``) with ``metric`` linked,
     best first. ValueError (one line) for an unknown experiment."""
-    from mlflow import MlflowClient
-
-    from avts_dist.tracking.eval_runs import resolve_tracking_uri
-
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
-    name = experiment or "avts"
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        known = [e.name for e in client.search_experiments()]
-        raise ValueError(f"MLflow experiment {name!r} not found (experiments: {known})")
+    client = client_for(tracking_uri)
+    exp = experiment_by_name(client, experiment or "avts")
     if lower_is_better is None:
         lower_is_better = describe_metric(metric)[1] == DOWN
     order = [{"field_name": f"metrics.{metric}", "ascending": lower_is_better}]

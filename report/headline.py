@@ -8,8 +8,9 @@
     full metrics (37): MLflow run 1f2e... (http://mlflow:5000/#/experiments/1/runs/1f2e...),
     runs/quickstart/eval/sync/metrics.json
 
-Intervals: over splits or folds (Student's t, :func:`eval.intervals.mean_ci`) where the job has
-several; for sync accuracy, the binomial interval of its two proportions (normal approximation).
+Intervals (:mod:`avts_dist.stats`): over splits or folds (Student's t, :func:`mean_ci`) where the
+job has several; for sync accuracy, the binomial interval of its two proportions (normal
+approximation, :func:`balanced_accuracy_interval`).
 """
 
 from __future__ import annotations
@@ -18,37 +19,44 @@ import math
 import re
 from dataclasses import dataclass
 
-from eval.intervals import mean_ci
+from avts_dist.stats import Interval, balanced_accuracy_interval, mean_ci
 
 __all__ = ["HeadlineRow", "format_headline", "headline_rows"]
-
-_Z95 = 1.959964
 
 
 @dataclass(frozen=True)
 class HeadlineRow:
     label: str
-    value: float
-    low: float | None = None
-    high: float | None = None
+    interval: Interval
     over: str = ""
+
+    @property
+    def value(self) -> float:
+        return self.interval.mean
+
+    @property
+    def low(self) -> float | None:
+        return self.interval.low
+
+    @property
+    def high(self) -> float | None:
+        return self.interval.high
 
 
 def _sync_rows(m: dict[str, float]) -> list[HeadlineRow]:
-    """acc = (TPR + rejection rate) / 2: its variance is the sum of the two binomial ones / 4."""
+    """acc = (TPR + rejection rate) / 2, with the interval of the mean of two proportions."""
     rows = []
     tpr, num_clips = m.get("tpr"), m.get("num_clips")
     for kind in ("easy", "hard", "superhard"):
         if f"acc_{kind}" not in m:
             continue
         acc, reject, num_neg = m[f"acc_{kind}"], m[f"reject_{kind}"], m[f"num_{kind}"]
-        low = high = None
         if tpr is not None and num_clips and num_neg:
-            var = 0.25 * (tpr * (1 - tpr) / num_clips + reject * (1 - reject) / num_neg)
-            half = _Z95 * math.sqrt(var)
-            low, high = max(0.0, acc - half), min(1.0, acc + half)
+            ci = balanced_accuracy_interval(tpr, num_clips, reject, num_neg)
+        else:
+            ci = Interval(acc, None, None, int(num_neg), 0.95, "none")
         over = f"{int(num_clips or 0)} clips, {int(num_neg)} negatives"
-        rows.append(HeadlineRow(f"sync accuracy, {kind} negatives", acc, low, high, over))
+        rows.append(HeadlineRow(f"sync accuracy, {kind} negatives", ci, over))
     return rows
 
 
@@ -60,7 +68,7 @@ def _over(m: dict[str, float], pattern: str, label: str, unit: str) -> list[Head
         return []
     ci = mean_ci(values)
     over = f"{ci.n} {unit}{'s' if ci.n != 1 else ''}"
-    return [HeadlineRow(label, ci.mean, ci.low, ci.high, over)]
+    return [HeadlineRow(label, ci, over)]
 
 
 def _finetune_rows(m: dict[str, float], prefix: str = "") -> list[HeadlineRow]:

@@ -16,40 +16,19 @@ import base64
 import csv
 import datetime as dt
 import html
-import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.intervals import Interval, mean_ci
-from eval.metric_docs import UP, describe_metric
-from eval.report_plots import PALETTE, bar_figure, curves_figure, offset_figure
+from avts_dist.stats import Interval, mean_ci
+from report import figures
+from report.fetch import History
+from report.groups import ConfigGroup, group_runs
+from report.metric_docs import UP, describe_metric
 
-__all__ = ["BAR_METRICS", "group_runs", "mlflow_run_url", "write_report"]
+__all__ = ["mlflow_run_url", "write_report"]
 
-# Downstream bars: (metric, axis label); scratch baselines beside the pretrained figures.
-BAR_METRICS = (
-    ("ucf101/acc_video", "UCF101"),
-    ("ucf101/scratch/acc_video_mean", "UCF101 scratch"),
-    ("hmdb51/acc_video", "HMDB51"),
-    ("hmdb51/scratch/acc_video_mean", "HMDB51 scratch"),
-    ("esc50/acc", "ESC-50"),
-    ("dcase2014/acc", "DCASE"),
-    ("multimodal/acc", "multimodal"),
-    ("synthetic/video/acc_video", "synthetic video"),
-    ("synthetic/video/scratch/acc_video_mean", "synthetic video scratch"),
-    ("synthetic/audio/acc", "synthetic audio"),
-)
-# Parameters that name a run rather than configure it, and so never split configurations.
-RUN_SPECIFIC = ("run.dir", "run.name", "checkpoint.dir", "launch.folder", "eval.out_dir")
 # Configurations (value columns) per table: more are stacked as further tables, never scrolled.
 MAX_COLUMNS = 4
-LABEL_CHARS = 40
-
-
-def _is_seed(param: str) -> bool:
-    return param.rsplit(".", 1)[-1].endswith("seed")
 
 
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
@@ -57,78 +36,6 @@ def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | 
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return None
-
-
-@dataclass
-class ConfigGroup:
-    """Runs that differ only in their seeds."""
-
-    label: str
-    params: dict[str, str]
-    color: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    seeds: list[str] = field(default_factory=list)
-
-
-def _all_metrics(row: dict[str, Any]) -> dict[str, float]:
-    """The run's metrics and its evaluations' (the latest run of each job wins)."""
-    run = row["_run"]
-    values = {} if run.data.tags.get("avts.kind") == "eval" else dict(run.data.metrics)
-    for child in row["_children"]:
-        values.update(child.data.metrics)
-    return values
-
-
-def group_runs(rows: list[dict[str, Any]]) -> tuple[list[ConfigGroup], list[str]]:
-    """Configurations (in the order of their first run) and the seed parameters that vary."""
-    params = [
-        {} if r["_run"].data.tags.get("avts.kind") == "eval" else dict(r["_run"].data.params)
-        for r in rows
-    ]
-    keys = {k for p in params for k in p}
-    varying = sorted(
-        k for k in keys if len({p.get(k) for p in params}) > 1 and not k.endswith(RUN_SPECIFIC)
-    )
-    seed_keys = [k for k in varying if _is_seed(k)]
-    config_keys = [k for k in varying if not _is_seed(k)]
-    groups: dict[tuple, ConfigGroup] = {}
-    for row, p in zip(rows, params, strict=True):
-        is_eval_only = not p
-        key = ("eval", row["run"]) if is_eval_only else tuple(p.get(k) for k in config_keys)
-        if key not in groups:
-            shown = {k: p.get(k, "") for k in config_keys} if not is_eval_only else {}
-            groups[key] = ConfigGroup("", shown, PALETTE[len(groups) % len(PALETTE)])
-        groups[key].rows.append(row)
-        seeds = list(dict.fromkeys(str(p.get(k)) for k in seed_keys))  # "0", not "0, 0"
-        groups[key].seeds.append(", ".join(seeds))
-    ordered = list(groups.values())
-    for index, (group, labels) in enumerate(zip(ordered, _labels(ordered), strict=True)):
-        group.label = labels or f"config {chr(ord('A') + index % 26)}"
-    return ordered, seed_keys
-
-
-_SEED_SUFFIX = re.compile(r"[-_.]*(s|seed)?\d*$")
-
-
-def _labels(groups: list[ConfigGroup]) -> list[str]:
-    """A short distinct label per configuration ("" where none is found; letters then).
-
-    The label is repeated in every table header and figure legend, so: the common prefix of
-    its runs' names without a seed suffix (``curriculum-s0, curriculum-s1`` -> ``curriculum``),
-    else its parameters as ``key=value`` when short, else nothing.
-    """
-    if len(groups) == 1 and not groups[0].params:
-        return ["all runs"]
-    names = []
-    for g in groups:
-        prefix = os.path.commonprefix([r["run"] for r in g.rows])
-        names.append(_SEED_SUFFIX.sub("", prefix) if len(g.rows) > 1 else g.rows[0]["run"])
-    if all(names) and len(set(names)) == len(names):
-        return names
-    texts = [", ".join(f"{k}={v}" for k, v in g.params.items()) for g in groups]
-    if all(0 < len(t) <= LABEL_CHARS for t in texts) and len(set(texts)) == len(texts):
-        return texts
-    return [""] * len(groups)
 
 
 # ---- formatting ---------------------------------------------------------------------------------
@@ -349,91 +256,19 @@ def _csv_value(v: Any) -> str:
     return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def _history(client, run_id: str, metric: str, scale: float = 1.0) -> list[tuple[float, float]]:
-    hist = sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)
-    return [(m.step * scale, m.value) for m in hist]
-
-
-@dataclass
-class _Figure:
-    name: str  # file stem and comp.files key
-    png: bytes
-    alt: str
-    caption: str
-
-
-def _curves(client, groups: list[ConfigGroup], curves: list[str], colors) -> _Figure | None:
-    """Training curves of the pretraining runs (eval-only rows have none)."""
-    logged = {k for g in groups for r in g.rows for k in r["_run"].data.metrics}
-    drawn = [c for c in curves if c in logged]
-    if not drawn:
-        return None
-    series = {
-        g.label: {
-            c: [_history(client, r["_run"].info.run_id, c) for r in g.rows
-                if c in r["_run"].data.metrics]
-            for c in drawn
-        }
-        for g in groups
-    }  # fmt: skip
-    return _Figure(
-        "training_curves",
-        curves_figure(drawn, series, colors),
-        "training curves",
-        "Training curves: mean over seeds with its 95% band; each seed faint.",
-    )
-
-
-def _offsets(client, groups: list[ConfigGroup], colors) -> _Figure | None:
-    metric = "sync/acc_vs_offset"  # logged with step = offset in ms
-    series = {
-        g.label: [
-            _history(client, c.info.run_id, metric, scale=1e-3)
-            for c in (_latest_job(r, metric) for r in g.rows)
-            if c is not None
-        ]
-        for g in groups
-    }
-    if not any(series.values()):
-        return None
-    return _Figure(
-        "sync_vs_offset",
-        offset_figure(series, colors),
-        "sync accuracy against audio offset",
-        "Sync accuracy against the audio offset: in-sync pairs against the same clip's audio "
-        "shifted by each offset; mean over seeds with its 95% band.",
-    )
-
-
-def _downstream(groups: list[ConfigGroup], colors) -> _Figure | None:
-    values = {g.label: [_all_metrics(r) for r in g.rows] for g in groups}
-    bars = [
-        (m, name) for m, name in BAR_METRICS if any(m in v for vs in values.values() for v in vs)
-    ]
-    if not bars:
-        return None
-    per_metric = {
-        label: {m: [v[m] for v in vs if m in v] for m, _ in bars} for label, vs in values.items()
-    }
-    return _Figure(
-        "downstream",
-        bar_figure(bars, per_metric, colors),
-        "downstream accuracy",
-        "Downstream accuracy: bars are means over seeds, whiskers the 95% interval, dots the runs.",
-    )
-
-
-def _latest_job(row: dict[str, Any], metric: str):
-    """The latest evaluation run of ``row`` that logged ``metric`` (children are by start)."""
-    return next((c for c in reversed(row["_children"]) if metric in c.data.metrics), None)
-
-
 def write_report(
-    comp, client, out: Path, curves: list[str], *, tracking_uri: str = "", title: str = ""
+    comp,
+    histories: dict[tuple[str, str], History],
+    out: Path,
+    curves: list[str],
+    *,
+    tracking_uri: str = "",
+    title: str = "",
 ) -> None:
     """Writes the report files into ``out`` and records them in ``comp.files``.
 
-    ``comp.rows`` still carry ``_run`` (the MLflow run) and ``_children`` (its evaluation runs).
+    ``comp.rows`` still carry ``_run`` (the MLflow run) and ``_children`` (its evaluation runs);
+    ``histories`` are the metric histories :func:`report.figures.histories_needed` names.
     """
     out.mkdir(parents=True, exist_ok=True)
     groups, seed_keys = group_runs(comp.rows)
@@ -458,19 +293,19 @@ def write_report(
             "Pretraining",
             "The pretraining runs' last logged values (avts train).",
             pre,
-            _curves(client, groups, curves, colors),
+            figures.training_curves(groups, curves, colors, histories),
         ),
         (
             "Synchronisation",
             "Held-out clips of the pretraining corpus (avts eval sync).",
             sync,
-            _offsets(client, groups, colors),
+            figures.sync_vs_offset(groups, colors, histories),
         ),
         (
             "Downstream",
             "Evaluation runs of each pretraining run (avts eval; the latest run of each job).",
             downstream,
-            _downstream(groups, colors),
+            figures.downstream(groups, colors),
         ),
     ):
         img = ""
