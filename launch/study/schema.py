@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from avts_dist.config import ConfigError, load_config
+from avts_dist.config import fail, load_config
 
 __all__ = [
     "ArmConfig",
@@ -99,31 +99,29 @@ class StudyConfig:
     def __post_init__(self) -> None:
         self.check_corpus()
         if not _NAME.fullmatch(self.name or ""):
-            _bad_key(
-                "name", f"a study name of letters, digits, _ . - is required, got {self.name!r}"
-            )
+            fail("name", f"a study name of letters, digits, _ . - is required, got {self.name!r}")
         if not self.arms:
-            _bad_key("arms", "at least one arm is required")
+            fail("arms", "at least one arm is required")
         for arm in self.arms:
             if not _NAME.fullmatch(arm) or arm == "scratch":
-                _bad_key(f"arms.{arm}", "arm names are letters, digits, _ . - (and not 'scratch')")
+                fail(f"arms.{arm}", "arm names are letters, digits, _ . - (and not 'scratch')")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            _bad_key("seeds", f"distinct pretraining seeds expected, got {self.seeds}")
+            fail("seeds", f"distinct pretraining seeds expected, got {self.seeds}")
         if not self.seed_keys:
-            _bad_key("seed_keys", "at least one config key must take the pretraining seed")
+            fail("seed_keys", "at least one config key must take the pretraining seed")
         for name, ev in self.evals.items():
             if not _NAME.fullmatch(name):
-                _bad_key(f"evals.{name}", "eval names are letters, digits, _ . -")
+                fail(f"evals.{name}", "eval names are letters, digits, _ . -")
             if not ev.job:
-                _bad_key(f"evals.{name}.job", "an evaluation job name is required")
+                fail(f"evals.{name}.job", "an evaluation job name is required")
             for key, arms in (("arms", ev.arms), ("arm_overrides", list(ev.arm_overrides))):
                 unknown = sorted(set(arms) - set(self.arms))
                 if unknown:
-                    _bad_key(
+                    fail(
                         f"evals.{name}.{key}", f"unknown arm(s) {unknown}; arms: {list(self.arms)}"
                     )
         if self.launch.cpus_per_task < 1:
-            _bad_key("launch.cpus_per_task", "must be >= 1")
+            fail("launch.cpus_per_task", "must be >= 1")
 
     @property
     def runs_dir(self) -> Path:
@@ -134,22 +132,18 @@ class StudyConfig:
         known = [f.name for f in dataclasses.fields(CorpusConfig)]
         for key in self.corpus:
             if key not in known:
-                _bad_key(f"corpus.{key}", f"not an `avts synth` option; known: {', '.join(known)}")
+                fail(f"corpus.{key}", f"not an `avts synth` option; known: {', '.join(known)}")
         try:
             corpus = OmegaConf.to_object(
                 OmegaConf.merge(OmegaConf.structured(CorpusConfig), dict(self.corpus))
             )
         except OmegaConfBaseException as exc:
-            _bad_key(f"corpus.{getattr(exc, 'full_key', '')}", str(exc).splitlines()[0])
+            fail(f"corpus.{getattr(exc, 'full_key', '')}", str(exc).splitlines()[0])
         if not corpus.out:
-            _bad_key("corpus.out", "the corpus URL is required")
+            fail("corpus.out", "the corpus URL is required")
         return corpus
 
 
 def load_study(path: str, overrides: list[str] | None = None) -> StudyConfig:
     """The typed study config; ConfigError naming the key for anything unknown or invalid."""
     return load_config(path, overrides, schema=StudyConfig)
-
-
-def _bad_key(key: str, msg: str) -> None:
-    raise ConfigError(f"config key '{key}': {msg}")
