@@ -33,6 +33,7 @@ import yaml
 from avts_dist.config import Config, ConfigError, config_from_dict
 from avts_dist.storage import StorageError, get_fs, join
 from avts_dist.tracking.progress import format_duration
+from avts_dist.train.checkpoint import list_checkpoints
 
 __all__ = ["RunStatus", "RunStatusError", "format_status", "read_status"]
 
@@ -254,9 +255,6 @@ def _latest_checkpoint(
     cfg: Config, run_url: str, storage_options: dict | None, now: float, notes: list[str]
 ) -> dict[str, Any] | None:
     """tag, step, url and age of the newest complete checkpoint, or None."""
-    # Lazy: importing avts_dist.train loads the whole trainer; only the listing is needed.
-    from avts_dist.train.checkpoint import list_checkpoints
-
     ckpt_dir = _checkpoint_dir(cfg, run_url)
     options = dict(cfg.checkpoint.storage_options)
     if ckpt_dir.startswith(run_url.rstrip("/") + "/"):

@@ -21,6 +21,7 @@ from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.utils import get_protocol
 
 from avts_dist.config import deep_merge
 from avts_dist.secrets import REDACTED, redacted_paths, scrub
@@ -36,6 +37,7 @@ __all__ = [
     "is_remote",
     "join",
     "local_path",
+    "protocol_of",
 ]
 
 log = logging.getLogger("avts.storage")
@@ -133,10 +135,21 @@ def _s3_defaults() -> dict[str, Any]:
     return out
 
 
+# The protocols of this machine's own filesystem: every other one (s3, memory, gcs...) has no
+# local path, so the checkpoint component stages it and fetches it.
+_LOCAL_PROTOCOLS = ("file", "local")
+
+
+def protocol_of(url: str) -> str:
+    """fsspec's protocol of ``url``, lower case: ``s3``, ``memory``...; ``file`` for a plain path
+    or a ``file://`` URL; the outermost one of a chained URL (``simplecache::s3://...``)."""
+    return get_protocol(str(url)).lower()
+
+
 def is_remote(url: str) -> bool:
-    """True for a URL of another filesystem (``s3://``, ``memory://``); False for a local path
-    or a ``file://`` URL."""
-    return "://" in url and not url.startswith("file://")
+    """True for a URL of another filesystem than the local one (``s3://``, ``memory://``); False
+    for a local path or a ``file://`` URL. The one answer to "is it remote" in this package."""
+    return protocol_of(url) not in _LOCAL_PROTOCOLS
 
 
 def local_path(url: str) -> str:
@@ -160,7 +173,7 @@ def get_fs(
     """Returns ``(filesystem, path)`` for a local path, ``file://``, ``s3://`` or ``memory://`` URL."""
     if not url:
         raise StorageError("empty storage URL")
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    protocol = protocol_of(url)
     options = _drop_redacted(url, protocol, dict(storage_options or {}))
     if protocol in ("s3", "s3a"):
         options = deep_merge(_s3_defaults(), options)

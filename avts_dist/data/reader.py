@@ -25,11 +25,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from avts_dist.data.index import DatasetIndex
-from avts_dist.storage import get_fs, join
+from avts_dist.storage import get_fs, join, protocol_of
 
 __all__ = ["ClipReader", "ReadFailure", "is_transient", "own_retries_options"]
 
-_REMOTE_PROTOCOLS = ("s3", "s3a")
+# s3fs-specific knobs (its retry attribute, botocore's retries) apply to these alone.
+_S3_PROTOCOLS = ("s3", "s3a")
 
 # Errors that retrying cannot fix. Everything else raised by a read (OSError from s3fs's
 # translation of 5xx/throttling, aiohttp/botocore connection errors, timeouts) is transient.
@@ -74,7 +75,7 @@ def own_retries_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
     """Storage options with the S3 client's hidden retries off (one attempt per call), on a
     private filesystem instance (s3fs's retry count is an attribute we set on it): botocore's
     retry handler, and aiohttp's retry of a dropped connection."""
-    if url.split("://", 1)[0] not in _REMOTE_PROTOCOLS:
+    if protocol_of(url) not in _S3_PROTOCOLS:
         return dict(options)
     config = dict(options.get("config_kwargs") or {})
     config.setdefault("retries", {"total_max_attempts": 1})
@@ -127,7 +128,7 @@ class ClipReader:
         if self._pid != pid:
             url = self.index.url
             self._fs, _ = get_fs(url, own_retries_options(url, self.storage_options))
-            if url.split("://", 1)[0] in _REMOTE_PROTOCOLS:
+            if protocol_of(url) in _S3_PROTOCOLS:
                 self._fs.retries = 1  # s3fs's _error_wrapper: one attempt, we retry
             self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="avts-read")
             self._lock = threading.Lock()

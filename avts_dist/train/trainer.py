@@ -1,9 +1,9 @@
 """The pretraining loop: loader -> model -> loss -> DeepSpeed step, with validation, the
 curriculum, checkpoints and tracking on their schedules.
 
-Its parts live beside it: what a batch means per objective (``train/objectives.py``), the
-resumable state (``train/state.py``), the stop policy (``train/stopping.py``), checkpoints
-(``train/checkpoint.py``), validation (``train/validation.py``) and the run's tracking
+Its parts live beside it: what a batch means per objective (``train/objectives.py``), its
+counters (``train/trainer_state.py``), the stop policy (``train/stopping.py``), checkpoints
+(``train/checkpoint/``), validation (``train/validation.py``) and the run's tracking
 (``tracking/session.py``).
 """
 
@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 
-from avts_dist.config import Config
+from avts_dist.config import Config, redacted_config_dict
 from avts_dist.curriculum import Curriculum
 from avts_dist.data import build_loader
 from avts_dist.distributed import collectives as C
 from avts_dist.distributed.engine import (
     build_ds_config,
     initialize_engine,
-    load_engine_checkpoint,
     optimizer_step,
 )
 from avts_dist.export import build_initial_model
@@ -43,11 +42,11 @@ from avts_dist.tracking import (
     telemetry_fields,
 )
 from avts_dist.train.batch import micro_batches, to_device
-from avts_dist.train.checkpoint import CheckpointManager
+from avts_dist.train.checkpoint import CheckpointManager, ResumePlan, RNGState, Stateful
 from avts_dist.train.hooks import TrainHooks
 from avts_dist.train.objectives import forward_loss
-from avts_dist.train.state import checkpoint_meta, client_state, restore_client_state
 from avts_dist.train.stopping import nonfinite_stop_message, stop_reason
+from avts_dist.train.trainer_state import TrainerState
 from avts_dist.train.validation import build_val_loaders, sync_accuracy
 
 log = logging.getLogger("avts.train")
@@ -73,17 +72,28 @@ class StepOutput:
     applied: bool
 
 
+def _counter(name: str) -> property:
+    """``trainer.<name>``, read and written in ``trainer.state`` (its resumable counters)."""
+    return property(
+        lambda self: getattr(self.state, name), lambda self, v: setattr(self.state, name, v)
+    )
+
+
 class Trainer:
     """Builds every component for this rank; ``train()`` runs to the end, a signal or a failure."""
+
+    step = _counter("step")
+    num_skipped_steps = _counter("num_skipped_steps")
+    num_nonfinite_in_row = _counter("num_nonfinite_in_row")
+    val_metrics = _counter("val_metrics")
 
     def __init__(self, cfg: Config, ctx: C.DistContext, hooks: TrainHooks | None = None) -> None:
         self.cfg, self.ctx, self.hooks = cfg, ctx, hooks or TrainHooks()
         self.rank, self.world_size, self.is_main = ctx.rank, ctx.world_size, ctx.rank == 0
         self.run_dir = Path(cfg.run.dir)
         self.stop_signal: int | None = None
-        self.step = self.num_skipped_steps = self.num_nonfinite_in_row = 0
+        self.state = TrainerState(global_batch_size=cfg.data.global_batch_size)
         self.num_applied_steps = 0  # optimizer steps applied by this process (not resumed ones)
-        self.val_metrics: dict[str, float] = {}
         self.mlflow_run_id = ""
         self.tracker = NoTracking()
         self.node_metrics = None  # another node's system metrics (multi-node runs)
@@ -131,8 +141,7 @@ class Trainer:
             is_main=self.is_main, total_steps=self.max_steps,
         )  # fmt: skip
         if plan is not None:
-            client = load_engine_checkpoint(self.engine, plan.local_root, plan.load_tag)
-            self.load_state_dict(client, rng_file=plan.rng_file(self.rank))
+            self._resume(plan)
             self.last_saved = self.step
             if self.is_main:
                 log.info("resumed from %s at step %d", plan.source.url, self.step)
@@ -147,13 +156,32 @@ class Trainer:
             return min(max_steps, epoch_steps) if max_steps > 0 else epoch_steps
         return max_steps
 
-    # ---- state (train/state.py) ----
+    # ---- state: each resumable part under its checkpoint key ----
+
+    def checkpoint_states(self) -> dict[str, Stateful]:
+        self.state.epoch = self.loader.epoch
+        return {
+            "trainer": self.state, "curriculum": self.curriculum, "loader": self.loader,
+            "rng": RNGState(),
+        }  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        return client_state(self)
+        return {key: part.state_dict() for key, part in self.checkpoint_states().items()}
 
-    def load_state_dict(self, state: dict[str, Any], rng_file: Path | None = None) -> None:
-        restore_client_state(self, state, rng_file)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, part in self.checkpoint_states().items():
+            part.load_state_dict(state[key])
+
+    def _resume(self, plan: ResumePlan) -> None:
+        """Model, optimizer and LR schedule (DeepSpeed), then each state from its key."""
+        client, rng_restored = self.ckpt.load(self.engine, plan, self.checkpoint_states())
+        saved_model = client.get("config", {}).get("model")
+        if saved_model is not None and saved_model != dataclasses.asdict(self.cfg.model):
+            raise ValueError("the checkpoint's model config differs from this run's model.* keys")
+        self.mlflow_run_id = client.get("mlflow_run_id") or ""
+        if not rng_restored:
+            # A new world size has no per-rank RNG to continue: derive it from the step.
+            torch.manual_seed(self.cfg.data.seed + 1_000_003 * self.step + self.rank)
 
     # ---- one step ----
 
@@ -222,8 +250,24 @@ class Trainer:
         """Saves (and publishes) this state; ``quarantine``: keeps it under a quarantined name
         instead, never ``latest`` (see ``CheckpointManager.save``)."""
         self.metrics.flush()
-        meta = checkpoint_meta(self)
-        tag = self.ckpt.save(self.engine, self.step, self.state_dict(), meta, quarantine=quarantine)
+        # What COMPLETE records beside its manifest, read without opening a file (the ZeRO
+        # stage of a resume at another world size, the objective check of a resume).
+        meta = {
+            "zero_stage": self.cfg.deepspeed.zero_stage,
+            "global_batch_size": self.cfg.data.global_batch_size,
+            "mlflow_run_id": self.mlflow_run_id, "epoch": self.loader.epoch,
+            "objective": self.cfg.train.objective,
+        }  # fmt: skip
+        extra = {
+            # Rank 0's tracker knows the id once the server has created the run (maybe late).
+            "mlflow_run_id": self.tracker.run_id or self.mlflow_run_id,
+            # Redacted: checkpoints are copied and uploaded; credentials come from the user again.
+            "config": redacted_config_dict(self.cfg),
+        }
+        tag = self.ckpt.save(
+            self.engine, self.step, self.checkpoint_states(), meta, extra=extra,
+            quarantine=quarantine,
+        )  # fmt: skip
         if not quarantine:
             url = f"{self.cfg.checkpoint.dir.rstrip('/')}/{tag}"
             self.tracker.log_checkpoint(url, self.step, self.ckpt.last_save_s)

@@ -265,17 +265,19 @@ def test_keep_last_counts_only_checkpoints_that_verify(run_dir):
     ckpts = run_dir / "checkpoints"
     (ckpts / "step_000004" / "rng_rank_00000.pt").write_bytes(b"")  # damaged since its save
     manager = _manager(str(ckpts), run_dir, keep_last=2)
-    manager._retain("step_000010")
+    manager.retention.retain("step_000010", rank=0, fs_leader=True)
     # Kept: 10 (just published) and 2, the next that verifies; 4 quarantined, not deleted.
     assert [r.tag for r in list_checkpoints(str(ckpts))] == ["step_000002", "step_000010"]
     assert list_quarantined(str(ckpts)) == ["step_000004.quarantined-size-mismatch"]
     make_tag(ckpts, 14)
-    manager._retain("step_000014")
+    manager.retention.retain("step_000014", rank=0, fs_leader=True)
     assert [r.tag for r in list_checkpoints(str(ckpts))] == ["step_000010", "step_000014"]
     # The tag just published is never the one deleted, even when higher steps are left over
     # from a run that was resumed further back.
     make_tag(ckpts, 6)
-    _manager(str(ckpts), run_dir, keep_last=1)._retain("step_000006")
+    _manager(str(ckpts), run_dir, keep_last=1).retention.retain(
+        "step_000006", rank=0, fs_leader=True
+    )
     assert [r.tag for r in list_checkpoints(str(ckpts))] == ["step_000006"]
 
 
@@ -314,3 +316,84 @@ def test_read_back_after_resume_compares_what_the_disk_holds(run_dir, tmp_path):
     (tag_dir / "rng_rank_00000.pt").write_bytes(bytes(data))
     problem = manager._read_back(tag_dir, "step_000020", records)
     assert problem == f"read back from {tag_dir}, rng_rank_00000.pt differs from what was written"
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_keep_last_is_the_same_on_either_storage(run_dir, tmp_path, where):
+    """The storage protocol: keep-last deletes and quarantines the same tags on a local dir and
+    on a remote one (there, staged copies beyond keep-last go too)."""
+    ckpts = run_dir / "checkpoints"
+    (ckpts / "step_000004" / "rng_rank_00000.pt").write_bytes(b"")  # damaged since its save
+    url = str(ckpts)
+    if where == "memory":
+        url = "memory://keeplast/ck"
+        fs, root = get_fs(url)
+        fs.put(str(ckpts) + "/", root, recursive=True)
+        stage = tmp_path / "stage"
+        for step in (2, 10):  # staged copies of the saves this process made
+            make_tag(stage, step)
+    manager = _manager(url, run_dir, keep_last=1, staging_dir=str(tmp_path / "stage"))
+    manager.retention.retain("step_000010", rank=0, fs_leader=True)
+    assert [r.tag for r in list_checkpoints(url)] == ["step_000010"]
+    assert list_quarantined(url) == []  # 4 was deleted unread: beyond keep-last
+    if where == "memory":
+        assert [r.tag for r in list_checkpoints(str(tmp_path / "stage"))] == ["step_000010"]
+        fs.rm("/keeplast", recursive=True)
+
+
+def test_states_go_under_fixed_keys_and_come_back(tmp_path):
+    """The client state composes each Stateful under its key (trainer, curriculum, loader,
+    rng), versioned; restoring puts each back, and the RNG only at the same world size."""
+    import torch
+
+    from avts_dist.train.checkpoint import STATE_KEYS, RNGState
+    from avts_dist.train.checkpoint.states import compose_client_state, restore_states
+    from avts_dist.train.trainer_state import TrainerState
+
+    class Box:
+        def __init__(self, value):
+            self.value = value
+
+        def state_dict(self):
+            return {"value": self.value}
+
+        def load_state_dict(self, state):
+            self.value = state["value"]
+
+    trainer = TrainerState(global_batch_size=8, step=5, num_skipped_steps=1)
+    states = {"trainer": trainer, "curriculum": Box("easy"), "loader": Box(3), "rng": RNGState()}
+    torch.manual_seed(7)
+    client = compose_client_state(states, world_size=2, extra={"mlflow_run_id": "abc"})
+    assert tuple(k for k in client if k in STATE_KEYS) == STATE_KEYS
+    assert client["format_version"] == 1 and client["world_size"] == 2
+    assert client["trainer"]["samples_seen"] == 40 and client["mlflow_run_id"] == "abc"
+    rng_file = tmp_path / "rng_rank_00000.pt"
+    torch.save(client["rng"], rng_file)
+    expected = torch.rand(3)
+    fresh = {
+        "trainer": TrainerState(global_batch_size=8), "curriculum": Box(None),
+        "loader": Box(None), "rng": RNGState(),
+    }  # fmt: skip
+    assert restore_states(fresh, client, world_size=2, rng_file=rng_file)
+    assert fresh["trainer"] == trainer and fresh["loader"].value == 3
+    assert torch.equal(torch.rand(3), expected)  # the generators continue where they were
+    assert not restore_states(fresh, client, world_size=1, rng_file=rng_file)
+    with pytest.raises(CheckpointError, match="format_version 0; this code reads 1"):
+        restore_states(fresh, {**client, "format_version": 0}, world_size=2)
+    with pytest.raises(ValueError, match="checkpoint states must be"):
+        compose_client_state({"trainer": trainer}, world_size=1, extra={})
+
+
+def test_status_and_checkpoint_import_no_training_stack():
+    """`avts status`, `export` and `eval` find checkpoints without loading the trainer or
+    DeepSpeed: avts_dist.train is lazy and the checkpoint references are light."""
+    import subprocess
+    import sys
+
+    code = "import avts_dist.status, avts_dist.train.checkpoint, sys; print('deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+    code = "import avts_dist.status, avts_dist.train, sys; print('avts_dist.train.trainer' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

@@ -41,6 +41,7 @@ from avts_dist.data.converters.media import (
     segment_cut,
     video_to_mp4,
 )
+from avts_dist.storage import is_remote, local_path
 
 __all__ = ["LAYOUTS", "EncodeProfile", "LayoutError", "PrepareReport", "prepare"]
 
@@ -148,8 +149,8 @@ def _fingerprint(name: str, layout: Layout, profile: EncodeProfile) -> str:
 
 
 def default_work_dir(name: str, out: str) -> Path:
-    if "://" not in out or out.startswith("file://"):
-        return Path(out.removeprefix("file://")) / ".prepare-work"
+    if not is_remote(out):
+        return Path(local_path(out)) / ".prepare-work"
     digest = hashlib.sha1(out.encode()).hexdigest()[:12]
     return (
         Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
