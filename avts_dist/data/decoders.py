@@ -64,8 +64,12 @@ def _torchcodec_cause(exc: BaseException) -> tuple[str, str]:
         return found[0], FFMPEG_FIX
     if tried:
         return "no FFmpeg 4-8 shared libraries found: libavutil.so.56-60", FFMPEG_FIX
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return f"{exc.__class__.__name__}: {first}", FFMPEG_FIX
+    return _one_line(exc), FFMPEG_FIX
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {lines[0] if lines else ''}"
 
 
 @functools.cache
@@ -76,11 +80,11 @@ def _load_failure(name: str) -> tuple[str, str] | None:
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] == _PACKAGES[name]:
             return "not installed", f"pip install {_PACKAGES[name]}, or set data.video_decoder=pyav"
-        return f"{exc.__class__.__name__}: {exc}", FFMPEG_FIX
+        return _one_line(exc), FFMPEG_FIX
     except Exception as exc:  # torchcodec raises RuntimeError when no FFmpeg loads
         if name == "torchcodec":
             return _torchcodec_cause(exc)
-        return f"{exc.__class__.__name__}: {exc}", FFMPEG_FIX
+        return _one_line(exc), FFMPEG_FIX
     return None
 
 
