@@ -18,6 +18,9 @@
 - ``views=True`` (``train.objective=video_ssl``): each sample is two windows of one clip
   (``video``, ``video2``), no audio decoded; the sample order is the same as for AVTS pairs.
 
+This module is the main process's side (the step order, state, telemetry, ``build_loader``);
+the worker side is :mod:`avts_dist.data.dataset`, the build-time checks :mod:`.checks`.
+
 Worker processes and prefetching come from torchdata's ``StatefulDataLoader``; the
 authoritative position is ours (the global step), so its own state is never needed: a restore
 or a mix change simply restarts the pipeline at the right global step.
