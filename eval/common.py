@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from avts_dist.config import DataConfig, EvalConfig
 from avts_dist.data import DatasetIndex, read_member
 from avts_dist.data.decode import DecodeError, audio_window, decode_audio, decode_video, logmel
+from avts_dist.data.decoders import resolve_video_decoder
 from eval.registry import EvalError
 
 __all__ = [
@@ -125,6 +126,8 @@ class VideoClips(Dataset):
         self.with_audio = with_audio
         self.epoch = 0
         self._fs = None
+        # Checked here, in the main process: a decoder that cannot load fails now, not per clip.
+        self.video_decoder = resolve_video_decoder(data.video_decoder)
 
     def __len__(self) -> int:
         return len(self.rows) * self.per_video
@@ -150,7 +153,7 @@ class VideoClips(Dataset):
             self.data.size,
             self.train,
             rng,
-            decoder=self.data.video_decoder,
+            decoder=self.video_decoder,
         )
         if self.with_audio:
             video = (video, self._logmel(data, start))

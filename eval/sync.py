@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from avts_dist.config import LossConfig, SyncEvalConfig
 from avts_dist.data import DatasetIndex, read_member
 from avts_dist.data.decode import DecodeError, audio_window, decode_audio, decode_video, logmel
+from avts_dist.data.decoders import resolve_video_decoder
 from avts_dist.data.pairs import NEGATIVE_KINDS, plan_pair
 from eval.common import JobIO
 from eval.registry import EvalError
@@ -161,6 +162,8 @@ def run_sync(
     """Sync accuracy of ``model`` (an :class:`AVTSModel`, trained with ``loss``) on ``io.idx``;
     returns the metrics it logged."""
     idx, data, rt = io.idx, io.data, io.rt
+    # A decoder that cannot load fails here, not as every clip skipped.
+    decoder = resolve_video_decoder(data.video_decoder)
     split = cfg.split or data.val_split
     clip_s = data.clip_seconds
     pool = idx.rows(split=split, status="ok")
@@ -228,7 +231,7 @@ def run_sync(
                 data.fps,
                 data.size,
                 False,
-                decoder=data.video_decoder,
+                decoder=decoder,
             )
             wave = decode_audio(media, data.sample_rate)
         except DecodeError:

@@ -45,9 +45,10 @@ class DataConfig:
     drop_last: bool = True
     max_retries: int = 4
     retry_backoff_s: float = 0.1
-    # torchcodec | pyav | decord: the video decoder; the default is the fastest that gives the
-    # right frames, measured side by side (docs/benchmarks.md). All three agree on the frames.
-    video_decoder: str = "torchcodec"
+    # auto | torchcodec | pyav | decord: the video decoder; auto is the fastest that loads here
+    # (torchcodec, then pyav, then decord: docs/benchmarks.md), checked at start. All three
+    # agree on the frames.
+    video_decoder: str = "auto"
     # How training reads clips (docs/data-loading.md): "random" = one ranged read per clip, a
     # full shuffle; "block" = contiguous runs of a shard (block_mb each) served from a per-rank
     # cache, a two-level shuffle (blocks permuted, samples shuffled within windows of
@@ -68,8 +69,11 @@ class DataConfig:
     max_skip_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.video_decoder not in VIDEO_DECODERS:
-            fail("data.video_decoder", f"{self.video_decoder!r} is not one of {VIDEO_DECODERS}")
+        if self.video_decoder != "auto" and self.video_decoder not in VIDEO_DECODERS:
+            fail(
+                "data.video_decoder",
+                f"{self.video_decoder!r} is not auto or one of {VIDEO_DECODERS}",
+            )
         for name in ("global_batch_size", "num_frames", "size", "sample_rate", "num_mel_bins"):
             if getattr(self, name) <= 0:
                 fail(f"data.{name}", f"must be > 0, got {getattr(self, name)}")

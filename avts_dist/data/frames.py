@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from avts_dist.config import VIDEO_DECODERS
+from avts_dist.data.decoders import AUTO, FFMPEG_FIX, resolve_video_decoder
 
 __all__ = ["VIDEO_DECODERS", "DecodeError", "frame_indices", "read_frames"]
 
@@ -80,8 +81,7 @@ def _read_torchcodec(
     except (ImportError, RuntimeError, OSError) as exc:
         raise DecodeError(
             "decode_error",
-            f"torchcodec cannot load ({exc.__class__.__name__}); it needs FFmpeg 4-8 shared "
-            "libraries (make install puts Debian's in place) or set data.video_decoder=pyav",
+            f"torchcodec cannot load ({exc.__class__.__name__}): {FFMPEG_FIX}",
         ) from None
     try:
         # "exact" scans the packets (cheap for a clip) and so knows where keyframes are;
@@ -229,7 +229,10 @@ def read_frames(
     decoder: str,
     num_threads: int = 1,
 ) -> tuple[torch.Tensor, tuple[int, int] | None]:
-    """``(uint8 [T, H, W, 3], true (H, W) or None)`` for the window; see the module doc."""
+    """``(uint8 [T, H, W, 3], true (H, W) or None)`` for the window; see the module doc.
+    ``decoder="auto"`` is the one :func:`resolve_video_decoder` picks in this process."""
+    if decoder == AUTO:
+        decoder = resolve_video_decoder(decoder)
     reader = _READERS.get(decoder)
     if reader is None:
         raise ValueError(f"unknown video decoder {decoder!r}; expected one of {VIDEO_DECODERS}")

@@ -333,5 +333,3 @@ def read_member(fs: fsspec.AbstractFileSystem, idx: DatasetIndex, row: int, ext:
     shard_url, offset, size = idx.member(row, ext)
     path = fs._strip_protocol(shard_url)
     return fs.cat_file(path, start=offset, end=offset + size)
-
-

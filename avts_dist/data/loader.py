@@ -18,6 +18,9 @@
 - ``views=True`` (``train.objective=video_ssl``): each sample is two windows of one clip
   (``video``, ``video2``), no audio decoded; the sample order is the same as for AVTS pairs.
 
+This module is the main process's side (the step order, state, telemetry, ``build_loader``);
+the worker side is :mod:`avts_dist.data.dataset`, the build-time checks :mod:`.checks`.
+
 Worker processes and prefetching come from torchdata's ``StatefulDataLoader``; the
 authoritative position is ours (the global step), so its own state is never needed: a restore
 or a mix change simply restarts the pipeline at the right global step.
@@ -30,7 +33,6 @@ import logging
 import time
 import warnings
 from collections import Counter
-from concurrent.futures import Future
 from typing import Any
 
 import fsspec
@@ -40,21 +42,21 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from avts_dist.config import DataConfig
 from avts_dist.data.blockcache import BlockCache, cache_base_dir
-from avts_dist.data.blockreads import BlockReads
-from avts_dist.data.blocks import BlockSampler, auto_streams
-from avts_dist.data.decode import DecodeError, audio_window, decode_audio, decode_video, logmel
-from avts_dist.data.health import SkipBudget, SkippedClipsError, check_shards
-from avts_dist.data.index import DatasetError, DatasetIndex
-from avts_dist.data.pairs import (
-    NEGATIVE_KINDS,
-    PairPlan,
-    ViewsPlan,
-    mix_probabilities,
-    plan_pair,
-    plan_views,
+from avts_dist.data.checks import (
+    block_sampler,
+    cache_bound,
+    check_storage,
+    clip_reader,
+    resolve_access,
+    usable_rows,
 )
-from avts_dist.data.reader import ClipReader, ReadFailure
-from avts_dist.data.sampler import GlobalSampler, LoaderState, MixSchedule, sample_rng
+from avts_dist.data.dataset import PairDataset, Tasks, mix_tuple
+from avts_dist.data.decoders import resolve_video_decoder
+from avts_dist.data.health import SkipBudget, SkippedClipsError
+from avts_dist.data.index import DatasetError, DatasetIndex
+from avts_dist.data.pairs import NEGATIVE_KINDS, mix_probabilities
+from avts_dist.data.sampler import GlobalSampler, LoaderState, MixSchedule
+from avts_dist.storage import is_remote
 
 __all__ = ["AVLoader", "SkippedClipsError", "build_loader", "resolve_access"]
 
@@ -62,14 +64,6 @@ log = logging.getLogger(__name__)
 # torchdata 0.11 calls a deprecated torch API on every iterator: noise, not a problem of ours.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 
-MEDIA_EXT = "mp4"
-# A sample whose clip (or negative) keeps failing is replaced at most this many times.
-MAX_ATTEMPTS = 32
-# Block access draws replacements from the sample's window (in memory) this many times, then
-# from the whole split: a window can be small, or all bad (a corrupt shard).
-WINDOW_ATTEMPTS = 4
-_MIX_KEYS = NEGATIVE_KINDS
-_LOCAL_PROTOCOLS = ("file", "local", "memory")
 # Counters summed from the workers' per-batch stats into telemetry().
 _SUMMED = (
     "bytes_read",
@@ -88,44 +82,12 @@ _SUMMED = (
 )
 
 
-def resolve_access(cfg: DataConfig, url: str, train: bool) -> str:
-    """``random`` or ``block``: evaluation always reads clip by clip; ``auto`` is block for
-    remote storage and random for local paths (a page cache serves random reads well, and the
-    full shuffle is better)."""
-    if not train:
-        return "random"
-    if cfg.access != "auto":
-        return cfg.access
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    return "random" if protocol in _LOCAL_PROTOCOLS else "block"
-
-
-def _mix_tuple(mix: dict[str, float]) -> tuple[float, ...]:
-    return tuple(float(mix.get(k, 0.0)) for k in _MIX_KEYS)
-
-
-def _mix_dict(mix: tuple[float, ...]) -> dict[str, float]:
-    return {k: v for k, v in zip(_MIX_KEYS, mix, strict=True) if v > 0}
-
-
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack``; in a worker, straight into shared memory (as torch's default_collate
-    does), which saves the copy the result queue would otherwise make."""
-    out = None
-    if torch.utils.data.get_worker_info() is not None:
-        elem = tensors[0]
-        storage = elem._typed_storage()._new_shared(len(tensors) * elem.numel(), device=elem.device)
-        out = elem.new(storage).resize_(len(tensors), *elem.shape)
-    return torch.stack(tensors, 0, out=out)
-
-
 def _release_cached_remote_fs(url: str) -> None:
     """Lets fsspec's cached instances of a remote filesystem go before workers fork: a child
     drops the cache it inherits and would close those S3 clients on its own event loop (asyncio
     errors on stderr). Instances still in use elsewhere are untouched; new ones are made."""
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    if protocol not in _LOCAL_PROTOCOLS:
-        fsspec.get_filesystem_class(protocol).clear_instance_cache()
+    if is_remote(url):
+        fsspec.get_filesystem_class(url.split("://", 1)[0]).clear_instance_cache()
         gc.collect()
 
 
@@ -136,281 +98,6 @@ def _identity(batch: Any) -> Any:
 def _worker_init(_: int) -> None:
     # Workers decode on one thread each: parallelism comes from the number of workers.
     torch.set_num_threads(1)
-
-
-class _AllAttemptsFailed(Exception):
-    pass
-
-
-class _PairDataset(torch.utils.data.Dataset):
-    """Turns a list of sample tasks ``(epoch, position, row, mix)`` into one collated batch
-    (AVTS pairs, or with ``views`` two video windows of each clip).
-
-    All reads of the batch are issued first (bounded by the reader's pool), then the clips are
-    decoded in order while later reads are still in flight. With block access (``blocks``) the
-    reads come from the rank's block cache and candidates are the sample's window.
-    """
-
-    def __init__(
-        self,
-        cfg: DataConfig,
-        index: DatasetIndex,
-        pool: np.ndarray,
-        video_ids: np.ndarray,
-        train: bool,
-        blocks: tuple[BlockSampler, BlockCache] | None = None,
-        views: bool = False,
-    ) -> None:
-        self.cfg = cfg
-        self.views = views
-        self.index = index
-        self.pool = pool
-        self.durations = index.duration.astype(np.float64)
-        self.video_ids = video_ids
-        self.train = train
-        self.clip_s = cfg.num_frames / cfg.fps
-        self.num_audio = int(round(self.clip_s * cfg.sample_rate))
-        self.reader = ClipReader(
-            index,
-            storage_options=cfg.storage_options or None,
-            max_retries=cfg.max_retries,
-            retry_backoff_s=cfg.retry_backoff_s,
-            concurrency=cfg.prefetch,
-        )
-        self.blocks = None
-        if blocks is not None:
-            sampler, cache = blocks
-            self.blocks = BlockReads(
-                sampler, cache, self.reader, video_ids, max(2, cfg.prefetch // 2)
-            )
-        self.decodes = Counter()
-        # task -> (plan, read futures) started ahead of the batch that needs them.
-        self._ahead: dict[tuple, tuple[PairPlan | ViewsPlan, tuple[Future, Future | None]]] = {}
-
-    def __len__(self) -> int:
-        return len(self.pool)
-
-    def _plan(
-        self, epoch: int, position: int, row: int, mix: dict, attempt: int
-    ) -> PairPlan | ViewsPlan:
-        rng = sample_rng(self.cfg.seed, epoch, position, attempt)
-        pool = self.pool
-        if self.blocks is not None and attempt <= WINDOW_ATTEMPTS:
-            # Easy negatives and replacements come from the clips of the sample's window.
-            pool = self.blocks.candidates(epoch, position, pool)
-        if attempt > 0:
-            # A replacement clip: drawn from the pool by the same counter-based generator.
-            row = int(pool[int(rng.integers(0, len(pool)))])
-        if self.views:
-            return plan_views(rng, row, self.durations, self.clip_s)
-        return plan_pair(
-            rng,
-            row,
-            pool,
-            self.durations,
-            self.video_ids,
-            self.clip_s,
-            self.cfg.min_shift,
-            mix,
-            self.train,
-        )
-
-    def _start(self, task: tuple) -> tuple[PairPlan | ViewsPlan, tuple[Future, Future | None]]:
-        epoch, pos, row, mix = task
-        plan = self._plan(epoch, pos, row, _mix_dict(mix), 0)
-        return plan, self._fetch(plan, epoch, pos)
-
-    def _fetch(
-        self, plan: PairPlan | ViewsPlan, epoch: int, position: int
-    ) -> tuple[Future, Future | None]:
-        if self.blocks is not None:
-            submit = lambda row: self.blocks.submit(epoch, position, row)  # noqa: E731
-        else:
-            submit = lambda row: self.reader.submit(row, MEDIA_EXT)  # noqa: E731
-        pos = submit(plan.row)
-        neg_row = getattr(plan, "neg_row", plan.row)  # two views read one clip
-        neg = submit(neg_row) if neg_row != plan.row else None
-        return pos, neg
-
-    def _audio(self, wave: np.ndarray, start_s: float) -> torch.Tensor:
-        cfg = self.cfg
-        window = audio_window(wave, cfg.sample_rate, start_s, self.clip_s)
-        return logmel(window, cfg.sample_rate, cfg.num_mel_bins, cfg.mel_win_ms, cfg.mel_hop_ms)
-
-    def _decode_views(self, plan: ViewsPlan, clip_bytes: bytes) -> dict:
-        """Two windows of one clip, each with its own crop/flip draw; no audio."""
-        cfg, views = self.cfg, {}
-        for name, start, seed in (
-            ("video", plan.video_start, plan.aug_seed),
-            ("video2", plan.video2_start, plan.aug2_seed),
-        ):
-            aug = np.random.Generator(np.random.Philox(seed))
-            self.decodes["video_decodes"] += 1
-            views[name] = decode_video(
-                clip_bytes, start, cfg.num_frames, cfg.fps, cfg.size, self.train, aug,
-                uint8=True, decoder=cfg.video_decoder,
-            )  # fmt: skip
-        return views
-
-    def _decode(self, plan: PairPlan | ViewsPlan, pos_bytes: bytes, neg_bytes: bytes | None) -> dict:
-        if isinstance(plan, ViewsPlan):
-            return self._decode_views(plan, pos_bytes)
-        cfg = self.cfg
-        aug = np.random.Generator(np.random.Philox(plan.aug_seed))
-        self.decodes["video_decodes"] += 1
-        video = decode_video(
-            pos_bytes, plan.video_start, cfg.num_frames, cfg.fps, cfg.size, self.train, aug,
-            uint8=True, decoder=cfg.video_decoder,
-        )  # fmt: skip
-        # Only the audio spans needed are decoded: one span covering the positive and a
-        # same-clip negative, or the positive's and the other clip's windows.
-        lo, hi = plan.video_start, plan.video_start + self.clip_s
-        if neg_bytes is None:
-            lo, hi = min(lo, plan.neg_start), max(hi, plan.neg_start + self.clip_s)
-        self.decodes["audio_decodes"] += 1
-        wave = decode_audio(pos_bytes, cfg.sample_rate, lo, hi)
-        audio = self._audio(wave, plan.video_start - lo)
-        try:
-            if neg_bytes is None:
-                neg_audio = self._audio(wave, plan.neg_start - lo)
-            else:
-                self.decodes["audio_decodes"] += 1
-                neg_wave = decode_audio(
-                    neg_bytes, cfg.sample_rate, plan.neg_start, plan.neg_start + self.clip_s
-                )
-                neg_audio = self._audio(neg_wave, 0.0)
-        except DecodeError as exc:
-            exc.neg = True  # the negative's clip failed: its key is the one to report
-            raise
-        return {"video": video, "audio": audio, "neg_audio": neg_audio}
-
-    def __getitem__(self, task):  # pragma: no cover - the loader always asks for batches
-        return self.__getitems__([task])
-
-    def __getitems__(self, tasks: list[tuple]) -> dict[str, Any]:
-        t_start = time.perf_counter()
-        try:
-            batch = self._batch(tasks)
-        except _AllAttemptsFailed as exc:
-            # Reported to the main process, which stops with the failures counted.
-            batch = {"_stats": {"fatal": exc.args[0], "failures": exc.args[1]}}
-        stats = batch["_stats"]
-        stats.update(self.reader.take_stats())
-        stats.update(self.decodes)
-        self.decodes.clear()
-        if self.blocks is not None:
-            stats.update(self.blocks.take_counts())
-        stats["batch_s"] = time.perf_counter() - t_start
-        return batch
-
-    def _batch(self, tasks: list[tuple]) -> dict[str, Any]:
-        # Keys decoded per row: a decoded copy of the whole key column costs 4x its bytes in
-        # every worker (hundreds of MB at AudioSet scale).
-        key_bytes = self.index.key_bytes
-
-        def key(row: int) -> str:
-            return key_bytes[row].decode("utf-8")
-
-        labels = self.index.label
-        # Reads of this batch: started by the previous call (read-ahead) or now.
-        ahead, self._ahead = self._ahead, {}
-        plans, pending = [], []
-        for task in tasks:
-            plan, futures = ahead.pop(task, None) or self._start(task)
-            plans.append(plan)
-            pending.append(futures)
-        for _, futures in ahead.values():  # read ahead for a batch that never came
-            for f in futures:
-                if f is not None:
-                    f.cancel()
-        # Then the reads of this worker's next batch, queued behind ours: storage latency
-        # hides behind this batch's decoding.
-        for task in getattr(tasks, "ahead", ()):
-            self._ahead[task] = self._start(task)
-        if self.blocks is not None:
-            # The rest of these windows and the streams' next windows, in the background.
-            self.blocks.prefetch([*tasks, *getattr(tasks, "ahead", ())])
-        samples, failures, decode_s, fallbacks = [], [], 0.0, 0
-        for i, (epoch, pos, _row, mix) in enumerate(tasks):
-            plan, futures = plans[i], pending[i]
-            for attempt in range(MAX_ATTEMPTS):
-                if attempt:
-                    plan = self._plan(epoch, pos, 0, _mix_dict(mix), attempt)
-                    futures = self._fetch(plan, epoch, pos)
-                try:
-                    pos_bytes = futures[0].result()
-                except ReadFailure as exc:
-                    failures.append((key(plan.row), exc.reason, str(exc)))
-                    continue
-                try:
-                    neg_bytes = futures[1].result() if futures[1] is not None else None
-                except ReadFailure as exc:
-                    failures.append((key(plan.neg_row), exc.reason, str(exc)))
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    sample = self._decode(plan, pos_bytes, neg_bytes)
-                except DecodeError as exc:
-                    bad = plan.neg_row if getattr(exc, "neg", False) else plan.row
-                    failures.append((key(bad), exc.reason, str(exc)))
-                    continue
-                except Exception as exc:  # anything else a broken stream can raise
-                    failures.append((key(plan.row), "decode_error", repr(exc)))
-                    continue
-                finally:
-                    decode_s += time.perf_counter() - t0
-                break
-            else:
-                raise _AllAttemptsFailed(
-                    f"{MAX_ATTEMPTS} clips in a row failed for global position {pos} of epoch "
-                    f"{epoch}; last: {failures[-1][1:] if failures else None}",
-                    failures,
-                )
-            sample.update(key=key(plan.row), label=int(labels[plan.row]), position=pos, epoch=epoch)
-            if isinstance(plan, ViewsPlan):
-                sample.update(video_start=plan.video_start, video2_start=plan.video2_start)
-            else:
-                fallbacks += int(plan.fell_back)
-                sample.update(
-                    neg_key=key(plan.neg_row),
-                    neg_kind=plan.neg_kind,
-                    video_start=plan.video_start,
-                    audio_start=plan.video_start,
-                    neg_audio_start=plan.neg_start,
-                )
-            samples.append(sample)
-        batch = _collate(samples)
-        batch["_stats"] = {
-            "decode_s": decode_s,
-            "failures": failures,
-            "fallback_easy": fallbacks,
-            "clips": len(samples),
-        }
-        return batch
-
-
-# Batch fields by type; a sample has those of its kind (AVTS pair or two views).
-_MEDIA_FIELDS = ("video", "video2", "audio", "neg_audio")
-_INT_FIELDS = ("neg_kind", "label", "position", "epoch")
-_TIME_FIELDS = ("video_start", "video2_start", "audio_start", "neg_audio_start")
-
-
-def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    first = samples[0]
-    batch: dict[str, Any] = {k: [s[k] for s in samples] for k in ("key", "neg_key") if k in first}
-    for names, make in (
-        (_MEDIA_FIELDS, _stack),
-        (_INT_FIELDS, lambda values: torch.tensor(values, dtype=torch.long)),
-        (_TIME_FIELDS, lambda values: torch.tensor(values, dtype=torch.float64)),
-    ):
-        batch.update({k: make([s[k] for s in samples]) for k in names if k in first})
-    return batch
-
-
-class _Tasks(list):
-    """One batch's tasks, plus ``ahead``: the tasks of the same worker's next batch."""
-
-    ahead: list = []
 
 
 class _StepSampler:
@@ -433,23 +120,21 @@ class _StepSampler:
         self.start, self.end = start, end
         self.stride = max(1, stride)
 
-    def tasks(self, step: int) -> _Tasks:
+    def tasks(self, step: int) -> list[tuple]:
         epoch = self.sampler.epoch_of(step)
-        mix = _mix_tuple(self.schedule.at(step))
-        return _Tasks(
+        mix = mix_tuple(self.schedule.at(step))
+        return [
             (epoch, p, self.sampler.row_at(epoch, p), mix)
             for p in self.sampler.positions(step, self.rank, self.world_size)
-        )
+        ]
 
     def __iter__(self):
         step = self.start
         while self.end is None or step < self.end:
-            tasks = self.tasks(step)
             # Workers take batches round-robin: this worker's next batch is num_workers on.
             nxt = step + self.stride
-            if self.end is None or nxt < self.end:
-                tasks.ahead = list(self.tasks(nxt))
-            yield tasks
+            ahead = self.tasks(nxt) if self.end is None or nxt < self.end else ()
+            yield Tasks(self.tasks(step), ahead)
             step += 1
 
     def __len__(self) -> int:
@@ -478,6 +163,7 @@ class AVLoader:
         build_stats: dict[str, Any] | None = None,
         pin_memory: bool = False,
         views: bool = False,
+        video_decoder: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.pin_memory = pin_memory
@@ -492,8 +178,8 @@ class AVLoader:
         self.cache: BlockCache | None = None
         self.cache_bound_bytes = 0
         if access == "block":
-            self.sampler = _block_sampler(cfg, index, pool, drop_last)
-            self.cache_bound_bytes = _cache_bound(self.sampler, cfg, rank, world_size)
+            self.sampler = block_sampler(cfg, index, pool, drop_last)
+            self.cache_bound_bytes = cache_bound(self.sampler, cfg, rank, world_size)
             base = cache_base_dir(cfg.block_cache_dir, self.cache_bound_bytes)
             self.cache = BlockCache.create(base, rank)
         else:
@@ -503,8 +189,18 @@ class AVLoader:
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.num_epochs = None if infinite else (max(1, cfg.epochs) if train else 1)
         blocks = (self.sampler, self.cache) if self.cache is not None else None
-        self.dataset = _PairDataset(
-            cfg, index, self.sampler.pool, video_ids, train, blocks, views=views
+        # The decoder build_loader checked; "auto" is never passed on to the workers.
+        self.video_decoder = video_decoder or resolve_video_decoder(cfg.video_decoder)
+        self.dataset = PairDataset(
+            cfg,
+            index,
+            self.sampler.pool,
+            video_ids,
+            train,
+            clip_reader(cfg, index, concurrency=cfg.prefetch),
+            self.video_decoder,
+            blocks,
+            views=views,
         )
         if self.dataset.blocks is not None and self.num_epochs is not None:
             self.dataset.blocks.last_epoch = self.num_epochs - 1
@@ -686,6 +382,7 @@ class AVLoader:
         clips = int(tel["clips"])
         return {
             "access": self.access,
+            "video_decoder": self.video_decoder,
             "clips": clips,
             "clips_per_s": clips / elapsed if elapsed > 0 else 0.0,
             "bytes_read": int(tel["bytes_read"]),
@@ -725,80 +422,6 @@ class AVLoader:
             self.cache.close()
 
 
-def _block_sampler(
-    cfg: DataConfig, index: DatasetIndex, pool: np.ndarray, drop_last: bool
-) -> BlockSampler:
-    j = index.members.index(MEDIA_EXT)
-    return BlockSampler(
-        pool,
-        cfg.global_batch_size,
-        cfg.seed,
-        shard=index.shard,
-        start=index.offset[:, j],
-        end=index.offset[:, j] + index.size[:, j],
-        block_bytes=int(cfg.block_mb * 2**20),
-        window_blocks=cfg.shuffle_window_blocks,
-        num_streams=auto_streams(cfg.global_batch_size, cfg.block_streams),
-        drop_last=drop_last,
-    )
-
-
-def _cache_bound(sampler: BlockSampler, cfg: DataConfig, rank: int, world_size: int) -> int:
-    """Bytes the rank's block cache holds at most, in the steady state: per stream, the window
-    being read, the next one (prefetched) and the one just finished (evicted once its last
-    sample is handed out)."""
-    streams = sampler.streams_of(rank, world_size)
-    if sampler.num_streams % world_size:
-        log.warning(
-            "data: %d block streams (data.block_streams) over %d ranks: ranks share streams, "
-            "whose blocks each of them reads; use a multiple of the world size",
-            sampler.num_streams,
-            world_size,
-        )
-    return len(streams) * 3 * cfg.shuffle_window_blocks * sampler.max_block_bytes
-
-
-def _usable(index: DatasetIndex, rows: np.ndarray, clip_s: float) -> tuple[np.ndarray, dict]:
-    """Rows that pretraining can sample, and the count of the others by reason."""
-    status = index.status[rows]
-    reasons = np.where(status != "ok", status, "")
-    reasons = np.where((reasons == "") & ~index.has_video[rows], "no_video", reasons)
-    reasons = np.where((reasons == "") & ~index.has_audio[rows], "no_audio", reasons)
-    too_short = index.duration[rows].astype(np.float64) + 1e-6 < clip_s
-    reasons = np.where((reasons == "") & too_short, "too_short", reasons)
-    keep = reasons == ""
-    names, counts = np.unique(reasons[~keep], return_counts=True)
-    return rows[keep], {str(n): int(c) for n, c in zip(names, counts, strict=True)}
-
-
-def _check_storage(
-    cfg: DataConfig, index: DatasetIndex, pool: np.ndarray, split: str, filtered: dict
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Fails at build, not in a worker: shards missing from storage (or their clips left out,
-    counted in ``filtered``), and one ranged read of a clip (unreadable URL, permissions)."""
-    reader = ClipReader(
-        index,
-        storage_options=cfg.storage_options or None,
-        max_retries=cfg.max_retries,
-        retry_backoff_s=cfg.retry_backoff_s,
-        concurrency=1,
-    )
-    what = f"split {split!r} of {cfg.url!r}"
-    try:
-        kept, damaged = check_shards(
-            index, pool, reader.fs, allow_missing=cfg.allow_missing_shards, what=what
-        )
-        if damaged:
-            filtered["missing_shard"] = int(pool.size - kept.size)
-        if kept.size:
-            reader.read(int(kept[0]), MEDIA_EXT)
-    except (ReadFailure, KeyError) as exc:
-        raise DatasetError(f"cannot read clips of {cfg.url!r}: {exc}") from None
-    finally:
-        reader.close()
-    return kept, {**reader.take_stats(), "missing_shards": damaged}
-
-
 def build_loader(
     cfg: DataConfig,
     *,
@@ -825,6 +448,8 @@ def build_loader(
             f"data.global_batch_size ({cfg.global_batch_size}) must be divisible by the world "
             f"size ({world_size})"
         )
+    # Before any read: a decoder that cannot load would fail every clip, one at a time.
+    video_decoder = resolve_video_decoder(cfg.video_decoder)
     split = split or (cfg.split if train else cfg.val_split)
     index = DatasetIndex.load(cfg.url, cfg.storage_options or None)
     all_rows = index.rows(split=split, status=None)
@@ -832,8 +457,8 @@ def build_loader(
         raise DatasetError(
             f"split {split!r} of dataset {cfg.url!r} is empty or absent (splits: {index.splits})"
         )
-    pool, filtered = _usable(index, all_rows, cfg.num_frames / cfg.fps)
-    pool, build_stats = _check_storage(cfg, index, pool, split, filtered)
+    pool, filtered = usable_rows(index, all_rows, cfg.num_frames / cfg.fps)
+    pool, build_stats = check_storage(cfg, index, pool, split, filtered)
     if pool.size == 0:
         raise DatasetError(
             f"no usable clip in split {split!r} of {cfg.url!r}: {sum(filtered.values())} clips "
@@ -867,4 +492,5 @@ def build_loader(
         build_stats=build_stats,
         pin_memory=pin_memory,
         views=views,
+        video_decoder=video_decoder,
     )

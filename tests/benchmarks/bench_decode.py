@@ -46,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from avts_dist.config import DataConfig  # noqa: E402
 from avts_dist.data.converters.media import EncodeProfile, video_to_mp4  # noqa: E402
 from avts_dist.data.decode import DEFAULT_VIDEO_DECODER, VIDEO_DECODERS, decode_video  # noqa: E402
+from avts_dist.data.decoders import resolve_video_decoder  # noqa: E402
 from avts_dist.data.frames import read_frames  # noqa: E402
 
 SOURCE_SECONDS = 10.0
@@ -228,7 +229,7 @@ def audio_decode_calls(num_batches: int, seed: int) -> dict:
     """Audio decodes per sample through the real loader (one worker process is not needed:
     ``num_workers=0``) on a small synthetic corpus, per negative kind: a positive and a same-clip
     (hard/super-hard) negative share one decode; an easy negative decodes its own clip."""
-    import avts_dist.data.loader as loader_module
+    import avts_dist.data.dataset as loader_module  # the worker side decodes
     from avts_dist.data.loader import build_loader
     from avts_dist.data.synthetic import synthesize
 
@@ -367,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         "rss": rss,
         "correct_decoders": correct,
         "fastest_correct_on_training_profile": fastest,
-        "default_in_code": DEFAULT_VIDEO_DECODER,
+        # What data.video_decoder's default (auto) resolves to here: a decoder's name, the key
+        # sim_scale.py reads the figures under.
+        "default_in_code": resolve_video_decoder(DEFAULT_VIDEO_DECODER),
         "versions": _versions(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "wall_s": round(time.time() - started, 1),
