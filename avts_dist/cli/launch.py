@@ -115,6 +115,9 @@ def _stderr(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     # Deferred: the launch layer imports submitit and the job callables, which `avts --help`
     # (building every subcommand's parser) does not need.
+    from avts_dist.extras import require
+
+    require("submitit", needed_by="avts launch", fix="pip install submitit")
     from launch import executors, plan
     from launch.profiles import resolve_launch_config
 

@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from avts_dist.config import Config, ConfigError, load_config
 from avts_dist.distributed import collectives as C
+from avts_dist.extras import require_tracking
 from avts_dist.train.hooks import TrainHooks
 from avts_dist.train.trainer import Trainer, TrainResult
 
@@ -63,6 +64,7 @@ def run_training(
     callbacks tests install (:class:`TrainHooks`); production passes none.
     """
     cfg = resolve_config(cfg, overrides)
+    require_tracking(cfg)
     ctx = C.init_distributed(cfg.deepspeed.backend)
     if ctx.rank != 0:
         logging.getLogger("avts").setLevel(logging.WARNING)
