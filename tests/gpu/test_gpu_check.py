@@ -174,7 +174,9 @@ def test_the_trainer_keeps_the_callers_pythonpath(tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_exercises_every_stage(tmp_path):
-    proc = gpu_check(*DRY, "--budget-s", "1800", "--out", str(tmp_path / "dry.json"))
+    # As on the GPU machine: no mlflow, no submitit (the trainer runs with tracking off).
+    env = _env(tmp_path, blocked=("mlflow", "submitit"))
+    proc = gpu_check(*DRY, "--budget-s", "1800", "--out", str(tmp_path / "dry.json"), env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "dry.json").read_text())
     stage = {name: s.get("value") for name, s in report["stages"].items()}
