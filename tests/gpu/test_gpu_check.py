@@ -99,7 +99,7 @@ def test_a_hanging_stage_times_out_with_everything_it_started(tmp_path):
     proc = gpu_check(*DRY, "--only", "peak,nets", "--budget-s", "96", "--out", str(out),
                      "--stage-command", f"peak={hang}", "--stage-command", "nets=pass")  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert time.monotonic() - t0 < 60
+    assert time.monotonic() - t0 < 300  # not the 600 s the stage would hang
     report = stages(out)
     assert report["peak"]["status"] == "failed" and report["peak"]["timeout_s"] == 4.0
     assert report["peak"]["reason"] == "timed out after 4 s"
