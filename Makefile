@@ -92,7 +92,7 @@ bench: install
 # a GPU it measures nothing, says so and exits 3.
 GPU_PYTHON ?= $(firstword $(wildcard /opt/torch/.venv/bin/python3 $(BIN)/python) python3)
 gpu-check:
-	PYTHONPATH=$(CURDIR):$(PYTHONPATH) $(GPU_PYTHON) -m tests.gpu.gpu_check --out bench-results/gpu-check.json
+	@PYTHONPATH=$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH)) $(GPU_PYTHON) -m tests.gpu.gpu_check --out bench-results/gpu-check.json
 
 # Wheels a GPU image with torch but without this project's other packages needs (Python 3.12,
 # x86_64), into .whl/ (git-ignored; carry it). Versions: the ones this venv runs. deepspeed has no

@@ -345,19 +345,30 @@ def slurm_parameters(
 ) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters (sbatch names) for this launch config."""
     sig = launch.signal
+    cpus = launch.cpus_per_task or 1  # 0 (auto) is settled by the plan
     params: dict[str, Any] = {
         "job_name": job_name,
         "time": time_minutes(launch.time),
         "nodes": launch.nodes,
         "ntasks_per_node": tasks_per_node(launch),
-        "cpus_per_task": launch.cpus_per_task or 1,  # 0 (auto) is settled by the plan
+        "cpus_per_task": cpus,
         "signal_delay_s": launch.grace_s,
         # Every rank must see a failure of any other rank at once, not at a collective's timeout.
-        "srun_args": ["--kill-on-bad-exit=1"],
+        # SLURM 22.05-23.02's srun does not take --cpus-per-task from the allocation: without it
+        # on the srun line (and SRUN_CPUS_PER_TASK for any srun of the setup) a bound task gets
+        # one CPU, shared by the trainer and all its loader workers.
+        "srun_args": ["--kill-on-bad-exit=1", f"--cpus-per-task={cpus}"],
         "setup": [
             # submitit's handler and ours in the job must agree on the signal SLURM sends.
             f"export SUBMITIT_PREEMPT_SIGNAL={sig}",
             f"export AVTS_PREEMPT_SIGNAL={sig}",
+            f"export SRUN_CPUS_PER_TASK={cpus}",
+            # The interface gloo and NCCL bind (else maybe a management or loopback address).
+            *(
+                f"export {var}={shlex.quote(launch.network_interface)}"
+                for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+                if launch.network_interface
+            ),
             *launch.setup,
         ],
         # submitit hardcodes USR2 from the *submitting* process's env; the configured one wins.

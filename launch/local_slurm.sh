@@ -60,7 +60,9 @@ common_conf() {
     cat <<'EOF'
 # No cgroups in a container, no accounting daemon: the lightest plugins that still run real jobs.
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+# Tasks are bound to their CPUs as on production clusters (task/affinity needs no cgroups):
+# a task that srun is not told --cpus-per-task gets fewer CPUs, here too.
+TaskPlugin=task/affinity
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none

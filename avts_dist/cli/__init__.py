@@ -10,6 +10,7 @@ import sys
 
 from avts_dist import __version__
 from avts_dist.config import ConfigError
+from avts_dist.extras import MissingPackageError
 from avts_dist.storage import StorageError
 
 # name -> (module, one-line help)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (CLIError, ConfigError, StorageError) as exc:
+    except (CLIError, ConfigError, StorageError, MissingPackageError) as exc:
         print(f"avts {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -36,6 +36,7 @@ LAUNCH_FLAGS = (
     "grace_s",
     "max_requeues",
     "folder",
+    "network_interface",
 )
 
 
@@ -57,6 +58,10 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--constraint")
     g.add_argument("--mem", help="per node, SLURM syntax (64G)")
     g.add_argument("--cpus-per-task", type=int)
+    g.add_argument(
+        "--network-interface",
+        help="interface the process groups bind: GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME",
+    )
     g.add_argument("--exclusive", action="store_true", default=None)
     g.add_argument(
         "--signal", type=_signal_name, help="preemption/time-limit signal: USR2, USR1, TERM"
@@ -115,6 +120,9 @@ def _stderr(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     # Deferred: the launch layer imports submitit and the job callables, which `avts --help`
     # (building every subcommand's parser) does not need.
+    from avts_dist.extras import require
+
+    require("submitit", needed_by="avts launch", fix="pip install submitit")
     from launch import executors, plan
     from launch.profiles import resolve_launch_config
 

@@ -47,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     study = S.load_study(args.config, overrides)
     plan = S.plan(study, args.cluster)
     if args.cluster == "local":
+        from avts_dist.extras import require
+
+        require("submitit", needed_by="avts study --cluster local", fix="pip install submitit")
         from launch import executors
 
         executors.use_local_slurm_conf()

@@ -40,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
     # command imports this module to build its parser, and they cost seconds.
     if args.nproc > 1 and not under_launcher:
         from avts_dist.distributed.launcher import spawn_local_ranks
+        from avts_dist.extras import require_tracking
 
-        load_config(args.config, args.overrides)  # bad config: one error, not N
+        # bad config or a missing package: one error, not N
+        require_tracking(load_config(args.config, args.overrides))
         cmd = [sys.executable, "-m", "avts_dist", "train", "--config", args.config]
         return spawn_local_ranks([*cmd, *args.overrides], args.nproc, ok_codes=(0, EXIT_PREEMPTED))
     return train_and_report(args.config, args.overrides)

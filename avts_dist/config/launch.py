@@ -39,6 +39,9 @@ class LaunchConfig:
     folder: str = ""
     # Shell lines run in the sbatch script before srun (module load, conda activate, ...).
     setup: list[str] = field(default_factory=list)
+    # The network interface the process groups bind (exported as GLOO_SOCKET_IFNAME and
+    # NCCL_SOCKET_IFNAME); empty: gloo's and NCCL's own choice.
+    network_interface: str = ""
 
     def __post_init__(self) -> None:
         if self.nodes < 1:

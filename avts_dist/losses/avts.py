@@ -437,7 +437,8 @@ def reduce_metrics(out: dict[str, torch.Tensor], world_size: int) -> dict[str, f
     packed = torch.stack(values + weights)
     if world_size > 1:
         packed = all_reduce_sum(packed)
-    sums, counts = packed[: len(keys)].tolist(), packed[len(keys) :].tolist()
+    host = packed.tolist()  # one host sync (log steps only)
+    sums, counts = host[: len(keys)], host[len(keys) :]
     result = {k: s / c for k, s, c in zip(keys, sums, counts, strict=True) if c > 0}
     for kind in NEGATIVE_KINDS:
         if "acc/pos" in result and f"acc/neg_{kind}" in result:

@@ -14,11 +14,11 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 # MLflow 3 keeps the local file store (./mlruns, the default here) behind this switch, which it
 # reads each time a store is opened.
@@ -73,6 +73,10 @@ class EvalRun:
         tags: dict[str, str] | None = None,
         checkpoint_step: int | None = None,
     ) -> None:
+        # mlflow on first use: ``import avts_dist.train`` (through resolve_tracking_uri) runs
+        # without it when tracking is off.
+        from mlflow import MlflowClient
+
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         experiment_id = None
@@ -103,11 +107,15 @@ class EvalRun:
         self.parent_run_id = parent_run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         items = [
             Metric(k, float(v), now, step, model_id=self.model_id or None)

@@ -16,6 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from avts_dist.config import Config, ConfigError, load_config
 from avts_dist.distributed import collectives as C
+from avts_dist.distributed.host import log_cpus, raise_open_files_limit
+from avts_dist.extras import require_tracking
 from avts_dist.train.hooks import TrainHooks
 from avts_dist.train.trainer import Trainer, TrainResult
 
@@ -63,7 +65,10 @@ def run_training(
     callbacks tests install (:class:`TrainHooks`); production passes none.
     """
     cfg = resolve_config(cfg, overrides)
+    require_tracking(cfg)
+    raise_open_files_limit()  # before the process groups open their sockets
     ctx = C.init_distributed(cfg.deepspeed.backend)
+    log_cpus(ctx.rank, cfg.data.num_workers)
     if ctx.rank != 0:
         logging.getLogger("avts").setLevel(logging.WARNING)
     # botocore says where it found credentials (INFO) each time an S3 client is made: once per

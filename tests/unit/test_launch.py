@@ -380,3 +380,22 @@ def test_array_task_ids_of_pending_ranges():
     assert jobs.task_ids("0-3%2") == [0, 1, 2, 3]
     assert jobs.task_ids("1,4-5") == [1, 4, 5]
     assert jobs.task_ids("") == []
+
+
+def test_dry_run_srun_line_carries_cpus_per_task_and_the_interface(tmp_path, capsys, monkeypatch):
+    # SLURM 22.05-23.02's srun ignores the allocation's --cpus-per-task: the srun line and the
+    # script's environment must carry it, or each bound task gets one CPU.
+    monkeypatch.setattr(executors, "slurm_available", lambda: False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run: {{name: c, dir: {tmp_path / 'c'}}}\n")
+    argv = ["launch", "pretrain", "--config", str(cfg), "--nodes", "2", "--gpus-per-node", "8",
+            "--cpus-per-task", "10", "--network-interface", "ib0", "--dry-run"]  # fmt: skip
+    assert avts_main(argv) == 0
+    out = capsys.readouterr().out
+    srun = [line for line in out.splitlines() if line.startswith("srun ")]
+    assert len(srun) == 1 and "--cpus-per-task=10" in srun[0].split(), srun
+    for line in ("#SBATCH --cpus-per-task=10", "export SRUN_CPUS_PER_TASK=10",
+                 "export GLOO_SOCKET_IFNAME=ib0", "export NCCL_SOCKET_IFNAME=ib0"):  # fmt: skip
+        assert line in out.splitlines(), line
+    assert avts_main(argv[:-3] + ["--dry-run"]) == 0  # no interface named: none exported
+    assert "SOCKET_IFNAME" not in capsys.readouterr().out

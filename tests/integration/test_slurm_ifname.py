@@ -1,0 +1,61 @@
+"""``launch.network_interface`` on the two network-namespace nodes (local_slurm.sh mn-up): the job
+script's exports (``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME``, from the launcher's own
+``slurm_parameters``) decide which interface gloo binds. Naming the veth between the nodes
+(``avts0``), a 2-node all-reduce works; naming loopback, which the namespaces do not share, it
+cannot connect: so the export reaches the ranks and is what gloo uses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from avts_dist.config import LaunchConfig
+from launch import executors
+from tests.fixtures.slurm import LOCAL_SLURM
+from tests.integration.test_slurm_multinode import two_node_cluster  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+RANK = (
+    "import datetime, os, torch, torch.distributed as d; "
+    "d.init_process_group('gloo', init_method='env://', rank=int(os.environ['SLURM_PROCID']), "
+    "world_size=2, timeout=datetime.timedelta(seconds=20)); t = torch.ones(1); d.all_reduce(t); "
+    "print('rank', d.get_rank(), 'sum', t.item(), 'via', os.environ['GLOO_SOCKET_IFNAME'])"
+)
+
+
+def _job(tmp_path, interface: str, port: int) -> subprocess.CompletedProcess:
+    setup = executors.slurm_parameters(LaunchConfig(nodes=2, network_interface=interface), "if")
+    exports = [line for line in setup["setup"] if "SOCKET_IFNAME" in line]
+    assert len(exports) == 2
+    script = tmp_path / f"{interface}.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        + "\n".join(exports)
+        + f"\nexport MASTER_ADDR=10.77.0.1 MASTER_PORT={port}\n"
+        + f'srun --kill-on-bad-exit=1 {sys.executable} -c "{RANK}"\n'
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(LOCAL_SLURM.parents[1]))
+    env.pop("SLURM_CONF", None)
+    return subprocess.run(
+        ["bash", str(LOCAL_SLURM), "mn-exec", "sbatch", "--wait", "--nodes=2",
+         "--ntasks-per-node=1", "--time=3", f"--chdir={tmp_path}",
+         f"--output={tmp_path}/{interface}.out", str(script)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_the_named_interface_is_the_one_gloo_binds(two_node_cluster, tmp_path):  # noqa: F811
+    proc = _job(tmp_path, "avts0", 29561)
+    out = (tmp_path / "avts0.out").read_text()
+    assert proc.returncode == 0, proc.stderr + out
+    assert sorted(ln for ln in out.splitlines() if ln.startswith("rank ")) == [
+        "rank 0 sum 2.0 via avts0",
+        "rank 1 sum 2.0 via avts0",
+    ]
+    proc = _job(tmp_path, "lo", 29562)  # the nodes share no loopback: no pair connects
+    out = (tmp_path / "lo.out").read_text()
+    assert proc.returncode != 0 and "sum" not in out, out
