@@ -49,6 +49,10 @@ def _sync_rows(m: dict[str, float]) -> list[HeadlineRow]:
             low, high = max(0.0, acc - half), min(1.0, acc + half)
         over = f"{int(num_clips or 0)} clips, {int(num_neg)} negatives"
         rows.append(HeadlineRow(f"sync accuracy, {kind} negatives", acc, low, high, over))
+    if "offset_acc" in m:  # eval/sync_offsets.py; no interval: a clip's classes are not independent
+        over = f"{int(m['num_offset_clips'])} clips x {int(m['num_offset_classes'])} offsets"
+        rows.append(HeadlineRow("offset class, top-1", m["offset_acc"], over=over))
+        rows.append(HeadlineRow("offset class, within one", m["offset_acc_within1"], over=over))
     return rows
 
 
