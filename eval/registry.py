@@ -39,7 +39,8 @@ JOBS: dict[str, EvalSpec] = {
         EvalSpec(
             "sync",
             "sync",
-            "held-out sync accuracy: easy/hard/super-hard negatives, accuracy vs offset",
+            "held-out sync accuracy: easy/hard/super-hard negatives, accuracy vs offset, "
+            "offset classification",
             defaults_to_data_url=True,
         ),
         EvalSpec(

@@ -7,7 +7,8 @@ as training places them:
 - easy: audio of another video (the paper's protocol; ``acc_easy`` is the headline figure);
 - hard: the same clip's audio from a window that does not overlap the video window;
 - superhard: the same clip, overlapping but shifted by ``[data.min_shift, clip length)``;
-- offset sweep: the same clip shifted by each of ``eval.sync.offsets`` seconds.
+- offset sweep: the same clip shifted by each of ``eval.sync.offsets`` seconds;
+- offset classification (:mod:`eval.sync_offsets`): the best of a grid of audio shifts, zero-shot.
 
 A kind that a clip cannot give (a clip shorter than two windows has no hard negative) is left
 out for that clip and counted in ``num_<kind>``. A pair is called in sync when the fusion head's
@@ -36,8 +37,22 @@ from avts_dist.data.decoders import resolve_video_decoder
 from avts_dist.data.pairs import NEGATIVE_KINDS, plan_pair
 from eval.common import JobIO
 from eval.registry import EvalError
+from eval.sync_offsets import (
+    offset_classification,
+    offset_grid,
+    score_offsets,
+    write_offset_table,
+)
 
-__all__ = ["ClipPairs", "distance_scores", "offset_name", "plan_clip", "run_sync", "sync_metrics"]
+__all__ = [
+    "ClipPairs",
+    "distance_scores",
+    "offset_classification",
+    "offset_name",
+    "plan_clip",
+    "run_sync",
+    "sync_metrics",
+]
 
 
 def offset_name(offset_s: float) -> str:
@@ -281,6 +296,7 @@ def run_sync(
         clips,
         0.0 if fusion else -threshold,
     )
+    metrics |= _offset_metrics(cfg, rows, io, model, early, mel, score)
     metrics["num_skipped"] = float(num_skipped)
     metrics["threshold"] = float(threshold)
     io.log(metrics)
@@ -294,6 +310,38 @@ def run_sync(
         io.log({"acc_vs_offset": acc, "pair_acc_vs_offset": pair}, step=int(round(o * 1000)))
     _write_curve(io.out_dir, curve, metrics)
     return metrics
+
+
+def _offset_metrics(
+    cfg: SyncEvalConfig, rows: np.ndarray, io: JobIO, model, early: bool, mel, score
+) -> dict[str, float]:
+    """Offset classification on ``rows``, with its accuracy by offset as a metric history (step
+    = offset in ms), a table and a plot; nothing when ``eval.sync.offset_grid_max`` is 0."""
+    if cfg.offset_grid_max <= 0:
+        return {}
+    grid = offset_grid(cfg.offset_grid_max, cfg.offset_grid_step)
+    device = io.rt.device
+
+    @torch.no_grad()
+    def encode(videos: torch.Tensor, mels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        video = model.encode_video(videos.to(device))
+        audio = [
+            model.encode_audio(m.to(device), video.shape[2])
+            if early
+            else model.encode_audio(m.to(device))
+            for m in mels.split(io.rt.batch_size)
+        ]
+        return video.float().cpu(), torch.cat(audio).float().cpu()
+
+    scores_NTG, num_left_out = score_offsets(rows, io, grid, mel=mel, encode=encode, score=score)
+    if scores_NTG.shape[0] == 0:
+        return {"num_offset_left_out": float(num_left_out)}
+    result = offset_classification(scores_NTG, grid)
+    for o, acc, near, _ in result.by_offset:
+        step = int(round(o * 1000))
+        io.log({"offset_acc_by_offset": acc, "offset_acc_within1_by_offset": near}, step=step)
+    write_offset_table(io.out_dir, result)
+    return {**result.metrics, "num_offset_left_out": float(num_left_out)}
 
 
 def _write_curve(out_dir: Path, curve: list[tuple[float, float, float]], metrics) -> None:

@@ -57,6 +57,12 @@ def _sync_rows(m: dict[str, float]) -> list[HeadlineRow]:
             ci = Interval(acc, None, None, int(num_neg), 0.95, "none")
         over = f"{int(num_clips or 0)} clips, {int(num_neg)} negatives"
         rows.append(HeadlineRow(f"sync accuracy, {kind} negatives", ci, over))
+    if "offset_acc" in m:  # eval/sync_offsets.py; no interval: a clip's classes are not independent
+        num = int(m["num_offset_clips"])
+        over = f"{num} clips x {int(m['num_offset_classes'])} offsets"
+        for label, key in (("top-1", "offset_acc"), ("within one", "offset_acc_within1")):
+            ci = Interval(m[key], None, None, num, 0.95, "none")
+            rows.append(HeadlineRow(f"offset class, {label}", ci, over))
     return rows
 
 

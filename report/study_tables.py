@@ -29,6 +29,9 @@ ARMS = ("avts", "avts_no_curriculum", "avts_superhard", "early_fusion", "video_s
 SHOTS = ("1", "2", "4", "8", "all")
 RECIPES = ("finetune", "probe")
 SYNC_KINDS = ("easy", "hard", "superhard")
+# Offset classification (eval/sync_offsets.py): sync/offset_acc, sync/offset_acc_within1.
+OFFSET_METRICS = ("offset_acc", "offset_acc_within1")
+_SYNC_NAMES = {*(f"sync/acc_{k}" for k in SYNC_KINDS), *(f"sync/{m}" for m in OFFSET_METRICS)}
 NOT_RUN = "not run"
 # Where scratch cells are looked for first: a run of their own, else the avts arm's job.
 SCRATCH_SOURCES = ("scratch", "avts")
@@ -64,11 +67,8 @@ class StudyCells:
         return dict(sorted(out.items()))
 
     def sync_acc(self, arm: str, kind: str) -> PerSeed:
-        return {
-            p: m[f"sync/acc_{kind}"]
-            for (a, p), m in sorted(self.sync.items())
-            if a == arm and f"sync/acc_{kind}" in m
-        }
+        name = f"sync/{kind}" if kind in OFFSET_METRICS else f"sync/acc_{kind}"
+        return {p: m[name] for (a, p), m in sorted(self.sync.items()) if a == arm and name in m}
 
 
 def study_cells(runs: list, study: str) -> StudyCells:
@@ -89,7 +89,7 @@ def study_cells(runs: list, study: str) -> StudyCells:
             if m:
                 key = (arm, p, m["label_set"], m["recipe"], m["init"], m["k"])
                 cells.lowlabel.setdefault(key, {})[int(m["f"])] = float(value)
-            elif name.startswith("sync/acc_") and name[len("sync/acc_") :] in SYNC_KINDS:
+            elif name in _SYNC_NAMES:
                 cells.sync.setdefault((arm, p), {})[name] = float(value)
     return cells
 
@@ -176,15 +176,17 @@ def _lowlabel_rows(
     return rows
 
 
-def _sync_rows(cells: StudyCells, arms: list[str]) -> list[list[Cell]]:
+def _sync_rows(
+    cells: StudyCells, arms: list[str], kinds: tuple[str, ...] = SYNC_KINDS
+) -> list[list[Cell]]:
     rows: list[list[Cell]] = []
     for arm in arms:
-        rows.append([arm, *(_interval(cells.sync_acc(arm, kind)) for kind in SYNC_KINDS)])
+        rows.append([arm, *(_interval(cells.sync_acc(arm, kind)) for kind in kinds)])
     for arm in arms[1:]:
         rows.append(
             [
                 f"{arm} − {arms[0]}",
-                *(_paired(cells.sync_acc(arm, k), cells.sync_acc(arms[0], k)) for k in SYNC_KINDS),
+                *(_paired(cells.sync_acc(arm, k), cells.sync_acc(arms[0], k)) for k in kinds),
             ]
         )
     return rows
@@ -232,6 +234,13 @@ def build_tables(cells: StudyCells) -> list[Table]:
         ),
         _against_scratch(
             cells, "T5", "the control: appearance, AVTS against scratch", "appearance"
+        ),
+        Table(
+            "T6",
+            "offset classification on val (avts eval sync, zero-shot; chance 1/21 on ±1.0 s)",
+            ["arm", "top-1", "within one class"],
+            _sync_rows(cells, [*curriculum, "early_fusion"], OFFSET_METRICS),
+            signed=set(),
         ),
     ]
     return tables

@@ -6,6 +6,9 @@ the rhythm of the events (even, swing, gallop: what sync has to learn) and the a
 (shape and colour, pitch and timbre; --num-classes of them). --label-set picks the one in the
 index's `label` column; both are recorded. Splits: train (pretraining), val (sync validation),
 test, and the labelled evaluation pool eval_train / eval_test, disjoint from the others.
+--version 2 draws each clip's sound (pitch, timbre) independently of its picture and jitters
+the bars so that no shift of up to 2 s lines the events up again: only time ties sound to
+picture, and the appearance labels name what is on screen only. Version 1 is the default.
 The same --seed gives the same bytes, on any storage. Example:
 
   avts synth --out data/synth --num-videos 96 --seconds 4 --fps 8 --size 32 \\
@@ -62,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="which labels fill the index's label column (both are recorded)",
     )
     parser.add_argument(
+        "--version",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="corpus version: 1 (sound goes with picture, 1 s bars) or 2 (only time ties them)",
+    )
+    parser.add_argument(
         "--num-workers",
         type=int,
         default=min(4, os.cpu_count() or 1),
@@ -91,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             eval_train_fraction=args.eval_train_fraction,
             eval_test_fraction=args.eval_test_fraction,
             label_set=args.label_set,
+            version=args.version,
             storage_options=args.storage_options,
             num_workers=max(1, args.num_workers),
             progress=sys.stderr.isatty(),

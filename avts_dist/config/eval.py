@@ -31,8 +31,17 @@ class SyncEvalConfig:
     threshold: float = 0.0
     # Offsets (seconds) of the accuracy-vs-offset curve.
     offsets: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 1.5, 2.0])
+    # Offset classification (eval/sync_offsets.py): classes -max ... +max seconds in steps of
+    # offset_grid_step (21 for 1.0 and 0.1, scaled to 4 s clips); 0 turns it off.
+    offset_grid_max: float = 1.0
+    offset_grid_step: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.offset_grid_max < 0 or self.offset_grid_step <= 0:
+            fail("eval.sync.offset_grid_max", "must be >= 0 (0 = off), with offset_grid_step > 0")
+        steps = self.offset_grid_max / self.offset_grid_step
+        if abs(steps - round(steps)) > 1e-6:
+            fail("eval.sync.offset_grid_max", "must be a whole number of offset_grid_step")
         if self.max_clips < 0:
             fail("eval.sync.max_clips", "must be >= 0 (0 = every clip of the split)")
         if self.threshold < 0:

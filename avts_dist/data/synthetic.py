@@ -15,35 +15,53 @@ Two label sets per clip, drawn independently of each other (see :func:`label_pla
 - ``appearance``: an identity per class, a shape and colour on screen, a pitch and timbre in the
   audio. For the rhythm labels it is a nuisance factor, and the rhythm is one for these.
 
+``version=2`` (:mod:`avts_dist.data.synthetic_v2`, ``avts synth --version 2``) draws the audio
+identity independently of the visual one and jitters the bars, so that only time ties sound to
+picture; version 1, the default, is unchanged byte for byte.
+
 Splits are deterministic by key: ``train`` (pretraining, labels never read), ``val`` (sync
 validation), ``test`` (held-out sync clips) and the labelled evaluation pool ``eval_train`` /
 ``eval_test``, disjoint from all of them.
 
 Clips are real MP4 files (H.264 yuv420p + AAC mono) encoded in memory with PyAV, deterministic
 for a seed on any storage, serial or parallel (see :func:`encode_mp4` for what that takes).
+Rendering and encoding live in :mod:`avts_dist.data.synth_media`, re-exported here.
 """
 
 from __future__ import annotations
 
 import colorsys
 import hashlib
-import io
 import json
 from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
-import av
 import numpy as np
 
 from avts_dist.data.index import DatasetIndex
+from avts_dist.data.synth_media import (
+    AAC_OPTIONS,
+    X264_OPTIONS,
+    aac_bit_rate,
+    encode_mp4,
+    render_audio,
+    render_video,
+    rgb_to_yuv420p,
+)
+from avts_dist.data.synthetic_v2 import jittered_events
 from avts_dist.data.writer import ShardWriter
 
 __all__ = [
+    "AAC_OPTIONS",
     "BROKEN_KINDS",
+    "VERSIONS",
+    "X264_OPTIONS",
+    "aac_bit_rate",
+    "render_audio",
+    "render_video",
     "LABEL_SETS",
     "RHYTHMS",
     "ClassIdentity",
@@ -61,19 +79,14 @@ __all__ = [
 BROKEN_KINDS = ("truncated", "no_audio", "too_short", "garbage")
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross", "hbar", "vbar")
 LABEL_SETS = ("rhythm", "appearance")
+# Corpus versions: 1 (audio identity = visual identity, one-second bars), 2 (synthetic_v2).
+VERSIONS = (1, 2)
 # Rhythm class -> delay (s) of the second event after the first, within each bar.
 RHYTHMS: dict[str, float] = {"even": 0.5, "swing": 0.375, "gallop": 0.25}
 BAR_SECONDS = 1.0
 TOO_SHORT_SECONDS = 0.4
 # Shorter media is indexed with status "too_short" (below any sensible training clip).
 MIN_DURATION = 0.5
-# Visual event: the object is drawn from the event frame on, fading over this long. No longer
-# than the shortest gap between events (gallop: 0.25 s), so two flashes never overlap.
-FLASH_SECONDS = 0.25
-# Audio event: tone burst with a 2 ms attack (the onset) and an exponential decay.
-ATTACK_SECONDS = 0.002
-DECAY_SECONDS = 0.06
-BURST_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -195,182 +208,6 @@ def label_plan(
     return rhythm, appearance
 
 
-def _shape_mask(shape: str, size: int, radius: float, cx: float, cy: float) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    dx, dy = xx - cx, yy - cy
-    if shape == "circle":
-        return dx**2 + dy**2 <= radius**2
-    if shape == "square":
-        return (np.abs(dx) <= radius) & (np.abs(dy) <= radius)
-    if shape == "triangle":
-        return (dy <= radius) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) / 2)
-    if shape == "diamond":
-        return np.abs(dx) + np.abs(dy) <= radius
-    if shape == "ring":
-        d2 = dx**2 + dy**2
-        return (d2 <= radius**2) & (d2 >= (0.55 * radius) ** 2)
-    if shape == "cross":
-        thin = radius / 3
-        box = (np.abs(dx) <= radius) & (np.abs(dy) <= radius)
-        return box & ((np.abs(dx) <= thin) | (np.abs(dy) <= thin))
-    if shape == "hbar":
-        return (np.abs(dx) <= radius) & (np.abs(dy) <= radius / 3)
-    return (np.abs(dx) <= radius / 3) & (np.abs(dy) <= radius)  # vbar
-
-
-def render_video(
-    rng: np.random.Generator,
-    ident: ClassIdentity,
-    events: Sequence[float],
-    strengths: Sequence[float],
-    num_frames: int,
-    fps: float,
-    size: int,
-) -> np.ndarray:
-    """uint8 frames [T, H, W, 3]: a per-video background, the class object at each event, its
-    size set by the event's strength. The object stays near one (random) place in a video, as a
-    drum does: a net sees the rhythm with local detectors, without relating distant pixels."""
-    base = rng.uniform(10, 60, size=3)
-    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)[None, :, None]
-    background = base[None, None, :] * (0.7 + 0.3 * ramp)
-    frames_THWC = np.broadcast_to(background, (num_frames, size, size, 3)).astype(np.float32)
-    color = np.asarray(ident.rgb, dtype=np.float32)
-    # Whole frames, rounded down: a flash never reaches the next event (see FLASH_SECONDS).
-    flash_frames = max(1, int(FLASH_SECONDS * fps + 1e-6))
-    max_radius = size / 6
-    margin = 1.5 * max_radius + 1
-    cx, cy = rng.uniform(margin, size - margin, size=2)
-    for t, strength in zip(events, strengths, strict=True):
-        start = round(t * fps)
-        # A small shift per event: each onset also shows new pixels, even right after the last.
-        dx, dy = rng.uniform(-0.5, 0.5, size=2) * max_radius
-        radius = max_radius * (0.7 + 0.3 * strength)
-        mask = _shape_mask(ident.shape, size, radius, cx + dx, cy + dy)
-        for k in range(flash_frames):
-            f = start + k
-            if not 0 <= f < num_frames:
-                continue
-            alpha = 1.0 - k / flash_frames
-            frames_THWC[f][mask] = (1 - alpha) * frames_THWC[f][mask] + alpha * color
-    return np.clip(frames_THWC, 0, 255).astype(np.uint8)
-
-
-def render_audio(
-    rng: np.random.Generator,
-    ident: ClassIdentity,
-    events: Sequence[float],
-    strengths: Sequence[float],
-    num_samples: int,
-    sample_rate: int,
-) -> np.ndarray:
-    """float32 mono waveform: low noise floor plus one tone burst starting at each event, its
-    loudness set by the event's strength."""
-    wave = (0.003 * rng.standard_normal(num_samples)).astype(np.float32)
-    n = int(BURST_SECONDS * sample_rate)
-    t = np.arange(n, dtype=np.float32) / sample_rate
-    tone = sum(
-        a * np.sin(2 * np.pi * ident.pitch_hz * (k + 1) * t) for k, a in enumerate(ident.harmonics)
-    )
-    tone = tone / sum(ident.harmonics)
-    envelope = np.minimum(t / ATTACK_SECONDS, 1.0) * np.exp(-t / DECAY_SECONDS)
-    burst = (0.8 * tone * envelope).astype(np.float32)
-    for ev, strength in zip(events, strengths, strict=True):
-        start = round(ev * sample_rate)
-        lo, hi = max(0, start), min(num_samples, start + n)
-        if lo < hi:
-            wave[lo:hi] += np.float32(0.35 + 0.65 * strength) * burst[lo - start : hi - start]
-    return np.clip(wave, -1.0, 1.0)
-
-
-# FFmpeg's default AAC coder ("twoloop") with perceptual noise substitution smears noise up to
-# ~40 ms ahead of some sharp onsets; the "fast" coder keeps every onset within ~2 ms (measured
-# over 280 clips at 8-48 kHz), which is what a sync corpus needs.
-AAC_OPTIONS = {"aac_coder": "fast"}
-
-
-def aac_bit_rate(sample_rate: int) -> int:
-    """Two bits per sample, 48 kbit/s at least: enough that coding noise stays below onsets."""
-    return max(48_000, 2 * sample_rate)
-
-
-# libx264 options. Same input, same bytes takes two of them beyond one thread:
-# - mbtree=0: x264's macroblock-tree rate control reads uninitialised memory in its AVX-512 code
-#   at small frame sizes (measured at 16-64 px), so the bytes depended on what the process had
-#   allocated before (an S3 client's threads, a process pool); its float code also gives other
-#   bytes at other SIMD levels. Without it the bitstream is identical from SSSE3 to AVX-512.
-# - input already in yuv420p (rgb_to_yuv420p), so no SIMD colour conversion is involved.
-X264_OPTIONS = {
-    "preset": "veryfast",
-    "crf": "20",
-    "threads": "1",
-    "g": "16",
-    "x264-params": "mbtree=0",
-}
-
-
-def rgb_to_yuv420p(frame_HWC: np.ndarray) -> np.ndarray:
-    """BT.601 limited-range yuv420p planes stacked as ``[H * 3 / 2, W]`` uint8 (PyAV's layout).
-
-    Integer arithmetic with fixed rounding, chroma from the mean of each 2x2 block: the same
-    bytes on every machine, which swscale's SIMD paths do not promise.
-    """
-    rgb = frame_HWC.astype(np.int64)
-    height, width = rgb.shape[:2]
-    quad = rgb.reshape(height // 2, 2, width // 2, 2, 3).sum(axis=(1, 3))
-    rgb_2x2 = (quad + 2) >> 2
-    # BT.601 coefficients (Y: 65.481, 128.553, 24.966 over 255, ...) in 16-bit fixed point.
-    y = ((rgb @ np.array([16829, 33039, 6416]) + 32768) >> 16) + 16
-    u = ((rgb_2x2 @ np.array([-9714, -19070, 28784]) + 32768) >> 16) + 128
-    v = ((rgb_2x2 @ np.array([28784, -24103, -4681]) + 32768) >> 16) + 128
-    planes = np.concatenate([y.ravel(), u.ravel(), v.ravel()]).clip(0, 255).astype(np.uint8)
-    return planes.reshape(height * 3 // 2, width)
-
-
-def encode_mp4(
-    frames_THWC: np.ndarray | None, fps: float, waveform: np.ndarray | None, sample_rate: int
-) -> bytes:
-    """H.264 (libx264, yuv420p) + AAC mono in an MP4, built in memory; deterministic bytes."""
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        # No creation_time, no encoder version strings that could vary: same input, same bytes.
-        container.flags |= av.container.Flags.bitexact.value
-        vstream = astream = None
-        if frames_THWC is not None:
-            vstream = container.add_stream(
-                "libx264",
-                rate=Fraction(fps).limit_denominator(1001),
-                options=dict(X264_OPTIONS),
-            )
-            vstream.width = frames_THWC.shape[2]
-            vstream.height = frames_THWC.shape[1]
-            vstream.pix_fmt = "yuv420p"
-            vstream.codec_context.thread_count = 1
-        if waveform is not None:
-            astream = container.add_stream("aac", rate=sample_rate, options=dict(AAC_OPTIONS))
-            astream.layout = "mono"
-            astream.bit_rate = aac_bit_rate(sample_rate)
-            astream.codec_context.thread_count = 1
-        if vstream is not None:
-            for i, frame_HWC in enumerate(frames_THWC):
-                frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame_HWC), format="yuv420p")
-                frame.pts = i
-                container.mux(vstream.encode(frame))
-            container.mux(vstream.encode(None))
-        if astream is not None:
-            frame_size = 1024
-            for start in range(0, len(waveform), frame_size):
-                chunk = waveform[start : start + frame_size][None, :]
-                frame = av.AudioFrame.from_ndarray(
-                    np.ascontiguousarray(chunk), format="fltp", layout="mono"
-                )
-                frame.sample_rate = sample_rate
-                frame.pts = start
-                frame.time_base = Fraction(1, sample_rate)
-                container.mux(astream.encode(frame))
-            container.mux(astream.encode(None))
-    return buf.getvalue()
-
-
 def make_clip(
     index: int,
     *,
@@ -388,15 +225,20 @@ def make_clip(
     rhythm: int | None = None,
     appearance: int | None = None,
     label_set: str = "rhythm",
+    version: int = 1,
 ) -> tuple[str, dict[str, bytes], dict[str, Any]]:
     """One clip: ``(key, {"mp4": ..., "json": ...}, meta)``; a pure function of its arguments.
 
     ``rhythm`` / ``appearance`` come from :func:`label_plan` in a corpus; left out, they are
     drawn for this clip alone. ``label_set`` names which of them ``meta["label"]`` holds.
+    ``version`` 2: the audio identity is drawn on its own and the bars are jittered
+    (:mod:`avts_dist.data.synthetic_v2`); ``appearance`` then names what is on screen only.
     """
     key = f"synth_{index:07d}"
     if label_set not in LABEL_SETS:
         raise ValueError(f"label_set must be one of {list(LABEL_SETS)}, got {label_set!r}")
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {list(VERSIONS)}, got {version!r}")
     if rhythm is None or appearance is None:
         draw = np.random.default_rng([seed, index, 1])
         rhythm = int(draw.integers(len(RHYTHMS))) if rhythm is None else rhythm
@@ -409,12 +251,23 @@ def make_clip(
     duration = TOO_SHORT_SECONDS if broken == "too_short" else float(seconds)
     num_frames = max(1, round(duration * fps))
     duration = num_frames / fps
-    times, strengths = rhythm_events(rng, rhythm, duration, fps)
+    extra: dict[str, Any] = {}
+    sound = ident
+    if version == 1:
+        times, strengths = rhythm_events(rng, rhythm, duration, fps)
+    else:
+        delay = list(RHYTHMS.values())[rhythm]
+        times, strengths, echoes = jittered_events(rng, delay, duration, fps, RHYTHMS.values())
+        audio_id = int(np.random.default_rng([seed, index, 3]).integers(num_classes))
+        sound = class_identity(audio_id, num_classes, sample_rate)
+        extra = dict(version=2, audio_identity=audio_id, audio_identity_name=sound.name)
+        # Bar starts are every other event; the first one at t >= 0 is the clip's phase.
+        extra |= dict(echoes=echoes, phase=min((t for t in times[::2] if t >= 0), default=0.0))
     frames = render_video(rng, ident, times, strengths, num_frames, fps, size)
     waveform = None
     if broken != "no_audio":
         num_samples = round(duration * sample_rate)
-        waveform = render_audio(rng, ident, times, strengths, num_samples, sample_rate)
+        waveform = render_audio(rng, sound, times, strengths, num_samples, sample_rate)
     mp4 = encode_mp4(frames, fps, waveform, sample_rate)
     if broken == "truncated":
         mp4 = mp4[: len(mp4) * 3 // 5]
@@ -447,6 +300,7 @@ def make_clip(
         "phase": round(times[0] + BAR_SECONDS, 6),
         "broken": broken,
         "seed": seed,
+        **extra,
     }
     return key, {"mp4": mp4, "json": json.dumps(meta, sort_keys=True).encode()}, meta
 
@@ -487,13 +341,17 @@ def synthesize(
     label_set: str = "rhythm",
     num_workers: int = 1,
     progress: bool = False,
+    version: int = 1,
 ) -> DatasetIndex:
     """Writes the corpus to ``url`` (any fsspec URL) and returns its committed index.
 
     ``label`` / ``classes`` hold ``label_set``; both label sets are also the index columns
     ``label_rhythm`` and ``label_appearance``, their names in ``metadata.label_sets`` (see
-    :func:`use_label_set`).
+    :func:`use_label_set`). ``version`` 2 is recorded as ``metadata.version`` (version 1 records
+    nothing, so its index keeps its bytes).
     """
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {list(VERSIONS)}, got {version!r}")
     _check(num_videos=num_videos, seconds=seconds, fps=fps, size=size)
     _check(sample_rate=sample_rate, num_classes=num_classes, shard_size=shard_size)
     if size % 2:
@@ -516,11 +374,14 @@ def synthesize(
     jobs = [
         dict(index=i, broken=plan[i], rhythm=int(rhythms[i]), appearance=int(appearances[i]))
         | common
+        | ({"version": version} if version != 1 else {})
         for i in range(num_videos)
     ]
     label_sets = {name: label_names(name, num_classes) for name in LABEL_SETS}
     metadata = {"generator": "avts_dist.data.synthetic", "seed": seed, **common}
     metadata.update(num_videos=num_videos, broken_fraction=broken_fraction, label_sets=label_sets)
+    if version != 1:
+        metadata["version"] = version
     writer = ShardWriter(
         url,
         shard_size=shard_size,

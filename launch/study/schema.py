@@ -72,6 +72,8 @@ class CorpusConfig:
     eval_train_fraction: float = 0.15
     eval_test_fraction: float = 0.15
     label_set: str = "rhythm"
+    # 1: sound goes with picture; 2: only time ties them (docs/data-format.md)
+    version: int = 1
     num_workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     storage_options: dict[str, Any] = field(default_factory=dict)
 

@@ -99,3 +99,6 @@ def test_early_fusion_trains_on_the_sync_objective_and_resumes_exactly(
     assert main([*args, *overrides, "eval.sync.max_clips=8"]) == 0
     sync = json.loads((eval_dir / "sync" / "metrics.json").read_text())["metrics"]
     assert 0.0 <= sync["acc_easy"] <= 1.0 and sync["num_easy"] > 0
+    # Offset classification scores 21 shifts per clip with the same head (4 s clips: room).
+    assert sync["num_offset_classes"] == 21 and sync["num_offset_clips"] > 0
+    assert 0.0 <= sync["offset_acc"] <= sync["offset_acc_within1"] <= 1.0

@@ -16,6 +16,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -150,6 +151,19 @@ def test_sync(pretrained, synth_corpus):
         assert float(r["pair_acc"]) == pytest.approx(m[f"pair_acc_{kind}"])
         assert int(r["num_pairs"]) == 6
     assert [float(r["offset_s"]) for r in _csv(out / "sync_vs_offset.csv")] == [0.25, 0.5, 1.0]
+    # Offset classification: 21 classes over +-1.0 s, every clip long enough (4 s >= 1 + 2 x 1).
+    assert m["num_offset_clips"] == 6 and m["num_offset_classes"] == 21
+    assert m["num_offset_left_out"] == 0
+    assert round(m["offset_acc"] * 126, 4) == int(round(m["offset_acc"] * 126))
+    assert m["offset_acc"] <= m["offset_acc_within1"]
+    table = _csv(out / "offset_classes.csv")
+    assert [float(r["offset_s"]) for r in table] == pytest.approx([k / 10 for k in range(-10, 11)])
+    assert np.mean([float(r["acc"]) for r in table]) == pytest.approx(m["offset_acc"])
+    by_offset = pretrained["client"].get_metric_history(res["run_id"], "sync/offset_acc_by_offset")
+    assert {h.step: h.value for h in by_offset} == pytest.approx(
+        {round(float(r["offset_s"]) * 1000): float(r["acc"]) for r in table}
+    )
+    assert {"offset_classes.csv", "offset_classes.png"} <= _artifacts(pretrained, res["run_id"])
 
 
 def _check_per_class(path: Path, acc: float, num_test: int | None = None) -> None:
@@ -212,6 +226,10 @@ def test_sync_known_answers_of_constant_models(
         assert m[f"reject_{kind}"] == reject and m[f"acc_{kind}"] == 0.5
         # Every negative scores exactly as its positive: never strictly below it.
         assert m[f"pair_acc_{kind}"] == 0.0
+    # Every shift scores the same: the first class wins each tie, right 1 time in 21, within
+    # one class 2 times in 21 (-1.0 s and -0.9 s).
+    assert m["offset_acc"] == pytest.approx(1 / 21)
+    assert m["offset_acc_within1"] == pytest.approx(2 / 21)
 
 
 def test_synthetic_video_finetune_and_audio_probe(pretrained, synth_corpus):

@@ -183,8 +183,17 @@ def study_store(tmp_path_factory) -> str:
             p,
             {**_cells("pretrained", "1", avts_f[p]), **_cells("scratch", "1", [scratch[p]] * 3)},
         )
-        _log(uri, STUDY, "avts", p, {"sync/acc_hard": 0.6 + 0.1 * p}, job="sync")
-        _log(uri, STUDY, "early_fusion", p, {"sync/acc_hard": [0.5, 0.6, 0.9][p]}, job="sync")
+        offset = {"sync/offset_acc": 0.2 + 0.1 * p}
+        _log(uri, STUDY, "avts", p, {"sync/acc_hard": 0.6 + 0.1 * p, **offset}, job="sync")
+        offset = {"sync/offset_acc": [0.1, 0.2, 0.6][p]}
+        _log(
+            uri,
+            STUDY,
+            "early_fusion",
+            p,
+            {"sync/acc_hard": [0.5, 0.6, 0.9][p], **offset},
+            job="sync",
+        )
     _log(uri, STUDY, "video_ssl", 0, _cells("pretrained", "1", [0.3, 0.4, 0.5]))
     _log(uri, "another_study", "avts", 0, _cells("pretrained", "2", [0.99] * 3))
     return uri
@@ -222,6 +231,15 @@ def test_compare_study_tables_match_hand_computed_intervals(study_store, tmp_pat
     assert mm[1:] == ["not run"] * 3
     t5 = tables["T5"]["rows"]
     assert all(c == "not run" for r in t5 for c in r[2:])
+    # T6 offset classification: avts 0.2, 0.3, 0.4; early_fusion - avts = -0.1, -0.1, +0.2.
+    t6 = {r[0]: r[1:] for r in tables["T6"]["rows"]}
+    assert t6["avts"][0]["mean"] == pytest.approx(0.3) and t6["avts"][0]["n"] == 3
+    assert t6["avts"][1] == "not run"  # no offset_acc_within1 logged
+    assert t6["early_fusion − avts"][0]["mean"] == pytest.approx(0.0)
+    sd = float(np.std([-0.1, -0.1, 0.2], ddof=1))
+    assert t6["early_fusion − avts"][0]["half_width"] == pytest.approx(
+        T_975_DF2 * sd / math.sqrt(3), rel=1e-4
+    )
     assert (out / "accuracy_vs_k.png").stat().st_size > 1000
 
 
