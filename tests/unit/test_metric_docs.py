@@ -10,8 +10,8 @@ import torch
 from avts_dist.config import LOWLABEL_RECIPES
 from avts_dist.data.synthetic import LABEL_SETS
 from eval.lowlabel import INITS, cell_metric
-from eval.metric_docs import UP, describe_metric
 from eval.sync import offset_classification, offset_name, sync_metrics
+from report.metric_docs import UP, describe_metric
 
 # What each recipe's description must name, and what it must not claim.
 RECIPE_WORDS = {

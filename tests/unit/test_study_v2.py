@@ -4,8 +4,8 @@ that runs only pretrainings and sync evaluations."""
 
 from __future__ import annotations
 
-from avts_dist import study as S
 from avts_dist.config import REPO_ROOT
+from launch import study as S
 
 V2 = str(REPO_ROOT / "configs" / "study" / "v2.yaml")
 MAIN = str(REPO_ROOT / "configs" / "study" / "main.yaml")
