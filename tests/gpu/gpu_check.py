@@ -248,6 +248,17 @@ def run_trainer(device: torch.device, work: Path, *, dry_run: bool) -> dict:
         if proc.returncode != 0:
             result[f"{phase}_stderr_tail"] = proc.stderr[-4000:]
             return result
+    # Accumulation with the global batch's negatives (train/accumulation.py) on the device: the
+    # embedding cache replays CUDA's random state and restores BatchNorm statistics.
+    t0 = time.perf_counter()
+    accum = [f"run.dir={work / 'run_accum'}", "deepspeed.grad_accum_steps=2", "train.max_steps=2"]
+    proc = subprocess.run([*base, *overrides, *accum], env=env, capture_output=True, text=True,
+                          timeout=420)  # fmt: skip
+    result["accumulate_wall_s"] = time.perf_counter() - t0
+    result["accumulate_returncode"] = proc.returncode
+    if proc.returncode != 0:
+        result["accumulate_stderr_tail"] = proc.stderr[-4000:]
+        return result
     lines = _metrics(work / "run")
     logged = [ln for ln in lines if "data/wait_fraction" in ln and ln["step"] <= steps]
     timed_lines = logged[1:] or logged  # the first window holds the start-up
