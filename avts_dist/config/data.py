@@ -56,6 +56,9 @@ class DataConfig:
     # ...), random for local paths. Evaluation always reads clip by clip.
     access: str = "auto"
     block_mb: float = 32.0
+    # A gap between wanted clips (other splits) up to this is read through rather than paying a
+    # new request: first-byte latency x stream bandwidth (20 ms x 100 MB/s; docs/data-loading.md).
+    block_read_through_mb: float = 2.0
     shuffle_window_blocks: int = 2
     # Parallel streams of blocks in the global order (each rank reads only its streams' blocks);
     # 0 = the largest divisor of global_batch_size <= 256. Part of the order: fixed for a run.
@@ -95,6 +98,8 @@ class DataConfig:
             fail("data.access", f"must be auto, random or block, got {self.access!r}")
         if not self.block_mb > 0:
             fail("data.block_mb", f"must be > 0 (MB), got {self.block_mb}")
+        if self.block_read_through_mb < 0:
+            fail("data.block_read_through_mb", f"must be >= 0, got {self.block_read_through_mb}")
         if self.shuffle_window_blocks < 1:
             fail("data.shuffle_window_blocks", f"must be >= 1, got {self.shuffle_window_blocks}")
         if self.block_streams < 0 or (

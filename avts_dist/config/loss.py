@@ -20,6 +20,9 @@ class LossConfig:
     # Easy negatives from the global batch.
     negatives: Literal["all", "random_k", "hardest_k"] = "all"
     num_negatives: int = 1
+    # With deepspeed.grad_accum_steps > 1: global = the negatives of the whole batch (embedding
+    # cache, train/accumulation.py); micro = each micro-batch's own (a different objective).
+    negatives_scope: Literal["global", "micro"] = "global"
     # Weight of each negative kind, and of positives against negatives.
     weights: dict[str, float] = field(
         default_factory=lambda: {"easy": 1.0, "hard": 1.0, "superhard": 1.0}

@@ -36,10 +36,13 @@ from avts_dist.data.sampler import GlobalSampler
 
 __all__ = ["BlockSampler", "EpochBlocks", "auto_streams", "cut_blocks"]
 
-# A gap between two wanted members (other splits, filtered clips) is read through when smaller
-# than this: one request costs about as much as transferring this many bytes from S3, and tar
-# headers and .json members (about 1.5 KiB per clip) are always read through.
-MAX_READ_THROUGH_BYTES = 64 * 1024
+# A gap between two wanted members (other splits, filtered clips) is read through when reading
+# it costs less than a new request: gap < first-byte latency x stream bandwidth, 2 MB at S3's
+# 20 ms and 100 MB/s (the low end of 20-50 ms: read-through never costs more than the request it
+# saves). data.block_read_through_mb sets it (docs/data-loading.md).
+DEFAULT_READ_THROUGH_BYTES = 2 * 2**20
+# The gap before data.block_read_through_mb existed: runs with it keep their order fingerprint.
+LEGACY_READ_THROUGH_BYTES = 64 * 1024
 # The largest stream count "auto" picks (data.block_streams=0): the order is fixed for a run,
 # so it must not depend on the world size; 256 keeps one stream per rank up to 256 ranks and
 # the per-rank cache at 32 streams on 8 GPUs.
@@ -64,7 +67,7 @@ def cut_blocks(
     start: np.ndarray,
     end: np.ndarray,
     block_bytes: int,
-    max_gap: int = MAX_READ_THROUGH_BYTES,
+    max_gap: int = DEFAULT_READ_THROUGH_BYTES,
 ) -> np.ndarray:
     """Start indices of blocks over clips sorted by (shard, start), plus ``len`` at the end.
 
@@ -142,6 +145,7 @@ class BlockSampler(GlobalSampler):
         window_blocks: int,
         num_streams: int,
         drop_last: bool = True,
+        read_through_bytes: int = DEFAULT_READ_THROUGH_BYTES,
     ) -> None:
         pool = np.asarray(pool, dtype=np.int64)
         # Dataset order: by shard, then byte offset, so that a block is one byte range.
@@ -157,7 +161,10 @@ class BlockSampler(GlobalSampler):
         self.window_blocks = int(window_blocks)
         self.num_streams = int(num_streams)
         self.per_stream_step = global_batch_size // num_streams  # q
-        self.block_starts = cut_blocks(self.shard, self.start, self.end, self.block_bytes)
+        self.read_through_bytes = int(read_through_bytes)
+        self.block_starts = cut_blocks(
+            self.shard, self.start, self.end, self.block_bytes, self.read_through_bytes
+        )
         self.num_positions = self.steps_per_epoch * global_batch_size
         self.stream_len = self.num_positions // self.num_streams  # L
         self._epochs: dict[int, Future] = {}
@@ -185,9 +192,10 @@ class BlockSampler(GlobalSampler):
 
     def order_fingerprint(self) -> str:
         """What fixes the order beyond seed and batch: a resumed run must use the same."""
+        gap = self.read_through_bytes
         return (
             f"block:bytes={self.block_bytes}:window={self.window_blocks}:streams={self.num_streams}"
-        )
+        ) + (f":gap={gap}" if gap != LEGACY_READ_THROUGH_BYTES else "")
 
     # ---- the epoch layout ----
 

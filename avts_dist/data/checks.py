@@ -72,6 +72,7 @@ def block_sampler(
         window_blocks=cfg.shuffle_window_blocks,
         num_streams=auto_streams(cfg.global_batch_size, cfg.block_streams),
         drop_last=drop_last,
+        read_through_bytes=int(cfg.block_read_through_mb * 2**20),
     )
 
 

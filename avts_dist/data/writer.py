@@ -59,7 +59,10 @@ class ShardWriter:
     """Writes clips into tar shards of ``shard_size`` clips, then commits the index on close.
 
     Each shard is built in a local temporary file and uploaded whole (``fs.put_file``); member
-    offsets come from ``tarfile`` itself. Media members are probed with PyAV to fill the index.
+    offsets come from ``tarfile`` itself. Within a shard the clips of each split lie contiguous
+    (splits in the order they first appeared, clips in the order added; index rows keep the
+    order added), so that block reads of one split do not fragment around the others'
+    (docs/data-loading.md). Media members are probed with PyAV to fill the index.
     Existing ``index.npz`` at the URL is removed first, so a crash mid-write leaves no index at
     all rather than one describing shards that are being overwritten.
     """
@@ -100,7 +103,8 @@ class ShardWriter:
         self._splits: list[str] = []
         self._statuses: list[str] = ["ok"]
         self._shards: list[str] = []
-        self._tar: tarfile.TarFile | None = None
+        # The shard being built: one spool tar per split, joined in _flush_shard.
+        self._tars: dict[str, tarfile.TarFile] = {}
         self._tar_rows: list[tuple[str, tuple[bool, ...]]] = []
         self._closed = False
         self._index: DatasetIndex | None = None
@@ -156,9 +160,7 @@ class ShardWriter:
             ).as_dict()
         else:
             info = {**MediaInfo().as_dict(), "status": "no_media"}
-        if self._tar is None:
-            self._open_shard()
-        assert self._tar is not None
+        tar = self._split_tar(split)
         for ext in self.members:
             if ext in files:
                 data = files[ext]
@@ -166,7 +168,7 @@ class ShardWriter:
                 tinfo.size = len(data)
                 # Fixed metadata so the same clips give the same shard bytes.
                 tinfo.mtime, tinfo.mode, tinfo.uid, tinfo.gid = 0, 0o644, 0, 0
-                self._tar.addfile(tinfo, io.BytesIO(data))
+                tar.addfile(tinfo, io.BytesIO(data))
         self._record(key_bytes, int(label), split, info, extra_scalar_columns, kinds)
         self._tar_rows.append((key, tuple(ext in files for ext in self.members)))
         if len(self._tar_rows) >= self.shard_size:
@@ -219,17 +221,29 @@ class ShardWriter:
             raise DatasetError(f"extra column {name!r} mixes {old} and {kind} values")
         return kind
 
-    def _open_shard(self) -> None:
+    def _split_tar(self, split: str) -> tarfile.TarFile:
+        if split not in self._tars:
+            spool = os.path.join(self._tmpdir, f"spool-{len(self._tars)}.tar")
+            self._tars[split] = tarfile.open(spool, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed per shard)
+        return self._tars[split]
+
+    def _join_spools(self) -> str:
+        """The shard's tar: each split's members in one run, splits in index order."""
         local = os.path.join(self._tmpdir, "shard.tar")
-        self._tar = tarfile.open(local, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed per shard)
-        self._tar_rows = []
+        with tarfile.open(local, mode="w", format=tarfile.USTAR_FORMAT) as out:
+            for split in sorted(self._tars, key=self._splits.index):
+                self._tars[split].close()
+                with tarfile.open(self._tars[split].name, mode="r") as spool:
+                    for member in spool.getmembers():
+                        out.addfile(member, spool.extractfile(member))
+                os.remove(self._tars[split].name)
+        self._tars = {}
+        return local
 
     def _flush_shard(self) -> None:
-        if self._tar is None:
+        if not self._tars:
             return
-        self._tar.close()
-        local = self._tar.name
-        self._tar = None
+        local = self._join_spools()
         # Offsets as tarfile reads them back, so they match what any tar reader sees.
         with tarfile.open(local, mode="r") as tf:
             where = {m.name: (m.offset_data, m.size) for m in tf.getmembers()}
@@ -297,9 +311,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drops local temporaries; nothing is committed (uploaded shards stay unindexed)."""
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
+        for tar in self._tars.values():
+            tar.close()
+        self._tars = {}
         self._closed = True
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 

@@ -91,14 +91,20 @@ class _AVTSLossBase(nn.Module):
     def _gather(self, t: torch.Tensor, world_size: int) -> torch.Tensor:
         return gather_global_batch(t, world_size, self.cfg.gather_with_grad)
 
-    def _random_cols(self, step: int, num_global: int, k: int, device) -> torch.Tensor:
-        """``[2, B, k]`` negative columns drawn from (seed, step) only, so every rank and a single
-        process draw the same ones for the same global anchor. With replacement (duplicates are
-        rare for k << B and cheap to allow); an offset in [1, B) never hits the positive."""
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        offsets = torch.randint(1, num_global, (2, num_global, k), generator=gen)
-        rows = torch.arange(num_global)[None, :, None]
-        return ((rows + offsets) % num_global).to(device)
+    def _random_cols(self, step: int, num_global: int, k: int, device, rows: range | None = None):
+        """``[2, len(rows), k]`` negative columns of the global anchors ``rows`` (None: all):
+        ``k`` distinct ones per anchor and direction, none its positive, from a permutation of
+        the offsets ``[1, B)`` drawn from (seed, step, direction, anchor) only, so every rank and
+        a single process draw the same ones for the same global anchor; O(B) per local anchor."""
+        rows = range(num_global) if rows is None else rows
+        cols = torch.empty((2, len(rows), min(k, num_global - 1)), dtype=torch.long)
+        for d in range(2):
+            for i, row in enumerate(rows):
+                key = ((self.cfg.seed * 1_000_003 + step) * 2 + d) * 1_000_033 + row
+                gen = torch.Generator().manual_seed(key % 2**63)
+                offsets = torch.randperm(num_global - 1, generator=gen)[: cols.shape[2]] + 1
+                cols[d, i] = (row + offsets) % num_global
+        return cols.to(device)
 
     def _prepare(self, video_emb, audio_emb, neg_audio_emb, neg_kind, rank, world_size, step):
         if video_emb.ndim != 2 or video_emb.shape != audio_emb.shape:
@@ -131,8 +137,8 @@ class _AVTSLossBase(nn.Module):
         num_global = v_all.shape[0]
         rand = None
         if self.cfg.negatives == "random_k" and num_global > 1:
-            rand = self._random_cols(step, num_global, self.cfg.num_negatives, v_all.device)
-            rand = rand[:, lo : lo + b]
+            k, rows = self.cfg.num_negatives, range(lo, lo + b)
+            rand = self._random_cols(step, num_global, k, v_all.device, rows)
         pos_cols = torch.arange(lo, lo + b, device=v_all.device)
         return v_all, a_all, n_loc, neg_kind, lo, b, pos_cols, rand
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["forward_loss"]
+__all__ = ["forward_loss", "loss_on_outputs", "model_outputs"]
 
 
 def forward_loss(
@@ -31,20 +31,49 @@ def forward_loss(
     **loss_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """``loss_fn``'s terms (``loss`` among them) for ``batch`` (already on the device)."""
+    outputs = model_outputs(model, batch, objective=objective)
+    return loss_on_outputs(
+        loss_fn, outputs, batch, objective=objective, rank=rank, world_size=world_size,
+        **loss_kwargs,
+    )  # fmt: skip
+
+
+def model_outputs(
+    model: Callable[..., dict[str, torch.Tensor | None]],
+    batch: dict[str, Any],
+    *,
+    objective: str,
+) -> dict[str, torch.Tensor]:
+    """What the loss reads of the model's output for ``batch``: its tensors, one row per sample
+    (``train/accumulation.py`` caches them across micro-batches)."""
     if objective == "video_ssl":
-        views = model(batch["video"], batch["video2"])
-        return loss_fn(views["view1_emb"], views["view2_emb"], rank=rank, world_size=world_size)
+        return model(batch["video"], batch["video2"])
     emb = model(batch["video"], batch["audio"], batch["neg_audio"])
     # fp32 before the gather, so that its backward reduce-scatter sums gradients in fp32.
-    emb = {k: v.float() for k, v in emb.items() if v is not None}
+    return {k: v.float() for k, v in emb.items() if v is not None}
+
+
+def loss_on_outputs(
+    loss_fn: Callable[..., dict[str, torch.Tensor]],
+    outputs: dict[str, torch.Tensor],
+    batch: dict[str, Any],
+    *,
+    objective: str,
+    rank: int,
+    world_size: int,
+    **loss_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """``loss_fn``'s terms for the model outputs of ``batch`` (:func:`model_outputs`)."""
+    if objective == "video_ssl":
+        return loss_fn(outputs["view1_emb"], outputs["view2_emb"], rank=rank, world_size=world_size)
     return loss_fn(
-        emb.get("video_emb"),
-        emb.get("audio_emb"),
-        emb.get("neg_audio_emb"),
+        outputs.get("video_emb"),
+        outputs.get("audio_emb"),
+        outputs.get("neg_audio_emb"),
         batch["neg_kind"],
         rank=rank,
         world_size=world_size,
-        sync_logit=emb.get("sync_logit"),
-        neg_sync_logit=emb.get("neg_sync_logit"),
+        sync_logit=outputs.get("sync_logit"),
+        neg_sync_logit=outputs.get("neg_sync_logit"),
         **loss_kwargs,
     )

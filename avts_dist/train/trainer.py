@@ -41,6 +41,7 @@ from avts_dist.tracking import (
     sum_over_ranks,
     telemetry_fields,
 )
+from avts_dist.train.accumulation import accumulate_gradients
 from avts_dist.train.batch import micro_batches, to_device
 from avts_dist.train.checkpoint import CheckpointManager, ResumePlan, RNGState, Stateful
 from avts_dist.train.hooks import TrainHooks
@@ -67,7 +68,7 @@ class TrainResult:
 
 @dataclasses.dataclass
 class StepOutput:
-    terms: dict[str, torch.Tensor]  # the loss function's output for the last micro-batch
+    terms: dict[str, torch.Tensor]  # the loss's output (train/accumulation.py: which batch)
     loss: torch.Tensor | None  # mean loss over the micro-batches, on the device; None if skipped
     applied: bool
 
@@ -199,19 +200,15 @@ class Trainer:
         rank skips the update on every rank (see ``engine.optimizer_step``).
         """
         parts = micro_batches(to_device(batch, self.device), self.micro_steps)
-        nonfinite = torch.zeros((), device=self.device)
-        losses, terms = [], {}
-        for i, part in enumerate(parts):
-            weights = self.curriculum.loss_weights or None
-            terms = self._forward_loss(part, weights=weights, step=self.step)
-            loss = terms["loss"]
-            if self.hooks.on_loss is not None:
-                loss = terms["loss"] = self.hooks.on_loss(self.step + 1, loss)
-            nonfinite = torch.maximum(nonfinite, (~torch.isfinite(loss.detach())).float())
-            losses.append(loss.detach().float())
-            self.engine.backward(loss)
-            if i < len(parts) - 1:
-                self.engine.step()  # inside the accumulation: DeepSpeed only counts it
+        hook = self.hooks.on_loss
+        acc = accumulate_gradients(
+            self.engine, self.loss_fn, parts, objective=self.cfg.train.objective,
+            rank=self.rank, world_size=self.world_size,
+            negatives_scope=self.cfg.loss.negatives_scope,
+            on_loss=None if hook is None else lambda loss: hook(self.step + 1, loss),
+            weights=self.curriculum.loss_weights or None, step=self.step,
+        )  # fmt: skip
+        nonfinite, losses, terms = acc.nonfinite, acc.losses, acc.terms
         stop = nonfinite.new_full((), float(self.stop_signal is not None))
         skip, stop_anywhere = C.agree_on_flags(torch.stack([nonfinite, stop]))
         if stop_anywhere and self.stop_signal is None:

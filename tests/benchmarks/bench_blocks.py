@@ -15,6 +15,9 @@
   batch from one consumer).
 - ``rss``: resident memory of each loader process (main, 2 workers) every 1,000 samples over
   10,000 samples of a small corpus repeated, and the block cache (tmpfs) against its bound.
+- ``split_layout``: issue 22's set-up (``avts synth`` 960 clips, 240 per shard, only the labelled
+  pool beside train, batch 6, world size 2, moto S3): GETs and bytes per sample in the second of
+  three epochs, against the formula of docs/data-loading.md (``predict_block_reads``).
 - ``at_scale``: the block layout of AudioSet-2M (assumed clip sizes and shards, stated in the
   JSON) at 8, 64 and 512 ranks: GET requests and bytes per sample, cache bound per rank.
 """
@@ -134,6 +137,121 @@ def requests_per_sample(work: Path, quick: bool) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def predict_block_reads(idx: DatasetIndex, cfg: DataConfig, split: str = "train") -> dict:
+    """The formula of docs/data-loading.md, from the index alone: per epoch one GET per block
+    (a split's run of a shard, cut every ``block_mb``; gaps up to ``block_read_through_mb`` read
+    through) plus one per stream boundary that cuts a block; the bytes of those runs per sample."""
+    rows = idx.rows(split)
+    j = idx.members.index("mp4")
+    start, end, shard = (
+        idx.offset[rows, j],
+        idx.offset[rows, j] + idx.size[rows, j],
+        idx.shard[rows],
+    )
+    gap, block = cfg.block_read_through_mb * 2**20, cfg.block_mb * 2**20
+    num_blocks, span = 0, 0.0
+    for s in np.unique(shard):
+        lo, hi = np.sort(start[shard == s]), np.sort(end[shard == s])
+        # Runs of the split in this shard: a gap above the read-through starts a new one.
+        cuts = np.flatnonzero(lo[1:] - hi[:-1] > gap) + 1
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(lo)], strict=True):
+            run = float(hi[b - 1] - lo[a])
+            num_blocks += int(np.ceil(run / block))
+            span += run
+    streams = auto_streams(cfg.global_batch_size, cfg.block_streams)
+    samples = len(rows) // cfg.global_batch_size * cfg.global_batch_size
+    mean_clip = float(idx.size[rows, j].mean())
+    return {
+        "blocks_per_epoch": num_blocks,
+        "streams": streams,
+        "gets_per_sample": (num_blocks + streams - 1) / samples,
+        "bytes_per_sample_over_clip": span / len(rows) / mean_clip,
+    }
+
+
+def epoch_reads(cfg: DataConfig, world_size: int, proxy) -> dict:
+    """GETs and shard bytes per epoch the proxy saw over a whole run of ``cfg.epochs`` epochs,
+    every rank, less each rank's start-up (index, listing, probe: before its first batch). The
+    next epoch's first windows are prefetched during the current one, and not after the last,
+    so the run's reads are exactly its epochs' and their mean is the steady state."""
+    gets = ranged = samples = startup_gets = 0
+    counts: dict[str, int] = {}  # the loaders' own counters, start-up included
+    for rank in range(world_size):
+        g0 = proxy.gets
+        loader = build_loader(cfg, rank=rank, world_size=world_size)
+        g1, b1 = proxy.gets, proxy.ranged_bytes
+        for batch in loader:
+            samples += len(batch["key"])
+        loader.close()
+        tel = loader.telemetry()
+        for name in ("requests", "retries", "outside_block_reads", "block_fallback_reads"):
+            counts[name] = counts.get(name, 0) + tel[name]
+        startup_gets += g1 - g0
+        gets, ranged = gets + proxy.gets - g1, ranged + proxy.ranged_bytes - b1
+    return {
+        "epochs": cfg.epochs,
+        "samples_per_epoch": samples / cfg.epochs,
+        "gets_per_epoch": gets / cfg.epochs,
+        "ranged_bytes_per_epoch": ranged / cfg.epochs,
+        "startup_gets": startup_gets,
+        **counts,
+    }
+
+
+def split_layout(work: Path, quick: bool) -> dict:
+    """Issue 22's set-up: ``avts synth`` 960 clips (its defaults), 240 per shard, validation and
+    test fractions 0 (the labelled pool is the other split), global batch 6, world size 2, moto
+    S3, three epochs (reads per epoch in steady state); measured against the formula."""
+    corpus = dict(num_videos=240 if quick else 960, seconds=4.0, fps=8.0, size=32)
+    corpus |= dict(sample_rate=16000, num_classes=4, shard_size=60 if quick else 240, seed=0)
+    corpus |= dict(val_fraction=0.0, test_fraction=0.0)
+    corpus |= dict(eval_train_fraction=0.15, eval_test_fraction=0.15)
+    local = str(work / "layout")
+    synthesize(local, num_workers=2, **corpus)
+    idx = DatasetIndex.load(local)
+    proc, endpoint = start_moto()
+    try:
+        import s3fs
+
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+        fs.mkdir("layout")
+        fs.put(local, "layout/ds", recursive=True)
+        proxy = FaultyS3Proxy(endpoint, fail_every=0).start()
+        cfg = DataConfig(
+            url="s3://layout/ds",
+            storage_options={"client_kwargs": {"endpoint_url": proxy.endpoint}},
+            access="block", global_batch_size=6, num_workers=1, epochs=3, seed=0,
+        )  # fmt: skip
+        try:
+            run = epoch_reads(cfg, 2, proxy)
+        finally:
+            proxy.stop()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    rows = idx.rows("train")
+    mean_clip = float(idx.size[rows, idx.members.index("mp4")].mean())
+    measured = {
+        **run,
+        "gets_per_sample": run["gets_per_epoch"] / run["samples_per_epoch"],
+        "bytes_per_sample_over_clip": run["ranged_bytes_per_epoch"]
+        / run["samples_per_epoch"]
+        / mean_clip,
+    }
+    predicted = predict_block_reads(idx, cfg)
+    return {
+        "corpus": corpus,
+        "train_clips": len(rows),
+        "mean_clip_bytes": mean_clip,
+        "config": {"global_batch_size": 6, "world_size": 2, "epochs": 3,
+                   "block_mb": cfg.block_mb, "block_read_through_mb": cfg.block_read_through_mb},
+        "measured": measured,
+        "predicted": predicted,
+        "predicted_over_measured_gets": predicted["gets_per_sample"] / measured["gets_per_sample"],
+        "targets": {"gets_per_sample": 0.03, "bytes_per_sample_over_clip": 1.10},
+    }  # fmt: skip
 
 
 # ---- shuffle quality (samplers only) ----
@@ -364,10 +482,13 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true", help="smaller corpora (a smoke run)")
     ap.add_argument(
-        "--only", nargs="*", choices=["requests", "shuffle", "rss", "at_scale"], default=None
+        "--only",
+        nargs="*",
+        choices=["requests", "shuffle", "rss", "at_scale", "split_layout"],
+        default=None,
     )
     args = ap.parse_args()
-    parts = args.only or ["requests", "shuffle", "rss", "at_scale"]
+    parts = args.only or ["requests", "shuffle", "rss", "at_scale", "split_layout"]
     work = Path(tempfile.mkdtemp(prefix="bench-blocks-"))
     result: dict = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -380,6 +501,9 @@ def main() -> int:
         result["at_scale"] = at_scale(args.quick)
     if "requests" in parts:
         result["requests"] = requests_per_sample(work, args.quick)
+    if "split_layout" in parts:
+        result["split_layout"] = split_layout(work, args.quick)
+        print("split_layout", json.dumps(result["split_layout"]), flush=True)
     if "rss" in parts:
         result["rss"] = rss_trace(work, args.quick)
         print("rss", json.dumps(result["rss"]), flush=True)

@@ -288,6 +288,20 @@ def run_trainer(work: Path, *, dry_run: bool, decoder: str) -> dict:
     for phase, extra in (
         ("train", []),
         ("resume", ["resume=auto", f"train.max_steps={steps + 5}", "--count-to", str(steps + 6)]),
+        # Accumulation with the global batch's negatives (train/accumulation.py) on the device:
+        # the embedding cache replays the device's random state and restores BatchNorm stats.
+        (
+            "accumulate",
+            [
+                f"run.dir={work / 'run_accum'}",
+                "deepspeed.grad_accum_steps=2",
+                "train.max_steps=2",
+                "--count-from",
+                "1",
+                "--count-to",
+                "2",
+            ],
+        ),
     ):
         t0 = time.perf_counter()
         code, last = run_teeing_stderr([*base, *overrides, *extra], env=env)

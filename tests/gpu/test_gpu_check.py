@@ -192,6 +192,7 @@ def test_dry_run_exercises_every_stage(tmp_path):
     assert conv["pass"] and 0 < conv["max_rel_err_bf16"] < 0.02
     trainer = stage["trainer"]
     assert trainer["train_returncode"] == 0 and trainer["resume_returncode"] == 0
+    assert trainer["accumulate_returncode"] == 0  # deepspeed.grad_accum_steps=2, global negatives
     assert trainer["pass"] and trainer["resumed_steps"] == [4, 5, 6, 7, 8]
     assert trainer["video_decoder"] == "torchcodec"
     assert 0 <= trainer["data_wait_fraction"] <= 1 and trainer["clips_per_s"] > 0

@@ -59,12 +59,17 @@ def test_local_round_trip(synth_corpus):
     assert label_sets["rhythm"] == idx.classes and len(label_sets["appearance"]) == 4
     assert set(idx.split) <= {"train", "val"} and (idx.status == "ok").all()
     assert idx.has_video.all() and idx.has_audio.all()
-    # Shards are plain tar files in webdataset naming, clips in index order.
-    names = []
-    for shard in idx.shards:
+    # Shards are plain tar files in webdataset naming, clips in index order within each split,
+    # each split of a shard in one run (splits in the order they first appear in the index).
+    names, expected = [], []
+    split_order = list(dict.fromkeys(idx.split.tolist()))
+    for i, shard in enumerate(idx.shards):
         with tarfile.open(os.path.join(synth_corpus, shard)) as tf:
             names += tf.getnames()
-    assert names == [f"{k}.{ext}" for k in idx.key for ext in ("mp4", "json")]
+        rows = sorted(np.flatnonzero(idx.shard == i), key=lambda r: split_order.index(idx.split[r]))
+        expected += [f"{idx.key[r]}.{ext}" for r in rows for ext in ("mp4", "json")]
+    assert names == expected
+    assert set(idx.split) == {"train", "val"}  # the layout above is not the index order
     _check_clips_decode(idx, range(len(idx)))
 
 

@@ -285,3 +285,18 @@ def test_logit_only_mode_errors_are_named():
         loss_fn(None, None, None, torch.zeros(3, dtype=torch.long), sync_logit=torch.zeros(2))
     with pytest.raises(ValueError, match="rank 2 is not in"):
         loss_fn(None, None, rank=2, world_size=2, sync_logit=torch.zeros(2))
+
+
+def test_random_k_draws_without_replacement_and_any_rank_draws_its_rows_alike():
+    loss_fn = build_loss(LossConfig(negatives="random_k", num_negatives=7, seed=2))
+    cols = loss_fn._random_cols(step=11, num_global=8, k=7, device="cpu")
+    assert cols.shape == (2, 8, 7)
+    # k = B - 1: every other column exactly once, per anchor and direction.
+    for d in range(2):
+        for row in range(8):
+            assert sorted(cols[d, row].tolist()) == [c for c in range(8) if c != row]
+    few = loss_fn._random_cols(step=11, num_global=64, k=20, device="cpu")
+    assert all(len(set(r.tolist())) == 20 for r in few.reshape(-1, 20))
+    # A rank's slice of the global anchors is what one process draws for them.
+    local = loss_fn._random_cols(step=11, num_global=64, k=20, device="cpu", rows=range(16, 32))
+    assert torch.equal(local, few[:, 16:32])

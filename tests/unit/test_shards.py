@@ -186,7 +186,7 @@ def test_writer_rejects_bad_keys_and_columns(tmp_path):
         w.add("c", {"wav": _wav(0.5)}, label=0, split="train", duration=1.0)
     with pytest.raises(DatasetError, match="scalar expected"):
         w.add("c", {"wav": _wav(0.5)}, label=0, split="train", label_name=None)
-    assert len(w) == 1 and len(w._tar.getmembers()) == 1  # rejected clips left no trace
+    assert len(w) == 1 and len(w._tars["train"].getmembers()) == 1  # rejected clips left no trace
     w.abort()
 
 
@@ -347,3 +347,34 @@ def test_verify_finds_missing_and_short_shards(tmp_path, scheme, capsys):
 
     assert main(["inspect", url, "--verify"]) == 1
     assert "verify    shards/shard-000001.tar: missing" in capsys.readouterr().out
+
+
+def test_each_split_lies_contiguous_within_a_shard(tmp_path):
+    """Clips of interleaved splits: within every shard each split's members form one byte run
+    (block reads of a split then never skip another's clips), rows keep the order added."""
+    splits = ["train", "pool", "train", "val", "pool", "train", "train", "pool", "val", "train"]
+    with ShardWriter(str(tmp_path / "ds"), shard_size=5, members=("wav", "json")) as w:
+        for i, split in enumerate(splits):
+            files = {"wav": _wav(0.3 + 0.05 * i), "json": json.dumps({"i": i}).encode()}
+            w.add(f"clip_{i}", files, label=0, split=split)
+    idx = DatasetIndex.load(str(tmp_path / "ds"))
+    assert idx.key.tolist() == [f"clip_{i}" for i in range(10)]
+    assert idx.split.tolist() == splits
+    fs = idx.open_fs()
+    for shard in range(2):
+        rows = [r for r in range(10) if idx.shard[r] == shard]
+        spans = {}
+        for r in rows:
+            lo = min(o for o in idx.offset[r] if o >= 0) - 512  # its first tar header
+            hi = max(o + s for o, s in zip(idx.offset[r], idx.size[r], strict=True) if o >= 0)
+            spans.setdefault(splits[r], []).append((lo, hi))
+        runs = sorted((min(a for a, _ in v), max(b for _, b in v), k) for k, v in spans.items())
+        # Runs of different splits do not overlap, and nothing lies between a split's clips.
+        for (_, hi, _), (lo, _, _) in zip(runs, runs[1:], strict=False):
+            assert hi <= lo, runs
+        for k, v in spans.items():
+            total = sum(b - a for a, b in v)
+            lo, hi = min(a for a, _ in v), max(b for _, b in v)
+            assert hi - lo < total + 512 * len(v), (k, v)  # only tar padding between them
+        for r in rows:
+            assert json.loads(read_member(fs, idx, r, "json")) == {"i": r}
