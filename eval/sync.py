@@ -181,19 +181,7 @@ def run_sync(
     decoder = resolve_video_decoder(data.video_decoder)
     split = cfg.split or data.val_split
     clip_s = data.clip_seconds
-    pool = idx.rows(split=split, status="ok")
-    pool = pool[idx.has_audio[pool].astype(bool) & idx.has_video[pool].astype(bool)]
-    pool = pool[idx.duration[pool] >= clip_s]
-    rows = pool
-    if cfg.max_clips and rows.size > cfg.max_clips:
-        rows = rows[np.linspace(0, rows.size - 1, cfg.max_clips).astype(int)]
-    video_ids = _video_ids(idx)
-    if rows.size < 2 or np.unique(video_ids[pool]).size < 2:
-        raise EvalError(
-            f"{idx.url}: split {split!r} has {rows.size} usable clips with audio and video of at "
-            f"least {clip_s:.2f}s from {np.unique(video_ids[pool]).size} video(s); sync "
-            "evaluation needs >= 2 of each (set eval.sync.split)"
-        )
+    pool, rows, video_ids = _usable_rows(cfg, io, split)
     model = model.eval().to(rt.device)
     # Early fusion (model.arch=early_fusion): "embeddings" are the video features at the fusion
     # point and the projected audio; its sync head scores each pair (logit > 0: in sync).
@@ -280,16 +268,7 @@ def run_sync(
     }
     clips = {k: torch.tensor(v, dtype=torch.long) for k, v in emb.clips.items()}
 
-    @torch.no_grad()
-    def score(video_ND: torch.Tensor, audio_ND: torch.Tensor) -> torch.Tensor:
-        if early:
-            logits = model.fuse_and_score(video_ND.to(rt.device), audio_ND.to(rt.device))
-            return logits.float().cpu().reshape(-1)
-        if fusion:
-            head = model.heads["fusion"]
-            return head(video_ND.to(rt.device), audio_ND.to(rt.device)).float().cpu().reshape(-1)
-        return distance_scores(video_ND, audio_ND, loss.normalize)
-
+    score = _scorer(model, early, fusion, loss.normalize, rt.device)
     metrics = sync_metrics(
         score(video, audio["pos"]),
         {k: score(video[clips[k]], audio[k]) for k in kinds if clips[k].numel()},
@@ -300,16 +279,60 @@ def run_sync(
     metrics["num_skipped"] = float(num_skipped)
     metrics["threshold"] = float(threshold)
     io.log(metrics)
+    _log_offset_curve(cfg, io, metrics)
+    return metrics
+
+
+def _usable_rows(
+    cfg: SyncEvalConfig, io: JobIO, split: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The split's clips with audio and video of a whole clip (the pool negatives come from),
+    the ones evaluated (at most ``max_clips``, evenly spread), and every row's video id."""
+    idx, clip_s = io.idx, io.data.clip_seconds
+    pool = idx.rows(split=split, status="ok")
+    pool = pool[idx.has_audio[pool].astype(bool) & idx.has_video[pool].astype(bool)]
+    pool = pool[idx.duration[pool] >= clip_s]
+    rows = pool
+    if cfg.max_clips and rows.size > cfg.max_clips:
+        rows = rows[np.linspace(0, rows.size - 1, cfg.max_clips).astype(int)]
+    video_ids = _video_ids(idx)
+    if rows.size < 2 or np.unique(video_ids[pool]).size < 2:
+        raise EvalError(
+            f"{idx.url}: split {split!r} has {rows.size} usable clips with audio and video of at "
+            f"least {clip_s:.2f}s from {np.unique(video_ids[pool]).size} video(s); sync "
+            "evaluation needs >= 2 of each (set eval.sync.split)"
+        )
+    return pool, rows, video_ids
+
+
+def _scorer(model: torch.nn.Module, early: bool, fusion: bool, normalize: bool, device):
+    """Pair scores, higher = in sync: early fusion's or the fusion head's logit, else the
+    negated embedding distance."""
+
+    @torch.no_grad()
+    def score(video_ND: torch.Tensor, audio_ND: torch.Tensor) -> torch.Tensor:
+        if early:
+            logits = model.fuse_and_score(video_ND.to(device), audio_ND.to(device))
+            return logits.float().cpu().reshape(-1)
+        if fusion:
+            head = model.heads["fusion"]
+            return head(video_ND.to(device), audio_ND.to(device)).float().cpu().reshape(-1)
+        return distance_scores(video_ND, audio_ND, normalize)
+
+    return score
+
+
+def _log_offset_curve(cfg: SyncEvalConfig, io: JobIO, metrics: dict[str, float]) -> None:
+    """Accuracy against offset as a metric history too (step = offset in ms, for avts compare),
+    and as the job's table and plot."""
     curve = [
         (o, metrics[f"acc_{offset_name(o)}"], metrics[f"pair_acc_{offset_name(o)}"])
         for o in cfg.offsets
         if f"acc_{offset_name(o)}" in metrics
     ]
-    # Accuracy against offset as a metric history too (step = offset in ms), for avts compare.
     for o, acc, pair in curve:
         io.log({"acc_vs_offset": acc, "pair_acc_vs_offset": pair}, step=int(round(o * 1000)))
     _write_curve(io.out_dir, curve, metrics)
-    return metrics
 
 
 def _offset_metrics(
