@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "avts_dist.secrets",
             "avts_dist.integrity",
             "avts_dist.stats",
+            "avts_dist.extras",
             "avts_dist",
         ),
     ),
