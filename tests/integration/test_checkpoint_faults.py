@@ -15,14 +15,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from avts_dist.cli import main
-from avts_dist.config import REPO_ROOT, CheckpointConfig
+from avts_dist.config import CheckpointConfig
 from avts_dist.train.checkpoint import (
     COMPLETE,
     CheckpointManager,
@@ -30,6 +29,8 @@ from avts_dist.train.checkpoint import (
     list_quarantined,
     validate,
 )
+from tests.fixtures import train_hooks
+from tests.fixtures.in_process import avts
 from tests.fixtures.tiny_run import TINY_RUN_STEPS
 
 pytestmark = pytest.mark.slow
@@ -49,14 +50,11 @@ def run_copy(tiny_run, tmp_path) -> Path:
 
 def avts_train(tiny_run, run_dir: Path, *overrides: str, hooks: tuple[str, ...] = ()):
     """`avts train` on the tiny run's config in ``run_dir`` (or, with ``hooks``, its test-side
-    stand-in from tests/fixtures/train_hooks.py), without tracking."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    entry = ["tests.fixtures.train_hooks", *hooks] if hooks else ["avts_dist", "train"]
-    cmd = [sys.executable, "-m", *entry, "--config", str(tiny_run["config"])]
-    cmd += [f"run.dir={run_dir}", "tracking.enabled=false", *overrides]
-    return subprocess.run(
-        cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=600
-    )
+    stand-in from tests/fixtures/train_hooks.py), without tracking, in-process (one rank)."""
+    config = ["--config", str(tiny_run["config"])]
+    argv = [*hooks, *config] if hooks else ["train", *config]
+    argv += [f"run.dir={run_dir}", "tracking.enabled=false", *overrides]
+    return avts(argv, cwd=run_dir.parent, entry=train_hooks.main if hooks else None)
 
 
 def losses(run_dir: Path) -> dict[int, float | None]:

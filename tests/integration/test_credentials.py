@@ -5,7 +5,7 @@ The data store gets ``key``/``secret``/``token``; the checkpoint store gets them
 ``client_kwargs.aws_access_key_id``/``aws_secret_access_key``. After training, a resume, an
 export and an evaluation, every file under the test's directory (run dir, checkpoint staging,
 mlruns, export, eval output), every object in the bucket (the uploaded checkpoints, read as
-bytes) and every line the processes printed is searched for each secret value.
+bytes) and every line the commands printed is searched for each secret value.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ import yaml
 from avts_dist.config import load_config, restore_secrets, save_config
 from avts_dist.secrets import REDACTED, redact, redact_storage_options
 from avts_dist.storage import StorageError, get_fs
+from tests.fixtures.in_process import avts
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "pretrain" / "quickstart.yaml"
@@ -129,15 +129,9 @@ def bucket_corpus(s3_server, synth_corpus):
 
 
 def _avts(cwd: Path, *argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "avts_dist", *argv],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """`avts ARGV` in this interpreter (tests/fixtures/in_process.py): what it prints is
+    captured as a process's stdout and stderr would be."""
+    return avts(list(argv), cwd=cwd, env=env)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -152,7 +146,7 @@ def _leaks(data: bytes) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_no_secret_in_any_file_a_run_writes(tmp_path, s3_server, bucket_corpus):
+def test_no_secret_in_any_file_a_run_writes(tmp_path, s3_server, bucket_corpus, capfd):
     bucket = bucket_corpus
     data_options = {
         "key": KEY,
@@ -236,6 +230,7 @@ def test_no_secret_in_any_file_a_run_writes(tmp_path, s3_server, bucket_corpus):
     assert any(o.endswith("mp_rank_00_model_states.pt") for o in objects)
     remote = {o: _leaks(fs.cat_file(o)) for o in objects}
     assert not {k: v for k, v in remote.items() if v}, "secrets uploaded with the checkpoint"
+    printed.append("".join(capfd.readouterr()))  # written to the file descriptors directly
     assert not _leaks("\n".join(printed).encode()), "secrets printed"
 
 

@@ -371,39 +371,30 @@ def test_clear_errors(pretrained, prepared_datasets, tmp_path):
 
 
 def test_sync_on_a_real_training_checkpoint_dir(synth_corpus, tmp_path):
-    """Real chain: `avts train` (subprocess, 4 steps) -> checkpoint dir -> `avts eval sync`,
-    exported on the fly, nested under the training run's MLflow run."""
-    import os
-    import subprocess
-    import sys
-
+    """Real chain: `avts train` (in-process, one rank, 2 steps) -> checkpoint dir -> `avts eval
+    sync`, exported on the fly, nested under the training run's MLflow run."""
     from mlflow import MlflowClient
+
+    from avts_dist.config import REPO_ROOT
+    from tests.fixtures.in_process import avts
 
     run_dir = tmp_path / "run"
     uri = (tmp_path / "mlruns").as_uri()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    train = subprocess.run(
+    train = avts(
         [
-            sys.executable,
-            "-m",
-            "avts_dist",
             "train",
             "--config",
-            "configs/pretrain/quickstart.yaml",
+            str(REPO_ROOT / "configs" / "pretrain" / "quickstart.yaml"),
             f"data.url={synth_corpus}",
             f"run.dir={run_dir}",
             f"tracking.uri={uri}",
-            "train.max_steps=4",
+            "train.max_steps=2",
             "train.val_every_steps=0",
             "data.global_batch_size=4",
             "tracking.system_metrics=false",
             "train.progress=false",
         ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=tmp_path,
     )
     assert train.returncode == 0, train.stderr[-2000:]
     parent = (run_dir / "mlflow_run_id").read_text().strip()

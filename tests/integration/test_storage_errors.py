@@ -4,10 +4,6 @@ real moto S3 server."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from avts_dist.cli import main
@@ -18,6 +14,7 @@ from avts_dist.storage import (
     check_bucket,
     get_fs,
 )
+from tests.fixtures.in_process import avts
 from tests.fixtures.s3 import free_port
 
 pytestmark = pytest.mark.s3
@@ -51,17 +48,11 @@ def test_missing_key_in_an_existing_bucket(s3_bucket):
         DatasetIndex.load(f"s3://{s3_bucket}/nothing-here")
 
 
-def test_cli_says_unreachable_with_the_url(closed_endpoint, s3_server):
+def test_cli_says_unreachable_with_the_url(closed_endpoint, s3_server, capfd):
     # The environment points at the closed port, as a wrong AWS_ENDPOINT_URL would.
-    env = dict(os.environ, AWS_ENDPOINT_URL=closed_endpoint)
-    out = subprocess.run(
-        [sys.executable, "-m", "avts_dist", "inspect", "s3://some-bucket/ds"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    out = avts(["inspect", "s3://some-bucket/ds"], env={"AWS_ENDPOINT_URL": closed_endpoint})
     assert out.returncode == 2
+    assert not "".join(capfd.readouterr())  # nothing else reached the file descriptors
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("avts inspect: error: storage endpoint ")

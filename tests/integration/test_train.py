@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.fixtures import train_hooks
+from tests.fixtures.in_process import avts
+
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "pretrain" / "quickstart.yaml"
 SECRET = "SUPERSECRET-do-not-log"
@@ -54,7 +57,11 @@ def _config(tmp: Path, corpus: str) -> Path:
 
 def avts_train(cwd: Path, config: Path, *overrides: str, nproc: int = 1, hooks=()):
     """`avts train`, or with ``hooks`` (e.g. ``("--kill-at", "after_shards:6")``) its test-side
-    stand-in that installs fault-injecting hooks into the same run_training."""
+    stand-in that installs fault-injecting hooks into the same run_training. One process runs
+    in this interpreter (a kill still gets a process of its own)."""
+    if nproc == 1 and "--kill-at" not in hooks:
+        argv = [*hooks, "--config", str(config)] if hooks else ["train", "--config", str(config)]
+        return avts([*argv, *overrides], cwd=cwd, entry=train_hooks.main if hooks else None)
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     entry = ["tests.fixtures.train_hooks", *hooks] if hooks else ["avts_dist", "train"]
     cmd = [sys.executable, "-m", *entry, "--config", str(config)]

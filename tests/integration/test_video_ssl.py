@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from avts_dist.config import DataConfig
 from avts_dist.data import build_loader
 from avts_dist.distributed import free_port
+from tests.fixtures.in_process import avts
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "pretrain" / "quickstart.yaml"
@@ -119,6 +120,8 @@ def test_two_ranks_equal_one_process(tmp_path):
 def _train(
     cwd: Path, config: Path, *overrides: str, hooks=(), nproc: int = 2
 ) -> subprocess.CompletedProcess:
+    if nproc == 1 and not hooks:  # one process: in this interpreter
+        return avts(["train", "--config", str(config), *overrides], cwd=cwd)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     entry = ["tests.fixtures.train_hooks", *hooks] if hooks else ["avts_dist", "train"]
     cmd = [sys.executable, "-m", *entry, "--config", str(config), "--nproc", str(nproc)]
@@ -204,14 +207,8 @@ def test_export_is_the_video_net_and_eval_sync_refuses_it(ssl_run):
     from avts_dist.export import ExportError, load_pretrained
 
     work, out = ssl_run["work"], ssl_run["work"] / "export" / "model.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    avts = [sys.executable, "-m", "avts_dist"]
     checkpoints = str(ssl_run["run_dir"] / "checkpoints")
-    proc = subprocess.run(
-        [*avts, "export", "--checkpoint", checkpoints, "--out", str(out)],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    _ok(proc)
+    _ok(avts(["export", "--checkpoint", checkpoints, "--out", str(out)], cwd=work))
     payload = torch.load(out, weights_only=True)
     assert payload["objective"] == "video_ssl" and "audio" not in payload
     assert payload["step"] == 8
@@ -220,10 +217,9 @@ def test_export_is_the_video_net_and_eval_sync_refuses_it(ssl_run):
     with pytest.raises(ExportError, match="no audio net"):
         load_pretrained(str(out), part="audio")
     for checkpoint in (str(out), checkpoints):
-        proc = subprocess.run(
-            [*avts, "eval", "sync", "--checkpoint", checkpoint, "tracking.enabled=false"],
-            cwd=work, env=env, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        proc = avts(
+            ["eval", "sync", "--checkpoint", checkpoint, "tracking.enabled=false"], cwd=work
+        )
         assert proc.returncode == 2, proc.stderr[-2000:]
         errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
         assert len(errors) == 1 and "train.objective=video_ssl" in errors[0], proc.stderr

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
 from avts_dist.cli import SUBCOMMANDS, main
+from tests.fixtures.in_process import avts
 
 
 def _avts(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "avts_dist", *args], capture_output=True, text=True, timeout=120
-    )
+    return avts(list(args))  # in this interpreter, output captured as a process's would be
 
 
 def test_top_level_help_lists_every_subcommand():
