@@ -247,44 +247,62 @@ cmd_status() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Two SLURM nodes on this machine, each slurmd in its own network namespace (avts-n1, avts-n2)
-# joined by one veth pair: a 2-node job's torch.distributed traffic crosses a real interface.
-# The addresses (10.77.0.1, 10.77.0.2) exist only inside those namespaces. The controller runs
-# in avts-n1 (entered with nsenter --net, which keeps /sys and its cgroup mount, unlike
-# `ip netns exec`); clients run there too: `local_slurm.sh mn-exec sbatch ...`.
+# N SLURM nodes on this machine (AVTS_SLURM_MN_NODES, default 2, at most 9), each slurmd in its
+# own network namespace (avts-n1 .. avts-nN): a multi-node job's torch.distributed traffic
+# crosses a real interface. Each node's `avts0` is one end of a veth pair whose other end is a
+# port of a bridge in a namespace of its own (avts-sw), so every node reaches every other one.
+# The addresses (10.77.0.1 .. 10.77.0.N) exist only inside the node namespaces. The controller
+# runs in avts-n1 (entered with nsenter --net, which keeps /sys and its cgroup mount, unlike
+# `ip netns exec`); clients run there too: `local_slurm.sh mn-exec sbatch ...`. A running
+# cluster of another size is stopped and rebuilt by `mn-up` (slurmctld refuses changed nodes).
 
 MN="${AVTS_SLURM_MN_DIR:-/tmp/avts-slurm-mn}"
 MN_CONF="$MN/slurm.conf"
+MN_NODES="${AVTS_SLURM_MN_NODES:-2}"
 NS1=avts-n1
-NS2=avts-n2
+NS_SW=avts-sw
 IFACE=avts0
+
+mn_check_nodes() {
+    case "$MN_NODES" in
+    [2-9]) ;;
+    *) die "AVTS_SLURM_MN_NODES=$MN_NODES: must be a number of nodes from 2 to 9" ;;
+    esac
+}
+
+# The number of nodes of the cluster mn-up built last (its namespaces may still exist).
+mn_built_nodes() { cat "$MN/pids/nodes" 2>/dev/null || echo 2; }
 
 mn_net_up() {
     ip netns list | grep -qw "$NS1" && return
-    ip netns add "$NS1"
-    ip netns add "$NS2"
-    ip link add "$IFACE" type veth peer name "${IFACE}b"
-    ip link set "$IFACE" netns "$NS1"
-    ip link set "${IFACE}b" netns "$NS2"
-    ip -n "$NS2" link set "${IFACE}b" name "$IFACE"
-    ip -n "$NS1" addr add 10.77.0.1/24 dev "$IFACE"
-    ip -n "$NS2" addr add 10.77.0.2/24 dev "$IFACE"
-    for ns in "$NS1" "$NS2"; do
+    ip netns add "$NS_SW"
+    ip -n "$NS_SW" link add br0 type bridge
+    ip -n "$NS_SW" link set br0 up
+    local k ns
+    for k in $(seq "$MN_NODES"); do
+        ns="avts-n$k"
+        ip netns add "$ns"
+        ip link add "$IFACE" netns "$ns" type veth peer name "p$k" netns "$NS_SW"
+        ip -n "$ns" addr add "10.77.0.$k/24" dev "$IFACE"
         ip -n "$ns" link set lo up
         ip -n "$ns" link set "$IFACE" up
+        ip -n "$NS_SW" link set "p$k" master br0
+        ip -n "$NS_SW" link set "p$k" up
     done
+    echo "$MN_NODES" >"$MN/pids/nodes"
     echo created >"$MN/pids/netns.started"
 }
 
 mn_write_conf() {
     mkdir -p "$MN"/{ctld,log,pids}
-    local cpus mem
-    # Half of the machine per node.
-    cpus=$(($(nproc --all) / 2))
+    local cpus mem k
+    # The machine shared by the nodes; at least one CPU each (4 nodes on 2 cores share them).
+    cpus=$(($(nproc --all) / MN_NODES))
     [ "$cpus" -ge 1 ] || cpus=1
-    mem=$(($(mem_mb) / 2))
-    cat >"$MN_CONF.tmp" <<EOF
-# Written by launch/local_slurm.sh mn-up: two nodes in network namespaces $NS1/$NS2.
+    mem=$(($(mem_mb) / MN_NODES))
+    {
+        cat <<EOF
+# Written by launch/local_slurm.sh mn-up: $MN_NODES nodes in network namespaces avts-n1..avts-n$MN_NODES.
 ClusterName=avtsmn
 SlurmctldHost=$HOST(10.77.0.1)
 SlurmUser=root
@@ -300,10 +318,12 @@ SlurmdPidFile=$MN/pids/slurmd-%n.pid
 SlurmctldLogFile=$MN/log/slurmctld.log
 SlurmdLogFile=$MN/log/slurmd-%n.log
 $(common_conf)
-NodeName=n1 NodeAddr=10.77.0.1 NodeHostname=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
-NodeName=n2 NodeAddr=10.77.0.2 NodeHostname=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=$PARTITION Nodes=n1,n2 Default=YES MaxTime=$MAX_TIME State=UP
 EOF
+        for k in $(seq "$MN_NODES"); do
+            echo "NodeName=n$k NodeAddr=10.77.0.$k NodeHostname=$HOST CPUs=$cpus RealMemory=$mem State=UNKNOWN"
+        done
+        echo "PartitionName=$PARTITION Nodes=n[1-$MN_NODES] Default=YES MaxTime=$MAX_TIME State=UP"
+    } >"$MN_CONF.tmp"
     mv "$MN_CONF.tmp" "$MN_CONF"
 }
 
@@ -311,43 +331,53 @@ mn_exec() { SLURM_CONF="$MN_CONF" nsenter --net=/run/netns/"$NS1" "$@"; }
 
 cmd_mn_up() {
     need_root
+    mn_check_nodes
     install_packages
     command -v ip >/dev/null || apt-get install -y -qq --no-install-recommends iproute2 >/dev/null
     mkdir -p "$MN/pids" "$STATE/pids"
+    if [ "$(mn_built_nodes)" != "$MN_NODES" ] && [ -f "$MN/pids/netns.started" ]; then
+        log "mn-up: the cluster has $(mn_built_nodes) nodes, $MN_NODES asked for: rebuilding it"
+        cmd_mn_down
+    fi
     mn_net_up
     alive "$MN/pids/slurmctld.pid" || mn_write_conf
     start_munge
-    local saved="$STATE"
+    local saved="$STATE" k
     STATE="$MN" # start_daemon records what it started under $STATE/pids
     start_daemon slurmctld "$MN/pids/slurmctld.pid" \
         nsenter --net=/run/netns/"$NS1" /usr/sbin/slurmctld -f "$MN_CONF" -c
-    start_daemon slurmd-n1 "$MN/pids/slurmd-n1.pid" \
-        nsenter --net=/run/netns/"$NS1" /usr/sbin/slurmd -f "$MN_CONF" -N n1
-    start_daemon slurmd-n2 "$MN/pids/slurmd-n2.pid" \
-        nsenter --net=/run/netns/"$NS2" /usr/sbin/slurmd -f "$MN_CONF" -N n2
+    for k in $(seq "$MN_NODES"); do
+        start_daemon "slurmd-n$k" "$MN/pids/slurmd-n$k.pid" \
+            nsenter --net=/run/netns/"avts-n$k" /usr/sbin/slurmd -f "$MN_CONF" -N "n$k"
+    done
     STATE="$saved"
     for _ in $(seq 120); do
         local idle
         idle="$(mn_exec sinfo -h -t idle -o '%D' 2>/dev/null | awk '{s += $1} END {print s + 0}')"
-        if [ "$idle" = 2 ]; then
-            log "mn-up: nodes n1 (10.77.0.1, $NS1) and n2 (10.77.0.2, $NS2), partition '$PARTITION'"
+        if [ "$idle" = "$MN_NODES" ]; then
+            log "mn-up: nodes n1..n$MN_NODES (10.77.0.1..$MN_NODES in avts-n1..), partition '$PARTITION'"
             echo "export SLURM_CONF=$MN_CONF  # run clients with: $0 mn-exec CMD"
             return 0
         fi
         sleep 0.5
     done
-    die "the 2 nodes did not become idle: $(mn_exec sinfo 2>&1 | tail -n +2)"
+    die "the $MN_NODES nodes did not become idle: $(mn_exec sinfo 2>&1 | tail -n +2)"
 }
 
 cmd_mn_down() {
     need_root
-    stop_pid slurmd-n2 "$MN/pids/slurmd-n2.started"
-    stop_pid slurmd-n1 "$MN/pids/slurmd-n1.started"
+    local built k
+    built="$(mn_built_nodes)"
+    for k in $(seq "$built" -1 1); do
+        stop_pid "slurmd-n$k" "$MN/pids/slurmd-n$k.started"
+    done
     stop_pid slurmctld "$MN/pids/slurmctld.started"
     if [ -f "$MN/pids/netns.started" ]; then
-        ip netns del "$NS1" 2>/dev/null || true
-        ip netns del "$NS2" 2>/dev/null || true
-        rm -f "$MN/pids/netns.started"
+        for k in $(seq "$built"); do
+            ip netns del "avts-n$k" 2>/dev/null || true
+        done
+        ip netns del "$NS_SW" 2>/dev/null || true
+        rm -f "$MN/pids/netns.started" "$MN/pids/nodes"
     fi
     log "mn-down"
 }

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.slurm import LOCAL_SLURM
+from tests.fixtures.slurm import LOCAL_SLURM, multinode_cluster
 
 REPO = LOCAL_SLURM.parent.parent
 QUICKSTART = REPO / "configs" / "pretrain" / "quickstart.yaml"
@@ -36,22 +36,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def two_node_cluster():
-    if os.geteuid() != 0:
-        pytest.skip("the two-node SLURM cluster needs root (network namespaces, daemons)")
-    was_up = (
-        subprocess.run(
-            ["bash", str(LOCAL_SLURM), "mn-status"], capture_output=True, timeout=30
-        ).returncode
-        == 0
-    )
-    out = subprocess.run(
-        ["bash", str(LOCAL_SLURM), "mn-up"], capture_output=True, text=True, timeout=600
-    )
-    if out.returncode != 0:
-        pytest.skip(f"two-node SLURM cluster could not start: {out.stderr.strip()[-500:]}")
-    yield
-    if not was_up:
-        subprocess.run(["bash", str(LOCAL_SLURM), "mn-down"], capture_output=True, timeout=120)
+    yield from multinode_cluster(2)
 
 
 def _mn(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
