@@ -349,7 +349,10 @@ class Trainer:
             t0, bound = time.monotonic(), self.cfg.checkpoint.preempt_wait_s
             head = f"preempted by signal {self.stop_signal}"
             if not self.ckpt.finish(bound):
-                return "preempted", f"{head}: no new checkpoint, {self._finish_uploads(0)}"
+                return "preempted", (
+                    f"{head}: no new checkpoint, an upload still in flight after {bound:.0f}s; "
+                    f"latest is {self.ckpt.latest}"
+                )
             self.save_checkpoint()
             self.last_saved = self.step
             left = max(0.0, bound - (time.monotonic() - t0))
@@ -394,9 +397,9 @@ class Trainer:
                     break
             if status == "completed" and self.last_saved != self.step:
                 self.save_checkpoint()
-            if status == "completed":
+            if status in ("completed", "failed"):  # failed: a non-finite stop saved its state
                 outcome = self._finish_uploads(cfg.checkpoint.upload_timeout_s)
-                if self.is_main and not outcome.startswith("checkpoint at"):
+                if status == "completed" and self.is_main and "checkpoint at" not in outcome:
                     raise CheckpointError(f"the run ended, but {outcome}")
             self.metrics.flush()
         except BaseException:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from avts_dist.config import REPO_ROOT, CheckpointConfig
 from avts_dist.storage import get_fs
@@ -21,12 +22,9 @@ from avts_dist.train.checkpoint.upload import BackgroundUploader, UploadJob
 from tests.fixtures.faulty_s3 import FaultyS3Proxy
 
 
-def _staged(root: Path, rank: int, size: int) -> tuple[Path, dict[str, int]]:
-    tmp = root / ".tmp-step_000002"
-    tmp.mkdir(parents=True, exist_ok=True)
-    name = f"shard_rank_{rank}.pt"
-    (tmp / name).write_bytes(bytes([rank]) * size)
-    return tmp, {name: size}
+def _staged(root: Path, rank: int, size: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Where a save stages, and one rank's host copy of its state."""
+    return root / ".tmp-step_000002", {f"shard_rank_{rank}.pt": torch.full((size,), rank)}
 
 
 def _uploader(storage, rank: int, world_size: int, published: list, **kw) -> BackgroundUploader:
@@ -65,22 +63,25 @@ def test_rank_zero_publishes_only_after_every_rank_marked(s3_bucket, tmp_path):
     storage = _storage(url, tmp_path)
     published: list = []
     zero, one = (_uploader(storage, r, 2, published) for r in (0, 1))
-    tmp, sizes0 = _staged(tmp_path / "stage", 0, 1000)
-    _, sizes1 = _staged(tmp_path / "stage", 1, 3000)
-    files = {n: {"size": s} for n, s in {**sizes0, **sizes1}.items()}
-    meta = {"step": 2, "format_version": 1, "files": files}
-    zero.submit(UploadJob(2, tmp, "step_000002", "step_000002-a", sizes0, meta=meta))
+    tmp, snap0 = _staged(tmp_path / "stage", 0, 1000)
+    _, snap1 = _staged(tmp_path / "stage", 1, 3000)
+    meta = {"step": 2, "format_version": 1, "files": {}}
+    zero.submit(UploadJob(2, tmp, "step_000002", "step_000002-a", snap0, meta=meta))
     time.sleep(1.5)
     fs, root = get_fs(url)
     assert zero.in_flight and not published
     assert not fs.exists(f"{root}/step_000002/COMPLETE") and not fs.exists(f"{root}/latest")
     marked_at = time.monotonic()
-    one.submit(UploadJob(2, tmp, "step_000002", "step_000002-a", sizes1))
+    one.submit(UploadJob(2, tmp, "step_000002", "step_000002-a", snap1))
     assert one.wait(30) and zero.wait(30)
     assert published and published[0][1] >= marked_at
     fs.invalidate_cache()
     assert fs.cat_file(f"{root}/latest") == b"step_000002"
-    assert json.loads(fs.cat_file(f"{root}/step_000002/COMPLETE"))["step"] == 2
+    manifest = json.loads(fs.cat_file(f"{root}/step_000002/COMPLETE"))["files"]
+    # The manifest comes from the markers: each rank's files with the size and sha256 written.
+    assert sorted(manifest) == ["shard_rank_0.pt", "shard_rank_1.pt"]
+    for name, entry in manifest.items():
+        assert entry["size"] == (tmp / name).stat().st_size and len(entry["sha256"]) == 64
     assert not fs.exists(f"{root}/{UPLOADS}/step_000002-a")  # markers dropped once published
     assert zero.stats.num_waits == 1 and zero.stats.num_failed == 0
 
@@ -91,11 +92,12 @@ def test_a_failed_rank_keeps_the_save_unpublished(s3_bucket, tmp_path, caplog):
     storage = _storage(url, tmp_path)
     published: list = []
     zero, one = (_uploader(storage, r, 2, published, retries=0) for r in (0, 1))
-    tmp, sizes0 = _staged(tmp_path / "stage", 0, 100)
-    _, sizes1 = _staged(tmp_path / "stage", 1, 100)
+    tmp, snap0 = _staged(tmp_path / "stage", 0, 100)
+    _, snap1 = _staged(tmp_path / "stage", 1, 100)
     meta = {"step": 2, "format_version": 1, "files": {}}
-    one.submit(UploadJob(2, tmp, "step_000002", "s-b", {**sizes1}, read_back=lambda: "differs"))
-    zero.submit(UploadJob(2, tmp, "step_000002", "s-b", sizes0, meta=meta))
+    differs = lambda records: "differs"  # noqa: E731
+    one.submit(UploadJob(2, tmp, "step_000002", "s-b", snap1, read_back=differs))
+    zero.submit(UploadJob(2, tmp, "step_000002", "s-b", snap0, meta=meta))
     with caplog.at_level(logging.WARNING, "avts.train"):
         assert one.wait(30) and zero.wait(30)
     assert not published and zero.stats.num_failed == 1
@@ -123,12 +125,12 @@ def test_an_outage_is_retried_reported_and_the_save_published(s3_server, tmp_pat
         storage = _storage(url, tmp_path, **options)
         published: list = []
         up = _uploader(storage, 0, 1, published, retries=4)
-        tmp, sizes = _staged(tmp_path / "stage", 0, 2000)
+        tmp, snap = _staged(tmp_path / "stage", 0, 2000)
         meta = {"step": 2, "format_version": 1, "files": {}}
         proxy.outage("/ck/", 3.0)
         t0 = time.perf_counter()
         with caplog.at_level(logging.WARNING, "avts.train"):
-            up.submit(UploadJob(2, tmp, "step_000002", "s-c", sizes, meta=meta))
+            up.submit(UploadJob(2, tmp, "step_000002", "s-c", snap, meta=meta))
             assert time.perf_counter() - t0 < 0.5  # submit returns at once
             assert up.wait(60)
         assert proxy.outage_refused > 0 and up.stats.num_retries >= 1

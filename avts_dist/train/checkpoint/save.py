@@ -21,6 +21,7 @@ from avts_dist.distributed.engine import (
     estimate_checkpoint_bytes,
     load_engine_checkpoint,
     save_engine_checkpoint,
+    snapshot_engine_checkpoint,
 )
 from avts_dist.integrity import FileRecord, format_bytes, save_torch
 from avts_dist.storage import StorageError, atomic_write_text
@@ -76,7 +77,9 @@ class CheckpointManager:
 
     ``on_event(name, step)`` is called at fixed points of a save: ``"after_space_check"`` (the
     free space was found sufficient, nothing written yet) and ``"after_shards"`` (every rank's
-    files written, nothing published yet); tests install it to fill the disk or kill a run.
+    files written, nothing published yet; with ``checkpoint.async_upload``, every rank's state
+    copied) and, in the upload thread, ``"upload_started"``; tests install it to fill the disk
+    or kill a run.
     """
 
     def __init__(
@@ -197,6 +200,14 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
         self._check_space(tag, engine)
         self.on_event("after_space_check", step)
+        snapshots = None
+        if self.uploader is not None:
+            snapshots = snapshot_engine_checkpoint(engine, root, tmp.name, client)
+        if snapshots is not None:
+            snapshots[rng_file_name(self.rank)] = get_rng_state()
+            self.on_event("after_shards", step)
+            meta = self._full_meta(tag, step, meta, {})
+            return self._submit_upload(step, tmp, dest, save_id, snapshots, meta, quarantine, t0)
         parts = C.all_gather_object(self._write_part(engine, tmp, dest, client))
         errors = [e for _, e in parts if e]
         if errors:
@@ -206,14 +217,7 @@ class CheckpointManager:
         for part, _ in parts:
             files.update(part)
         self.on_event("after_shards", step)
-        full_meta = {
-            "format_version": CHECKPOINT_FORMAT_VERSION, "tag": tag, "step": step,
-            "world_size": self.world_size, "time": time.time(), **meta,
-            "checksum": "sha256 of each file, taken while it was written", "files": files,
-        }  # fmt: skip
-        if self.uploader is not None:
-            return self._submit_upload(step, tmp, dest, save_id, parts[self.rank][0], full_meta,
-                                       quarantine, t0)  # fmt: skip
+        full_meta = self._full_meta(tag, step, meta, files)
         problem = self._confirm(tmp, dest, files) if self.rank == 0 else None
         problem = C.broadcast_object(problem)
         if problem:
@@ -234,6 +238,15 @@ class CheckpointManager:
             self.retention.retain(tag, rank=self.rank, fs_leader=self.fs_leader)
         return dest
 
+    def _full_meta(
+        self, tag: str, step: int, meta: dict[str, Any], files: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION, "tag": tag, "step": step,
+            "world_size": self.world_size, "time": time.time(), **meta,
+            "checksum": "sha256 of each file, taken while it was written", "files": files,
+        }  # fmt: skip
+
     def _published(self, tag: str) -> None:
         self.latest = tag
         self.retention.verified.add(tag)
@@ -242,23 +255,22 @@ class CheckpointManager:
     # ---- background upload (checkpoint.async_upload) ----
 
     def _submit_upload(
-        self, step: int, tmp: Path, dest: str, save_id: str, mine: dict[str, Any],
+        self, step: int, tmp: Path, dest: str, save_id: str, snapshots: dict[str, Any],
         meta: dict[str, Any], quarantine: str, t0: float,
     ) -> str:  # fmt: skip
-        """Hands this rank's staged files to the background upload; rank 0's job publishes."""
-        records = {name: FileRecord(**entry) for name, entry in mine.items()}
+        """Hands this rank's host copies to the background writer and upload; rank 0's job
+        publishes. The step was blocked only for the copies."""
         read_back = None
         if self.verify_next_save:
-            read_back = lambda: self._read_back(tmp, dest, records)  # noqa: E731
+            read_back = lambda records: self._read_back(tmp, dest, records)  # noqa: E731
         note = {"reason": quarantine, "detail": "saved when the run stopped on it"}
         self.uploader.submit(
             UploadJob(
-                step, tmp, dest, save_id, {n: r.size for n, r in records.items()}, read_back,
-                meta if self.rank == 0 else {}, note if quarantine else None,
+                step, tmp, dest, save_id, snapshots, read_back, meta if self.rank == 0 else {},
+                note if quarantine else None,
             )
         )  # fmt: skip
         self.verify_next_save = False
-        self.last_save_bytes = manifest_bytes(meta)
         self.last_save_s = time.perf_counter() - t0
         return dest
 
@@ -331,8 +343,7 @@ class CheckpointManager:
         self, engine, tmp_dir: Path, dest: str, client_state: dict[str, Any]
     ) -> tuple[dict[str, dict[str, Any]], str | None]:
         """This rank's files: DeepSpeed's shards and its RNG file, each with size and sha256
-        (uploaded when remote and synchronous, and read back after a resume); or the error that
-        stopped them."""
+        (uploaded when remote, and read back after a resume); or the error that stopped them."""
         outcome = save_engine_checkpoint(engine, self.local_root, tmp_dir.name, client_state)
         if outcome.error is not None:
             return {}, self._write_error(outcome.error, tmp_dir / outcome.error_file)
@@ -342,8 +353,6 @@ class CheckpointManager:
             records[rng_name] = save_torch(get_rng_state(), tmp_dir / rng_name)
         except OSError as exc:
             return {}, self._write_error(exc, tmp_dir / rng_name)
-        if self.uploader is not None:  # uploaded in the background (_submit_upload)
-            return {name: record.as_json() for name, record in records.items()}, None
         try:
             self.storage.upload(tmp_dir, dest, list(records))
             if self.verify_next_save:

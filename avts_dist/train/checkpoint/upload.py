@@ -1,6 +1,8 @@
-"""Uploads off the critical path (``checkpoint.async_upload``): the step writes the staged copy,
-then one background thread per rank uploads this rank's files, verifies them on the store and
-leaves a marker there; rank 0's thread then waits for every rank's marker and publishes.
+"""Uploads off the critical path (``checkpoint.async_upload``): the step only copies this rank's
+state to host memory (DeepSpeed's save, through a checkpoint engine that keeps copies); one
+background thread per rank then writes the staged files (size and sha256 taken on the way),
+uploads them, verifies them on the store and leaves a marker there with their records; rank 0's
+thread waits for every rank's marker, builds the manifest from them and publishes.
 
 The thread never touches a process group: it speaks to the object store only (fsspec), and the
 ranks learn of each other's uploads through markers on the store (``storage.put_marker``), not
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avts_dist.integrity import FileRecord, save_torch
 from avts_dist.train.checkpoint.storage import RemoteStorage
 
 __all__ = ["BackgroundUploader", "UploadJob", "UploadStats"]
@@ -31,16 +34,18 @@ _POLL_S = 0.2
 
 @dataclass
 class UploadJob:
-    """One rank's part of one save: ``names`` of ``tmp_dir`` with their ``sizes``, to go under
-    ``dest``; ``save_id`` names the save's markers. Rank 0's job carries the ``meta`` to
-    publish (with the whole manifest) and the quarantine ``note``, if any."""
+    """One rank's part of one save: ``snapshots`` (file name -> host copy of its state) to be
+    written into ``tmp_dir`` and uploaded under ``dest``; ``save_id`` names the save's markers.
+    ``read_back(records)``: the stored files' hashes compared (after a resume). Rank 0's job
+    carries the ``meta`` to publish (its manifest filled from the markers) and the quarantine
+    ``note``, if any."""
 
     step: int
     tmp_dir: Path
     dest: str
     save_id: str
-    sizes: dict[str, int]
-    read_back: Callable[[], str | None] | None = None
+    snapshots: dict[str, Any]
+    read_back: Callable[[dict[str, FileRecord]], str | None] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     note: dict[str, str] | None = None
 
@@ -121,8 +126,13 @@ class BackgroundUploader:
 
     def _run(self, job: UploadJob) -> None:
         try:
-            problem = self._upload(job)
-            self._mark(job, problem)
+            try:
+                records = self._write(job)
+            except OSError as exc:
+                records, problem = {}, f"cannot write {job.tmp_dir}: {exc}"
+            else:
+                problem = self._upload(job, records)
+            self._mark(job, problem, records)
             if problem is None and self.rank == 0:
                 problem = self._await_ranks(job) or self.publish(job)
                 if problem is None:
@@ -135,17 +145,27 @@ class BackgroundUploader:
             self.stats.last_error = f"checkpoint {job.dest} not published: {problem}"
             log.warning("%s; training goes on", self.stats.last_error)
 
-    def _upload(self, job: UploadJob) -> str | None:
+    def _write(self, job: UploadJob) -> dict[str, FileRecord]:
+        """The staged files, each with the size and sha256 of the bytes written; the host
+        copies are let go once on disk."""
+        records = {}
+        for name in sorted(job.snapshots):
+            path = job.tmp_dir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            records[name] = save_torch(job.snapshots.pop(name), path)
+        return records
+
+    def _upload(self, job: UploadJob, records: dict[str, FileRecord]) -> str | None:
         """This rank's files on the store, sizes (and, when asked, hashes) checked; retried."""
-        names = sorted(job.sizes)
+        names = sorted(records)
 
         def put_and_check() -> None:
             self._put(job, names)
             stored = self.storage.sizes(job.tmp_dir, job.dest, names)
-            bad = [n for n in names if stored.get(n) != job.sizes[n]]
+            bad = [n for n in names if stored.get(n) != records[n].size]
             problem = f"{bad[0]} stored with {stored.get(bad[0])} bytes" if bad else None
             if problem is None and job.read_back is not None:
-                problem = job.read_back()
+                problem = job.read_back(records)
             if problem is not None:
                 raise _NotStored(problem)
 
@@ -162,12 +182,14 @@ class BackgroundUploader:
         self.on_event("upload_started", job.step)
         self.storage.upload(job.tmp_dir, job.dest, rest)
 
-    def _mark(self, job: UploadJob, problem: str | None) -> None:
-        note = {"ok": True} if problem is None else {"error": problem}
+    def _mark(self, job: UploadJob, problem: str | None, records: dict[str, FileRecord]) -> None:
+        note = {"files": {n: r.as_json() for n, r in records.items()}}
+        note = note if problem is None else {"error": problem}
         self._retrying(lambda: self.storage.put_marker(job.save_id, self.rank, note), job)
 
     def _await_ranks(self, job: UploadJob) -> str | None:
-        """Rank 0: every rank's marker, polled on the store (no collective)."""
+        """Rank 0: every rank's marker, polled on the store (no collective); their records make
+        the manifest of ``job.meta``."""
         deadline = time.monotonic() + self.timeout_s
         while True:
             markers = self._retrying(lambda: self.storage.read_markers(job.save_id), job)
@@ -175,6 +197,8 @@ class BackgroundUploader:
             if errors:
                 return errors[0]
             if len(markers) >= self.world_size:
+                for marker in markers.values():
+                    job.meta["files"].update(marker["files"])
                 return None
             if time.monotonic() > deadline:
                 missing = sorted(set(range(self.world_size)) - set(markers))
