@@ -5,16 +5,21 @@ in a folder of its own (as nodes without a shared filesystem).
 - ``kill -9`` while the step-6 upload is in flight leaves step 4 as ``latest`` (the upload of 6
   was never published), and ``resume=auto`` from it is bitwise the uninterrupted run;
 - an outage of the endpoint while step 4 uploads: training goes on, the upload is retried (each
-  failure logged), and every checkpoint is published in the end.
+  failure logged), and every checkpoint is published in the end;
+- a preemption waits for its upload, within ``checkpoint.preempt_wait_s``.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
 
+from avts_dist.cli.train import EXIT_PREEMPTED
+from avts_dist.train.checkpoint import tag_for
 from tests.fixtures.faulty_s3 import FaultyS3Proxy
 from tests.fixtures.s3 import make_bucket
 from tests.integration.test_train import _config, _ok, avts_train, metrics
@@ -116,3 +121,35 @@ def test_outage_during_upload_is_retried_and_training_goes_on(async_ref, tmp_pat
     fs, root = _store(bucket, s3_server), f"{bucket}/ckpt"
     assert fs.cat_file(f"{root}/latest") == b"step_000008"
     assert json.loads(fs.cat_file(f"{root}/step_000004/COMPLETE"))["step"] == 4
+
+
+def test_preemption_waits_for_the_upload_within_its_bound(async_ref, tmp_path, s3_server):
+    """SIGUSR2 at step 5: the run saves, waits for that upload and exits preempted with it
+    published. With step 4's upload held up by an outage past checkpoint.preempt_wait_s, it
+    exits at the bound, without a new checkpoint, and says which one is latest."""
+    cfg = async_ref["cfg"]
+    bucket = make_bucket(s3_server)
+    proc = avts_train(
+        tmp_path, cfg, "run.name=pre", *_s3(bucket, tmp_path), hooks=("--preempt-at", "5")
+    )
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
+    step = int(re.search(r"preempted by signal \d+: checkpoint at step (\d+)", proc.stderr)[1])
+    fs = _store(bucket, s3_server)
+    assert fs.cat_file(f"{bucket}/ckpt/latest") == tag_for(step).encode()
+
+    bucket = make_bucket(s3_server)
+    proxy = FaultyS3Proxy(s3_server, fail_every=0).start()
+    try:
+        proxy.outage("/ckpt/step_000004/", 120.0)
+        t0 = time.monotonic()
+        proc = avts_train(
+            tmp_path, cfg, "run.name=bound", "checkpoint.preempt_wait_s=3",
+            *_s3(bucket, tmp_path, proxy.endpoint), hooks=("--preempt-at", "5"),
+        )  # fmt: skip
+        elapsed = time.monotonic() - t0
+    finally:
+        proxy.stop()
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
+    assert "no new checkpoint, an upload still in flight after 3s; latest is" in proc.stderr
+    assert elapsed < 100  # the outage lasts 120 s: the run did not wait it out
+    assert _store(bucket, s3_server).cat_file(f"{bucket}/ckpt/latest") == b"step_000002"
