@@ -174,9 +174,10 @@ class CheckpointManager:
         files are confirmed; returns the tag. ``quarantine="nonfinite"``: the state is kept,
         complete, as ``step_XXXXXX.quarantined-nonfinite`` for debugging, never ``latest``.
 
-        With ``checkpoint.async_upload`` (remote), this returns once the staged copy is written:
-        the upload and the publication go on in the background (:meth:`finish` waits for them),
-        after the previous save's upload, which this waits for first."""
+        With ``checkpoint.async_upload`` (remote), this returns once every rank's state is
+        copied to host memory: the staged write, the upload and the publication go on in the
+        background (:meth:`finish` waits for them). The previous save's upload is waited for
+        first: one in flight at a time."""
         t0 = time.perf_counter()
         if self.uploader is not None and not all(
             C.all_gather_object(self.uploader.wait(self.cfg.upload_timeout_s))

@@ -91,7 +91,6 @@ class BackgroundUploader:
         self.publish, self.on_event = publish, on_event
         self.stats = UploadStats()
         self._thread: threading.Thread | None = None
-        self.last_published: str | None = None
 
     @property
     def in_flight(self) -> bool:
@@ -136,7 +135,6 @@ class BackgroundUploader:
             if problem is None and self.rank == 0:
                 problem = self._await_ranks(job) or self.publish(job)
                 if problem is None:
-                    self.last_published = job.dest
                     self._drop_markers(job)
         except Exception as exc:  # the thread reports, never raises into nothing
             problem = _text(exc)
