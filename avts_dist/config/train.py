@@ -72,12 +72,31 @@ class CheckpointConfig:
     # ${VAR}, which OmegaConf reads as an interpolation); every node then uploads its own ranks'
     # files and fetches its own copy to resume.
     staging_dir: str = ""
+    # A remote checkpoint.dir only: the step blocks while DeepSpeed writes the staged copy, and a
+    # background thread uploads it, verifies it and publishes it (docs/training.md). Off by
+    # default: `latest` then lags a save by one upload, and the staged copy needs its disk until
+    # the upload ends; at scale, where a save to S3 takes seconds per save, turn it on.
+    async_upload: bool = False
+    # A failed upload is retried this many times (waits 1, 2, 4 ... s, at most 30 s), then the
+    # save is reported not published and training goes on.
+    upload_retries: int = 5
+    # Rank 0 publishes once every rank's upload is verified: it waits for them this long.
+    upload_timeout_s: float = 1800.0
+    # A preemption waits this long for an upload in flight (and for its own save's) before it
+    # exits; keep it under the scheduler's warning time (e.g. SLURM's --signal lead time).
+    preempt_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
             fail("checkpoint.every_steps", "must be >= 0 (0 = only at the end)")
         if self.keep_last < 1:
             fail("checkpoint.keep_last", "must be >= 1")
+        if self.upload_retries < 0:
+            fail("checkpoint.upload_retries", "must be >= 0")
+        if self.upload_timeout_s <= 0:
+            fail("checkpoint.upload_timeout_s", "must be > 0")
+        if self.preempt_wait_s < 0:
+            fail("checkpoint.preempt_wait_s", "must be >= 0")
 
 
 @dataclass

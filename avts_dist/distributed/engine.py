@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import importlib
 import io
@@ -47,6 +48,7 @@ __all__ = [
     "read_client_state",
     "save_engine_checkpoint",
     "SaveOutcome",
+    "snapshot_engine_checkpoint",
 ]
 
 # Written into every checkpoint's client state: ds_to_universal refuses a checkpoint without it.
@@ -325,6 +327,58 @@ def save_engine_checkpoint(
     if missing:
         raise RuntimeError(f"DeepSpeed did not write the files its layout names: {missing}")
     return SaveOutcome({os.path.relpath(p, tag_dir): records[p] for p in written})
+
+
+def host_copy(obj: Any) -> Any:
+    """A copy of a state in host memory that the training can no longer change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, host_copy(v)) for k, v in obj.items())
+    if isinstance(obj, list | tuple) and type(obj) in (list, tuple):
+        return type(obj)(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+@functools.cache
+def _snapshot_engine_class():
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class SnapshotCheckpointEngine(TorchCheckpointEngine):
+        """Writes nothing: keeps a host-memory copy of each file's state, for a background
+        writer (after torch.distributed.checkpoint.async_save's staging)."""
+
+        snapshots: dict[str, Any] = {}
+
+        def save(self, state_dict, path: str):
+            self.snapshots[path] = host_copy(state_dict)
+
+    return SnapshotCheckpointEngine
+
+
+def snapshot_engine_checkpoint(
+    engine, save_dir: str | Path, tag: str, client_state: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The sharded save of :func:`save_engine_checkpoint` (collective), with nothing written:
+    this rank's files as host-memory copies of their states, by name in the tag dir. None when
+    DeepSpeed was configured with a checkpoint engine of its own (then write with the former)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine and not isinstance(
+        current, _recording_engine_class()
+    ):
+        return None
+    snapshot = _snapshot_engine_class().__new__(_snapshot_engine_class())
+    snapshot.__dict__.update(current.__dict__, snapshots={})
+    engine.checkpoint_engine = snapshot
+    state = {"universal_checkpoint_info": dict(UNIVERSAL_CHECKPOINT_INFO), **client_state}
+    try:
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=state, save_latest=False)
+    finally:
+        engine.checkpoint_engine = current
+    tag_dir = Path(save_dir) / tag
+    return {os.path.relpath(p, tag_dir): s for p, s in snapshot.snapshots.items()}
 
 
 def estimate_checkpoint_bytes(engine) -> int:

@@ -43,7 +43,14 @@ from avts_dist.tracking import (
 )
 from avts_dist.train.accumulation import accumulate_gradients
 from avts_dist.train.batch import micro_batches, to_device
-from avts_dist.train.checkpoint import CheckpointManager, ResumePlan, RNGState, Stateful
+from avts_dist.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    ResumePlan,
+    RNGState,
+    Stateful,
+    tag_for,
+)
 from avts_dist.train.hooks import TrainHooks
 from avts_dist.train.objectives import forward_loss
 from avts_dist.train.stopping import nonfinite_stop_message, stop_reason
@@ -268,7 +275,21 @@ class Trainer:
         if not quarantine:
             url = f"{self.cfg.checkpoint.dir.rstrip('/')}/{tag}"
             self.tracker.log_checkpoint(url, self.step, self.ckpt.last_save_s)
+        if self.ckpt.uploader is not None:
+            # The step was blocked for last_save_s (checkpoint/save_s); the upload goes on.
+            self.tracker.log_metrics(self.ckpt.upload_stats.as_metrics(), step=self.step)
         return tag
+
+    def _finish_uploads(self, timeout_s: float) -> str:
+        """Waits (at most ``timeout_s``) for a checkpoint upload in flight; returns what the
+        newest checkpoint is, for the run's last message (rank 0 knows it)."""
+        done = self.ckpt.finish(timeout_s)
+        latest = self.ckpt.latest
+        if not done:
+            return f"an upload still in flight after {timeout_s:.0f}s; latest is {latest}"
+        if latest == tag_for(self.step):
+            return f"checkpoint at step {self.step}"
+        return f"the checkpoint of step {self.step} was not published; latest is {latest}"
 
     def _step_extras(self, out: StepOutput, timer: StepTimer) -> tuple[dict, bool]:
         """Skip counts, log-step metrics, validation and curriculum of the step just taken;
@@ -320,14 +341,22 @@ class Trainer:
         every = self.cfg.checkpoint.every_steps
         # Not inside a run of non-finite steps: only a state whose last step applied is
         # published on schedule (a preemption still saves).
-        if stop == "preempted" or (every and self.step % every == 0 and out.applied):
+        if stop == "preempted":
+            # Within checkpoint.preempt_wait_s: the upload in flight, this save, its upload.
+            t0, bound = time.monotonic(), self.cfg.checkpoint.preempt_wait_s
+            head = f"preempted by signal {self.stop_signal}"
+            if not self.ckpt.finish(bound):
+                return "preempted", (
+                    f"{head}: no new checkpoint, an upload still in flight after {bound:.0f}s; "
+                    f"latest is {self.ckpt.latest}"
+                )
             self.save_checkpoint()
             self.last_saved = self.step
-        if stop == "preempted":
-            return (
-                "preempted",
-                f"preempted by signal {self.stop_signal}: checkpoint at step {self.step}",
-            )
+            left = max(0.0, bound - (time.monotonic() - t0))
+            return "preempted", f"{head}: {self._finish_uploads(left)}"
+        if every and self.step % every == 0 and out.applied:
+            self.save_checkpoint()
+            self.last_saved = self.step
         return None
 
     def train(self) -> TrainResult:
@@ -365,6 +394,10 @@ class Trainer:
                     break
             if status == "completed" and self.last_saved != self.step:
                 self.save_checkpoint()
+            if status in ("completed", "failed"):  # failed: a non-finite stop saved its state
+                outcome = self._finish_uploads(cfg.checkpoint.upload_timeout_s)
+                if status == "completed" and self.is_main and "checkpoint at" not in outcome:
+                    raise CheckpointError(f"the run ended, but {outcome}")
             self.metrics.flush()
         except BaseException:
             status = "failed"

@@ -21,6 +21,7 @@ BENCHMARKS = {
     "loss": ["bench_loss.py"],
     "train": ["bench_train.py"],
     "checkpoint": ["bench_checkpoint.py"],
+    "async_checkpoint": ["bench_async_checkpoint.py"],
     "video_ssl": ["bench_video_ssl.py"],
     # On the checked-in inputs; `sim_scale.py --decode-json bench-results/decode.json` takes
     # the decode figures of this run instead.

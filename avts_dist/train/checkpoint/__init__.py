@@ -48,6 +48,8 @@ The package, one concern per module:
 - ``storage``: where checkpoints live, one protocol with a local and a remote implementation;
 - ``states``: the resumable parts of a run, each a ``Stateful`` under a fixed key;
 - ``save``: :class:`CheckpointManager`, the collective save protocol and the load of a resume;
+- ``upload``: the background upload of ``checkpoint.async_upload`` (no process group: the ranks
+  meet through markers on the store; rank 0 publishes once every rank's upload is verified);
 - ``retention``: keep-last and quarantine;
 - ``resume``: resume planning and DeepSpeed's universal conversion.
 """

@@ -21,6 +21,7 @@ from avts_dist.distributed.engine import (
     estimate_checkpoint_bytes,
     load_engine_checkpoint,
     save_engine_checkpoint,
+    snapshot_engine_checkpoint,
 )
 from avts_dist.integrity import FileRecord, format_bytes, save_torch
 from avts_dist.storage import StorageError, atomic_write_text
@@ -44,7 +45,8 @@ from avts_dist.train.checkpoint.states import (
     get_rng_state,
     restore_states,
 )
-from avts_dist.train.checkpoint.storage import storage_for
+from avts_dist.train.checkpoint.storage import RemoteStorage, storage_for
+from avts_dist.train.checkpoint.upload import BackgroundUploader, UploadJob, UploadStats
 
 __all__ = ["CheckpointManager"]
 
@@ -75,7 +77,9 @@ class CheckpointManager:
 
     ``on_event(name, step)`` is called at fixed points of a save: ``"after_space_check"`` (the
     free space was found sufficient, nothing written yet) and ``"after_shards"`` (every rank's
-    files written, nothing published yet); tests install it to fill the disk or kill a run.
+    files written, nothing published yet; with ``checkpoint.async_upload``, every rank's state
+    copied) and, in the upload thread, ``"upload_started"``; tests install it to fill the disk
+    or kill a run.
     """
 
     def __init__(
@@ -113,6 +117,15 @@ class CheckpointManager:
         # shows a fault at once, not at the next resume.
         self.verify_next_save = False
         self._space_needed = (0, "")
+        self.uploader = None
+        if cfg.async_upload and isinstance(self.storage, RemoteStorage):
+            self.uploader = BackgroundUploader(
+                self.storage, rank=rank, world_size=world_size, retries=cfg.upload_retries,
+                timeout_s=cfg.upload_timeout_s, publish=self._publish_uploaded,
+                on_event=lambda name, step: self.on_event(name, step),
+            )  # fmt: skip
+        elif cfg.async_upload and rank == 0:
+            log.info("checkpoint.async_upload: %s is local, written in place: no upload", cfg.dir)
 
     # ---- resume ----
 
@@ -159,8 +172,20 @@ class CheckpointManager:
         """Writes tag ``step_XXXXXX`` (``states`` under their keys, ``extra`` beside them in the
         client state, ``meta`` in ``COMPLETE``) and publishes it (``latest``) once every rank's
         files are confirmed; returns the tag. ``quarantine="nonfinite"``: the state is kept,
-        complete, as ``step_XXXXXX.quarantined-nonfinite`` for debugging, never ``latest``."""
+        complete, as ``step_XXXXXX.quarantined-nonfinite`` for debugging, never ``latest``.
+
+        With ``checkpoint.async_upload`` (remote), this returns once every rank's state is
+        copied to host memory: the staged write, the upload and the publication go on in the
+        background (:meth:`finish` waits for them). The previous save's upload is waited for
+        first: one in flight at a time."""
         t0 = time.perf_counter()
+        if self.uploader is not None and not all(
+            C.all_gather_object(self.uploader.wait(self.cfg.upload_timeout_s))
+        ):
+            raise CheckpointError(
+                f"checkpoint {tag_for(step)} not saved: the previous upload is still in flight "
+                f"after checkpoint.upload_timeout_s={self.cfg.upload_timeout_s:.0f}s"
+            )
         client = compose_client_state(states, world_size=self.world_size, extra=extra or {})
         tag, root = tag_for(step), self.local_root
         tmp = root / f".tmp-{tag}"
@@ -169,12 +194,21 @@ class CheckpointManager:
             dest = (
                 self.retention.free_name(f"{tag}.quarantined-{quarantine}") if quarantine else tag
             )
+        dest, save_id = C.broadcast_object((dest, f"{tag}-{uuid.uuid4().hex[:12]}"))
+        # After the broadcast: every rank's previous upload, if any, has ended.
         if self.fs_leader:
             for stale in root.glob(".tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        dest = C.broadcast_object(dest)
         self._check_space(tag, engine)
         self.on_event("after_space_check", step)
+        snapshots = None
+        if self.uploader is not None:
+            snapshots = snapshot_engine_checkpoint(engine, root, tmp.name, client)
+        if snapshots is not None:
+            snapshots[rng_file_name(self.rank)] = get_rng_state()
+            self.on_event("after_shards", step)
+            meta = self._full_meta(tag, step, meta, {})
+            return self._submit_upload(step, tmp, dest, save_id, snapshots, meta, quarantine, t0)
         parts = C.all_gather_object(self._write_part(engine, tmp, dest, client))
         errors = [e for _, e in parts if e]
         if errors:
@@ -184,11 +218,7 @@ class CheckpointManager:
         for part, _ in parts:
             files.update(part)
         self.on_event("after_shards", step)
-        full_meta = {
-            "format_version": CHECKPOINT_FORMAT_VERSION, "tag": tag, "step": step,
-            "world_size": self.world_size, "time": time.time(), **meta,
-            "checksum": "sha256 of each file, taken while it was written", "files": files,
-        }  # fmt: skip
+        full_meta = self._full_meta(tag, step, meta, files)
         problem = self._confirm(tmp, dest, files) if self.rank == 0 else None
         problem = C.broadcast_object(problem)
         if problem:
@@ -205,11 +235,71 @@ class CheckpointManager:
         self.last_save_bytes = manifest_bytes(full_meta)
         self.last_save_s = time.perf_counter() - t0
         if not quarantine:
-            self.latest = tag
-            self.retention.verified.add(tag)
-            self.verify_next_save = False
+            self._published(tag)
             self.retention.retain(tag, rank=self.rank, fs_leader=self.fs_leader)
         return dest
+
+    def _full_meta(
+        self, tag: str, step: int, meta: dict[str, Any], files: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION, "tag": tag, "step": step,
+            "world_size": self.world_size, "time": time.time(), **meta,
+            "checksum": "sha256 of each file, taken while it was written", "files": files,
+        }  # fmt: skip
+
+    def _published(self, tag: str) -> None:
+        self.latest = tag
+        self.retention.verified.add(tag)
+        self.verify_next_save = False
+
+    # ---- background upload (checkpoint.async_upload) ----
+
+    def _submit_upload(
+        self, step: int, tmp: Path, dest: str, save_id: str, snapshots: dict[str, Any],
+        meta: dict[str, Any], quarantine: str, t0: float,
+    ) -> str:  # fmt: skip
+        """Hands this rank's host copies to the background writer and upload; rank 0's job
+        publishes. The step was blocked only for the copies."""
+        read_back = None
+        if self.verify_next_save:
+            read_back = lambda records: self._read_back(tmp, dest, records)  # noqa: E731
+        note = {"reason": quarantine, "detail": "saved when the run stopped on it"}
+        self.uploader.submit(
+            UploadJob(
+                step, tmp, dest, save_id, snapshots, read_back, meta if self.rank == 0 else {},
+                note if quarantine else None,
+            )
+        )  # fmt: skip
+        self.verify_next_save = False
+        self.last_save_s = time.perf_counter() - t0
+        return dest
+
+    def _publish_uploaded(self, job: UploadJob) -> str | None:
+        """Rank 0, in the upload thread, once every rank's upload is verified: the whole
+        manifest confirmed on the store, then ``COMPLETE`` and ``latest``, then keep-last."""
+        problem = self._confirm(job.tmp_dir, job.dest, job.meta["files"])
+        if problem:
+            return problem
+        self.storage.publish(job.dest, job.meta, job.note)
+        if job.note is None:
+            self._published(job.dest)
+            self.retention.retain(job.dest, rank=0, fs_leader=False)
+        return None
+
+    @property
+    def upload_stats(self) -> UploadStats:
+        return self.uploader.stats if self.uploader is not None else UploadStats()
+
+    def finish(self, timeout_s: float | None = None) -> bool:
+        """Collective: waits for this run's upload in flight, at most ``timeout_s``; True when
+        no rank has one left. Then the staged copies are dropped (the store holds them)."""
+        done = self.uploader is None or self.uploader.wait(timeout_s)
+        done = all(C.all_gather_object(done))
+        if done and self.uploader is not None and self.fs_leader:
+            for staged in self.local_root.glob(".tmp-*"):
+                shutil.rmtree(staged, ignore_errors=True)
+        return done
 
     def _publish(self, tmp: Path, dest: str, meta: dict[str, Any], quarantine: str) -> str | None:
         """Writes the marker (and ``latest`` unless quarantined): on the store by rank 0, on each

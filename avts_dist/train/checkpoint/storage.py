@@ -40,9 +40,11 @@ from avts_dist.train.checkpoint.refs import (
     check_reachable,
 )
 
-__all__ = ["CheckpointStorage", "LocalStorage", "RemoteStorage", "storage_for"]
+__all__ = ["UPLOADS", "CheckpointStorage", "LocalStorage", "RemoteStorage", "storage_for"]
 
 log = logging.getLogger("avts.train")
+
+UPLOADS = ".uploads"
 
 
 class CheckpointStorage(Protocol):
@@ -247,6 +249,28 @@ class RemoteStorage:
 
     def read_latest(self) -> str | None:
         return None  # the staged copy's pointer says nothing about the store
+
+    # Upload markers (checkpoint.async_upload): each rank says, on the store, that its files of
+    # one save are uploaded and verified (or why not); rank 0 publishes once all of them are.
+    # Outside the tags (``.uploads/<save>/``): a listing of tags never sees them.
+
+    def put_marker(self, save_id: str, rank: int, note: dict[str, Any]) -> None:
+        fs, root = self._fs()
+        fs.pipe_file(join(root, UPLOADS, save_id, f"rank_{rank:05d}"), json.dumps(note).encode())
+
+    def read_markers(self, save_id: str) -> dict[int, dict[str, Any]]:
+        fs, root = self._fs()
+        folder = join(root, UPLOADS, save_id)
+        fs.invalidate_cache(folder)
+        try:
+            paths = fs.find(folder)
+        except FileNotFoundError:
+            return {}
+        return {int(p.rsplit("_", 1)[-1]): json.loads(fs.cat_file(p)) for p in paths}
+
+    def drop_markers(self, save_id: str) -> None:
+        fs, root = self._fs()
+        fs.rm(join(root, UPLOADS, save_id), recursive=True)
 
 
 def storage_for(cfg: CheckpointConfig, run_dir: str | Path) -> CheckpointStorage:
