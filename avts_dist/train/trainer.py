@@ -119,7 +119,8 @@ class Trainer:
                 cfg.data, rank=self.rank, world_size=self.world_size, pin_memory=pin, views=views
             )
         self.max_steps = self._run_length()
-        self.loss_fn = build_loss(cfg.loss, cfg.train.objective)
+        groups = C.gather_groups(cfg.loss.gather, ctx)
+        self.loss_fn = build_loss(cfg.loss, cfg.train.objective, gather_groups=groups)
         self.curriculum = Curriculum(
             dataclasses.replace(cfg.curriculum, enabled=False) if views else cfg.curriculum
         )
