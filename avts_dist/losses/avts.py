@@ -35,6 +35,7 @@ from avts_dist.config import NEGATIVE_KINDS, LossConfig
 from avts_dist.distributed.collectives import (
     GatherGroups,
     all_gather_no_grad,
+    all_gather_with_grad,
     all_reduce_sum,
     hierarchical_all_gather_with_grad,
 )
@@ -63,10 +64,12 @@ def gather_global_batch(
     checks that the process group has ``world_size`` ranks."""
     if world_size == 1:
         return local_bD
-    if with_grad:
-        out = hierarchical_all_gather_with_grad(local_bD, groups)
-    else:
+    if not with_grad:
         out = all_gather_no_grad(local_bD)
+    elif groups is None:
+        out = all_gather_with_grad(local_bD)
+    else:
+        out = hierarchical_all_gather_with_grad(local_bD, groups)
     if out.shape[0] != local_bD.shape[0] * world_size:
         raise ValueError(
             f"loss called with world_size={world_size} but the process group gathered "
