@@ -29,6 +29,10 @@ class LossConfig:
     )
     pos_weight: float = 1.0
     gather_with_grad: bool = True
+    # How the exact gather runs: flat (one all-gather over the world), hierarchical (within each
+    # node, then across nodes: docs/scale.md, "The gather at 512 GPUs"), auto (hierarchical on
+    # more than one node with more than one rank per node). Same tensor and gradients.
+    gather: Literal["flat", "hierarchical", "auto"] = "flat"
     # Both directions: video anchors vs all audio and audio anchors vs all video.
     symmetric: bool = True
     # Seed of the random_k negative draw (with the step: identical at any world size).
@@ -42,6 +46,8 @@ class LossConfig:
         check_choices(self, "loss")
         if self.negatives != "all" and self.num_negatives < 1:
             fail("loss.num_negatives", "must be >= 1 with random_k or hardest_k")
+        if self.gather == "hierarchical" and not self.gather_with_grad:
+            fail("loss.gather", "hierarchical needs loss.gather_with_grad=true")
         if self.margin <= 0:
             fail("loss.margin", "must be > 0")
         if self.temperature <= 0:

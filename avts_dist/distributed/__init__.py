@@ -4,6 +4,7 @@ importing the collectives never imports deepspeed)."""
 
 from avts_dist.distributed.collectives import (
     DistContext,
+    GatherGroups,
     agree_on_flags,
     all_gather_no_grad,
     all_gather_object,
@@ -15,9 +16,11 @@ from avts_dist.distributed.collectives import (
     broadcast_object,
     destroy,
     free_port,
+    gather_groups,
     get_local_rank,
     get_rank,
     get_world_size,
+    hierarchical_all_gather_with_grad,
     init_distributed,
     is_dist,
     is_main_process,
@@ -26,6 +29,7 @@ from avts_dist.distributed.collectives import (
 
 __all__ = [
     "DistContext",
+    "GatherGroups",
     "agree_on_flags",
     "all_gather_no_grad",
     "all_gather_object",
@@ -37,9 +41,11 @@ __all__ = [
     "broadcast_object",
     "destroy",
     "free_port",
+    "gather_groups",
     "get_local_rank",
     "get_rank",
     "get_world_size",
+    "hierarchical_all_gather_with_grad",
     "init_distributed",
     "is_dist",
     "is_main_process",

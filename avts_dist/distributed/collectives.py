@@ -9,6 +9,8 @@ gradient with respect to them -- never divided or multiplied by the world size. 
 averages over its local anchors, and DeepSpeed/DDP's gradient averaging (sum over ranks / N)
 turns that into the gradient of the global-batch mean: the same as one process on the whole
 global batch (tested in ``tests/integration/test_gather_exactness.py``).
+``hierarchical_all_gather_with_grad`` gives the same tensor and gradients in two levels, within
+each node and then across nodes (``loss.gather``; docs/scale.md, "The gather at 512 GPUs").
 
 Backends: ``auto`` is ``cpu:gloo,cuda:nccl`` with CUDA (torch's multi-backend group: NCCL for GPU
 tensors, gloo for CPU tensors, so a CPU-side collective such as an object broadcast stays legal
@@ -38,6 +40,7 @@ BACKENDS = ("auto", "gloo", "nccl", "cpu:gloo,cuda:nccl")
 __all__ = [
     "BACKENDS",
     "DistContext",
+    "GatherGroups",
     "agree_on_flags",
     "all_gather_no_grad",
     "all_gather_object",
@@ -50,9 +53,12 @@ __all__ = [
     "cuda_device_index",
     "destroy",
     "free_port",
+    "gather_groups",
     "get_local_rank",
+    "get_local_world_size",
     "get_rank",
     "get_world_size",
+    "hierarchical_all_gather_with_grad",
     "init_distributed",
     "is_dist",
     "is_main_process",
@@ -68,6 +74,12 @@ class DistContext:
     local_rank: int
     device: torch.device
     backend: str
+    # Ranks per node (the launcher's LOCAL_WORLD_SIZE; the world size when it sets none).
+    local_world_size: int = 1
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
 
 
 def is_dist() -> bool:
@@ -89,6 +101,12 @@ def get_world_size() -> int:
 
 def get_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def get_local_world_size() -> int:
+    """Ranks on this node: ``LOCAL_WORLD_SIZE`` (torchrun, submitit, the local launcher), else
+    every rank (one node)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 0) or get_world_size())
 
 
 def is_main_process() -> bool:
@@ -154,6 +172,7 @@ def _export_slurm_env() -> None:
             "RANK": job.global_rank,
             "WORLD_SIZE": num_tasks,
             "LOCAL_RANK": job.local_rank,
+            "LOCAL_WORLD_SIZE": num_tasks // max(1, job.num_nodes),
             "MASTER_ADDR": job.hostnames[0],
             "MASTER_PORT": random.Random(job.job_id).randint(20000, 60000),
         }
@@ -205,6 +224,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistCo
             local_rank,
             _device_for(actual, local_rank),
             actual,
+            get_local_world_size(),
         )
     _export_slurm_env()
     local_rank = get_local_rank()
@@ -222,7 +242,9 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistCo
         dist.init_process_group(
             backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
         )
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+    return DistContext(
+        dist.get_rank(), dist.get_world_size(), local_rank, device, backend, get_local_world_size()
+    )
 
 
 def destroy() -> None:
@@ -238,6 +260,7 @@ def destroy() -> None:
     """
     if not is_dist():
         return
+    _GATHER_GROUPS.clear()
     gc.collect()
     ds_comm = sys.modules.get("deepspeed.comm")
     if ds_comm is not None and ds_comm.is_initialized():
@@ -258,33 +281,43 @@ def _world() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
+def _gather_rows(local_BD: torch.Tensor, size: int, group: Any = None) -> torch.Tensor:
+    """The ``size`` members' tensors of ``group`` (None: the world) concatenated in group-rank
+    order."""
+    out = local_BD.new_empty((size * local_BD.shape[0], *local_BD.shape[1:]))
+    _all_gather_flat(out, local_BD.contiguous(), group=group)
+    return out
+
+
+def _reduce_scatter_rows(full_BD: torch.Tensor, size: int, index: int, group: Any = None):
+    """The sum over ``group``'s members of their ``full_BD``, sliced to member ``index``'s rows:
+    a reduce-scatter with SUM on NCCL, all_reduce + slice on gloo (which has no reduce_scatter).
+    """
+    full_BD = full_BD.contiguous()
+    rows = full_BD.shape[0] // size
+    if full_BD.is_cuda and _has_nccl():
+        part = full_BD.new_empty((rows, *full_BD.shape[1:]))
+        _reduce_scatter_flat(part, full_BD, op=dist.ReduceOp.SUM, group=group)
+        return part
+    summed = full_BD.clone()
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+    return summed[index * rows : (index + 1) * rows]
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather forward; backward sums every rank's gradient for this rank's slice.
 
-    The backward is a reduce-scatter with SUM on NCCL (all_reduce + slice on gloo, which has no
-    reduce_scatter). No 1/N or N factor: averaging belongs to the optimizer side (DeepSpeed).
+    No 1/N or N factor: averaging belongs to the optimizer side (DeepSpeed).
     """
 
     @staticmethod
     def forward(ctx, local_BD: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        world = dist.get_world_size()
-        ctx.rank = dist.get_rank()
-        ctx.rows = local_BD.shape[0]
-        out = local_BD.new_empty((world * local_BD.shape[0], *local_BD.shape[1:]))
-        _all_gather_flat(out, local_BD.contiguous())
-        return out
+        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
+        return _gather_rows(local_BD, ctx.world)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad_out = grad_out.contiguous()
-        if grad_out.is_cuda and _has_nccl():
-            grad_local = grad_out.new_empty((ctx.rows, *grad_out.shape[1:]))
-            _reduce_scatter_flat(grad_local, grad_out, op=dist.ReduceOp.SUM)
-            return grad_local
-        summed = grad_out.clone()
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        start = ctx.rank * ctx.rows
-        return summed[start : start + ctx.rows]
+        return _reduce_scatter_rows(grad_out, ctx.world, ctx.rank)
 
 
 def all_gather_with_grad(local_BD: torch.Tensor) -> torch.Tensor:
@@ -296,6 +329,92 @@ def all_gather_with_grad(local_BD: torch.Tensor) -> torch.Tensor:
     if _world() == 1:
         return local_BD
     return _AllGatherWithGrad.apply(local_BD)
+
+
+@dataclass(frozen=True)
+class GatherGroups:
+    """The two levels of the hierarchical gather, for this rank: ``intra`` holds the ranks of
+    its node, ``inter`` the ranks of its local rank on every node (one per node)."""
+
+    intra: Any
+    inter: Any
+    local_rank: int
+    local_world_size: int
+    node: int
+    num_nodes: int
+
+
+# Every group made here, so that destroy() drops them with the rest.
+_GATHER_GROUPS: list[GatherGroups] = []
+
+
+def _layout_error(table: list[tuple[int, int, int]]) -> str | None:
+    """Why ranks ``(rank, local_rank, local_world_size)`` are not nodes of equal size with
+    consecutive ranks (rank = node x local world size + local rank), or None."""
+    sizes = {lws for _, _, lws in table}
+    if len(sizes) != 1:
+        return f"ranks report different LOCAL_WORLD_SIZE values {sorted(sizes)}"
+    lws = sizes.pop()
+    if lws < 1 or len(table) % lws:
+        return f"world size {len(table)} is not a multiple of LOCAL_WORLD_SIZE={lws}"
+    bad = [r for r, lr, _ in table if lr != r % lws]
+    return f"ranks {bad[:4]} do not have LOCAL_RANK = RANK mod {lws}" if bad else None
+
+
+def gather_groups(mode: str, ctx: DistContext) -> GatherGroups | None:
+    """The groups of ``loss.gather=mode`` (``flat``, ``hierarchical``, ``auto``), or None for
+    the flat gather: at one node, at one rank per node, or with ``flat``. Collective for every
+    mode but ``flat``: every rank calls it once, at set-up, with the same mode."""
+    if mode not in ("flat", "hierarchical", "auto"):
+        raise ValueError(f"loss.gather must be flat, hierarchical or auto, got {mode!r}")
+    if mode == "flat" or _world() == 1:
+        return None
+    # One table on every rank, so every rank takes the same branch (new_group is collective).
+    table = all_gather_object((ctx.rank, ctx.local_rank, ctx.local_world_size))
+    problem = _layout_error(table)
+    if problem is not None:
+        if mode == "hierarchical":
+            raise ValueError(f"loss.gather=hierarchical needs equal nodes: {problem}")
+        return None
+    lws = table[0][2]
+    num_nodes = len(table) // lws
+    if num_nodes == 1 or lws == 1:
+        return None
+    # Every rank creates every group, in the same order: the nodes', then the local ranks'.
+    intra = [dist.new_group(list(range(n * lws, (n + 1) * lws))) for n in range(num_nodes)]
+    inter = [dist.new_group(list(range(lr, len(table), lws))) for lr in range(lws)]
+    node, local_rank = divmod(ctx.rank, lws)
+    groups = GatherGroups(intra[node], inter[local_rank], local_rank, lws, node, num_nodes)
+    _GATHER_GROUPS.append(groups)
+    return groups
+
+
+class _HierarchicalAllGatherWithGrad(torch.autograd.Function):
+    """Within the node, then across nodes: the flat gather's rank order, since rank = node x
+    local world size + local rank. The backward is the adjoint, in reverse: reduce-scatter
+    across nodes, then within the node."""
+
+    @staticmethod
+    def forward(ctx, local_BD: torch.Tensor, groups: GatherGroups) -> torch.Tensor:  # type: ignore[override]
+        ctx.groups = groups
+        node_BD = _gather_rows(local_BD, groups.local_world_size, groups.intra)
+        return _gather_rows(node_BD, groups.num_nodes, groups.inter)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        g = ctx.groups
+        node_grad = _reduce_scatter_rows(grad_out, g.num_nodes, g.node, g.inter)
+        return _reduce_scatter_rows(node_grad, g.local_world_size, g.local_rank, g.intra), None
+
+
+def hierarchical_all_gather_with_grad(
+    local_BD: torch.Tensor, groups: GatherGroups | None
+) -> torch.Tensor:
+    """:func:`all_gather_with_grad` in two levels (``groups`` from :func:`gather_groups`; None:
+    the flat gather): the same tensor, bitwise, and the same gradients."""
+    if groups is None:
+        return all_gather_with_grad(local_BD)
+    return _HierarchicalAllGatherWithGrad.apply(local_BD, groups)
 
 
 def all_gather_no_grad(local_BD: torch.Tensor) -> torch.Tensor:

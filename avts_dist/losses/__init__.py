@@ -9,6 +9,9 @@ global-batch floats with :func:`reduce_metrics` at log steps.
 ``build_loss(cfg.loss, objective="video_ssl")`` returns the video-only baseline's two-view
 InfoNCE instead, called as ``loss_fn(view1_emb, view2_emb, rank=, world_size=)``
 (:mod:`avts_dist.losses.video_ssl`).
+
+``gather_groups`` (from ``collectives.gather_groups(cfg.loss.gather, ctx)``) makes either loss
+gather within each node, then across nodes; None gathers flat.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from avts_dist.config import LossConfig
+from avts_dist.distributed.collectives import GatherGroups
 from avts_dist.losses.avts import AVTSContrastiveLoss, AVTSInfoNCELoss, reduce_metrics
 from avts_dist.losses.video_ssl import VideoSSLInfoNCELoss
 
@@ -28,12 +32,14 @@ __all__ = [
 ]
 
 
-def build_loss(cfg: LossConfig, objective: str = "avts") -> nn.Module:
+def build_loss(
+    cfg: LossConfig, objective: str = "avts", gather_groups: GatherGroups | None = None
+) -> nn.Module:
     """The loss of ``train.objective``: AVTS (``loss.kind``) or the video-only InfoNCE."""
     if objective == "video_ssl":
-        return VideoSSLInfoNCELoss(cfg)
+        return VideoSSLInfoNCELoss(cfg, gather_groups)
     if cfg.kind == "contrastive":
-        return AVTSContrastiveLoss(cfg)
+        return AVTSContrastiveLoss(cfg, gather_groups)
     if cfg.kind == "infonce":
-        return AVTSInfoNCELoss(cfg)
+        return AVTSInfoNCELoss(cfg, gather_groups)
     raise ValueError(f"config key 'loss.kind': unknown loss {cfg.kind!r}")

@@ -33,9 +33,11 @@ from torch import nn
 
 from avts_dist.config import NEGATIVE_KINDS, LossConfig
 from avts_dist.distributed.collectives import (
+    GatherGroups,
     all_gather_no_grad,
     all_gather_with_grad,
     all_reduce_sum,
+    hierarchical_all_gather_with_grad,
 )
 
 __all__ = ["AVTSContrastiveLoss", "AVTSInfoNCELoss", "reduce_metrics"]
@@ -51,12 +53,23 @@ def _pairwise_dist(x_bD: torch.Tensor, y_BD: torch.Tensor) -> torch.Tensor:
     return sq.clamp_min(_EPS).sqrt()
 
 
-def gather_global_batch(local_bD: torch.Tensor, world_size: int, with_grad: bool) -> torch.Tensor:
-    """Every rank's rows in rank order: the exact gather (``loss.gather_with_grad``), or the
-    naive one for the ablation; checks that the process group has ``world_size`` ranks."""
+def gather_global_batch(
+    local_bD: torch.Tensor,
+    world_size: int,
+    with_grad: bool,
+    groups: GatherGroups | None = None,
+) -> torch.Tensor:
+    """Every rank's rows in rank order: the exact gather (``loss.gather_with_grad``), in two
+    levels when ``groups`` are given (``loss.gather``), or the naive one for the ablation;
+    checks that the process group has ``world_size`` ranks."""
     if world_size == 1:
         return local_bD
-    out = (all_gather_with_grad if with_grad else all_gather_no_grad)(local_bD)
+    if not with_grad:
+        out = all_gather_no_grad(local_bD)
+    elif groups is None:
+        out = all_gather_with_grad(local_bD)
+    else:
+        out = hierarchical_all_gather_with_grad(local_bD, groups)
     if out.shape[0] != local_bD.shape[0] * world_size:
         raise ValueError(
             f"loss called with world_size={world_size} but the process group gathered "
@@ -68,9 +81,11 @@ def gather_global_batch(local_bD: torch.Tensor, world_size: int, with_grad: bool
 class _AVTSLossBase(nn.Module):
     """Shared plumbing: input checks, gathering, negative selection, metrics."""
 
-    def __init__(self, cfg: LossConfig) -> None:
+    def __init__(self, cfg: LossConfig, gather_groups: GatherGroups | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        # The hierarchical gather's process groups (collectives.gather_groups), None: flat.
+        self.gather_groups = gather_groups
         # Counts calls so that random_k still varies per step when the trainer passes no step.
         self._num_calls = 0
 
@@ -89,7 +104,7 @@ class _AVTSLossBase(nn.Module):
         return {k: float(v) for k, v in merged.items()}
 
     def _gather(self, t: torch.Tensor, world_size: int) -> torch.Tensor:
-        return gather_global_batch(t, world_size, self.cfg.gather_with_grad)
+        return gather_global_batch(t, world_size, self.cfg.gather_with_grad, self.gather_groups)
 
     def _random_cols(self, step: int, num_global: int, k: int, device, rows: range | None = None):
         """``[2, len(rows), k]`` negative columns of the global anchors ``rows`` (None: all):

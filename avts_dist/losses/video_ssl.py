@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avts_dist.config import LossConfig
+from avts_dist.distributed.collectives import GatherGroups
 from avts_dist.losses.avts import gather_global_batch
 
 __all__ = ["VideoSSLInfoNCELoss"]
@@ -32,10 +33,11 @@ class VideoSSLInfoNCELoss(nn.Module):
     rank's mean over its anchors, to backpropagate) and detached metrics: ``acc/view`` (the
     other view ranks first among the global batch's ``2B - 1`` candidates), ``num/view``."""
 
-    def __init__(self, cfg: LossConfig) -> None:
+    def __init__(self, cfg: LossConfig, gather_groups: GatherGroups | None = None) -> None:
         super().__init__()
         self.temperature = cfg.video_ssl_temperature
         self.gather_with_grad = cfg.gather_with_grad
+        self.gather_groups = gather_groups
 
     def forward(
         self,
@@ -54,9 +56,10 @@ class VideoSSLInfoNCELoss(nn.Module):
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         b = view1_emb.shape[0]
         # fp32 and normalised after the gather: the backward sums gradients in fp32.
-        gather_grad = self.gather_with_grad
-        z1_BD = F.normalize(gather_global_batch(view1_emb.float(), world_size, gather_grad), dim=1)
-        z2_BD = F.normalize(gather_global_batch(view2_emb.float(), world_size, gather_grad), dim=1)
+        gather = dict(world_size=world_size, with_grad=self.gather_with_grad)
+        gather["groups"] = self.gather_groups
+        z1_BD = F.normalize(gather_global_batch(view1_emb.float(), **gather), dim=1)
+        z2_BD = F.normalize(gather_global_batch(view2_emb.float(), **gather), dim=1)
         num_global = z1_BD.shape[0]
         z_2BD = torch.cat([z1_BD, z2_BD])
         own = torch.arange(rank * b, (rank + 1) * b, device=z_2BD.device)

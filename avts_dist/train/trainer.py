@@ -126,7 +126,13 @@ class Trainer:
                 cfg.data, rank=self.rank, world_size=self.world_size, pin_memory=pin, views=views
             )
         self.max_steps = self._run_length()
-        self.loss_fn = build_loss(cfg.loss, cfg.train.objective)
+        groups = C.gather_groups(cfg.loss.gather, ctx)
+        if groups is not None and self.is_main:
+            log.info(
+                "loss.gather=%s: within %d ranks per node, then across %d nodes",
+                cfg.loss.gather, groups.local_world_size, groups.num_nodes,
+            )  # fmt: skip
+        self.loss_fn = build_loss(cfg.loss, cfg.train.objective, gather_groups=groups)
         self.curriculum = Curriculum(
             dataclasses.replace(cfg.curriculum, enabled=False) if views else cfg.curriculum
         )

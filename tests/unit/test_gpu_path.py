@@ -124,6 +124,8 @@ def test_srun_without_rank_derives_it_from_slurm(monkeypatch):
         "1",
     )
     assert os.environ["MASTER_ADDR"] == "n3" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+    # 4 tasks on 2 nodes: the hierarchical gather's node layout (loss.gather).
+    assert os.environ["LOCAL_WORLD_SIZE"] == "2"
     # A batch step (one task) is not a distributed run.
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key)
