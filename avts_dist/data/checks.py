@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 # The loader's logger: these checks are the loader's build.
-log = logging.getLogger("avts_dist.data.loader")
+log = logging.getLogger("avts.data")
 
 
 def resolve_access(cfg: DataConfig, url: str, train: bool) -> str:

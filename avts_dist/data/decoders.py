@@ -28,7 +28,7 @@ __all__ = [
     "resolve_video_decoder",
 ]
 
-log = logging.getLogger("avts_dist.data.decoders")
+log = logging.getLogger("avts.data")
 
 AUTO = "auto"
 # The order auto tries them in: fastest first, measured side by side (docs/benchmarks.md).

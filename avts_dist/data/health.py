@@ -22,7 +22,7 @@ from avts_dist.storage import join
 
 __all__ = ["SkipBudget", "SkippedClipsError", "check_shards"]
 
-log = logging.getLogger("avts_dist.data.loader")
+log = logging.getLogger("avts.data")
 
 # The failed share is judged once this many clips were tried (one bad clip among the first few
 # is not a trend).

@@ -60,7 +60,7 @@ from avts_dist.storage import is_remote
 
 __all__ = ["AVLoader", "SkippedClipsError", "build_loader", "resolve_access"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("avts.data")
 # torchdata 0.11 calls a deprecated torch API on every iterator: noise, not a problem of ours.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 

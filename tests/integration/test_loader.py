@@ -247,7 +247,7 @@ def test_clips_failing_at_decode_time_are_replaced_and_counted(
     for _ in range(2):
         loader = build_loader(cfg)
         it = iter(loader)
-        with caplog.at_level(logging.WARNING, logger="avts_dist.data.loader"):
+        with caplog.at_level(logging.WARNING, logger="avts.data"):
             caplog.clear()
             steps = [next(it) for _ in range(2 * loader.steps_per_epoch)]
         runs.append([records(b) for b in steps])
@@ -312,7 +312,7 @@ def test_allowed_missing_shard_warns_with_the_share_lost(synth_corpus, tmp_path,
     root, idx = _copy_without_shard(synth_corpus, tmp_path, "shard-000001.tar")
     train = idx.rows("train")
     lost = {str(k) for k in idx.key[train[idx.shard[train] == 1]]}
-    with caplog.at_level(logging.WARNING, logger="avts_dist.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="avts.data"):
         loader = build_loader(data_cfg(str(root), allow_missing_shards=True, global_batch_size=2))
     share = f"{100 * len(lost) / len(train):.1f}%"
     assert any(

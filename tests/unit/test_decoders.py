@@ -63,7 +63,7 @@ def _block(monkeypatch, *decoders: str) -> None:
 def test_auto_is_the_default_and_the_fastest_that_loads(fresh_resolver, caplog):
     assert DataConfig().video_decoder == "auto"
     assert AUTO_ORDER == ("torchcodec", "pyav", "decord")
-    with caplog.at_level(logging.INFO, logger="avts_dist.data.decoders"):
+    with caplog.at_level(logging.INFO, logger="avts.data"):
         assert resolve_video_decoder("auto") == "torchcodec"  # all three load here
     [line] = [r.getMessage() for r in caplog.records]
     assert line == (
@@ -74,7 +74,7 @@ def test_auto_is_the_default_and_the_fastest_that_loads(fresh_resolver, caplog):
 
 def test_auto_falls_back_and_says_why(fresh_resolver, monkeypatch, caplog):
     _block(monkeypatch, "torchcodec")
-    with caplog.at_level(logging.INFO, logger="avts_dist.data.decoders"):
+    with caplog.at_level(logging.INFO, logger="avts.data"):
         assert resolve_video_decoder("auto") == "pyav"
     [line] = [r.getMessage() for r in caplog.records]
     assert line == (
