@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from avts_dist.cli import main as avts_main
-from tests.fixtures.slurm import scontrol_job, wait_state
+from tests.fixtures.slurm import scontrol_job, wait_state, wait_through_requeues
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -121,20 +121,8 @@ def test_real_time_limit_signals_saves_requeues_and_finishes(tmp_path, capsys, m
     status, info = _launch(capsys, *argv, "--time", "1", "--grace-s", "55", "--max-requeues", "2")
     assert status == 0
     job, run_dir = info["pretrain"], tmp_path / "limit"
-    deadline = time.monotonic() + 240
-    state = ""
-    while time.monotonic() < deadline:
-        job_info = scontrol_job(job)
-        state = job_info.get("JobState", "")
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            break
-        if state == "PENDING" and job_info.get("Reason") == "BeginTime":
-            # Requeued: SLURM holds it ~2 minutes; release it now, with room to finish.
-            subprocess.run(
-                ["scontrol", "update", f"JobId={job}", "StartTime=now", "TimeLimit=5"],
-                check=False,
-            )
-        time.sleep(0.3)
+    # Requeued jobs are released at once, with room to finish.
+    state = wait_through_requeues(job, 240, time_limit_min=5)
     assert state == "COMPLETED", f"job {job} ended {state}"
     assert int(scontrol_job(job)["Restarts"]) >= 1
     err = (run_dir / "slurm" / f"{job}_0_log.err").read_text()

@@ -19,7 +19,7 @@ import pytest
 
 import avts_dist.tracking.eval_runs  # noqa: F401  (allows MLflow's local file store)
 from avts_dist.cli import main as avts_main
-from tests.fixtures.slurm import scontrol_job, wait_state
+from tests.fixtures.slurm import scontrol_job, wait_state, wait_through_requeues
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -158,17 +158,7 @@ def test_preemption_signal_saves_requeues_and_finishes_bitwise(
     assert len(_metrics(run_dir)) >= 10, "training never started"
     first_run_id = (run_dir / "mlflow_run_id").read_text().strip()
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
-    deadline = time.monotonic() + 300
-    state = ""
-    while time.monotonic() < deadline:
-        job_info = scontrol_job(job)
-        state = job_info.get("JobState", "")
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            break
-        if state == "PENDING" and job_info.get("Reason") == "BeginTime":
-            # Requeued: SLURM holds it ~2 minutes; release it now.
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
-        time.sleep(0.3)
+    state = wait_through_requeues(job, 300)
     assert state == "COMPLETED", f"job {job} ended {state}"
     assert int(scontrol_job(job)["Restarts"]) >= 1
     err = (run_dir / "slurm" / f"{job}_0_log.err").read_text()
