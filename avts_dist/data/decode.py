@@ -120,7 +120,7 @@ def decode_video(
     return frames_TCHW.permute(1, 0, 2, 3).contiguous()
 
 
-def decode_audio(
+def decode_audio(  # noqa: C901 - one pass over the stream: seek, window, resample, errors; split later
     media_bytes: bytes, sample_rate: int, start_s: float = 0.0, end_s: float | None = None
 ) -> np.ndarray:
     """Audio from ``start_s`` to ``end_s`` (None: the end), mono float32 at ``sample_rate``;

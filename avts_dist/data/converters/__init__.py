@@ -159,7 +159,7 @@ def default_work_dir(name: str, out: str) -> Path:
     )
 
 
-def prepare(
+def prepare(  # noqa: C901 - one pipeline of steps with their checks; split later
     name: str,
     src: str | Path,
     out: str,

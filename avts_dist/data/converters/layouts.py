@@ -184,7 +184,7 @@ def parse_esc50(src: Path) -> Layout:
     return Layout(classes, _unique(items), audio_only=True, skipped=skipped)
 
 
-def parse_dcase2014(src: Path) -> Layout:
+def parse_dcase2014(src: Path) -> Layout:  # noqa: C901 - several folder variants; split later
     """DCASE scene classification: wav files plus ``evaluation_setup/fold<N>_{train,test}.txt``.
 
     Lines are ``<relative wav path>[<TAB><scene label>]`` (the DCASE/TUT setup format); a test
