@@ -109,7 +109,8 @@ def test_scancel_saves_and_does_not_requeue(tmp_path, capsys, monkeypatch):
 
 def test_real_time_limit_signals_saves_requeues_and_finishes(tmp_path, capsys, monkeypatch):
     """The one test that waits for SLURM's own time limit, at the smallest one SLURM keeps (one
-    minute): with grace_s 55 the signal is due 5 s in and lands at slurmctld's next time-limit
+    minute): with grace_s 45 the signal is due 15 s in (after the job's interpreter has installed
+    its handlers: a USR2 before that would kill it) and lands at slurmctld's next time-limit
     check (every ~30 s). The stand-in trainer saves at a step boundary, rank 0 requeues, and the
     requeued job resumes and finishes: every step logged exactly once. The real trainer's side of
     the same signal (a bitwise resume) is test_slurm_pretrain.py's, with scancel --signal."""
@@ -118,7 +119,7 @@ def test_real_time_limit_signals_saves_requeues_and_finishes(tmp_path, capsys, m
     monkeypatch.setenv("AVTS_TOY_REQUEUED_STEP_S", "0.002")
     cfg = _config(tmp_path, "limit", max_steps=steps)
     argv = ["--config", str(cfg), "--trainer", TOY, "--tasks-per-node", "2"]
-    status, info = _launch(capsys, *argv, "--time", "1", "--grace-s", "55", "--max-requeues", "2")
+    status, info = _launch(capsys, *argv, "--time", "1", "--grace-s", "45", "--max-requeues", "2")
     assert status == 0
     job, run_dir = info["pretrain"], tmp_path / "limit"
     # Requeued jobs are released at once, with room to finish.
