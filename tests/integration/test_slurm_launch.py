@@ -108,22 +108,24 @@ def test_scancel_saves_and_does_not_requeue(tmp_path, capsys, monkeypatch):
 
 
 def test_real_time_limit_signals_saves_requeues_and_finishes(tmp_path, capsys, monkeypatch):
-    """The one test that waits for SLURM's own time limit, at the smallest one SLURM keeps (one
-    minute): with grace_s 45 the signal is due 15 s in (after the job's interpreter has installed
-    its handlers: a USR2 before that would kill it) and lands at slurmctld's next time-limit
-    check (every ~30 s). The stand-in trainer saves at a step boundary, rank 0 requeues, and the
-    requeued job resumes and finishes: every step logged exactly once. The real trainer's side of
-    the same signal (a bitwise resume) is test_slurm_pretrain.py's, with scancel --signal."""
-    steps = 2000  # 0.1 s a step: far longer than the signal takes to land
+    """The one test that waits for SLURM's own time limit. The signal is due grace_s before the
+    limit and lands at slurmctld's next time-limit check (every ~30 s): with a 2-minute limit
+    and grace_s 60 it lands 60-90 s in. The trainer's handler must be in place by then: a signal
+    that lands earlier (one CI run: due 15 s in, with a 1-minute limit) reaches submitit's own
+    handler while the job's interpreter is still starting, which requeues without the trainer's
+    save. The stand-in trainer saves at a step boundary, rank 0 requeues, and the requeued job
+    resumes and finishes: every step logged exactly once. The real trainer's side of the same
+    signal (a bitwise resume) is test_slurm_pretrain.py's, with scancel --signal."""
+    steps = 2000  # 0.1 s a step: longer than the 2-minute limit
     monkeypatch.setenv("AVTS_TOY_STEP_S", "0.1")
     monkeypatch.setenv("AVTS_TOY_REQUEUED_STEP_S", "0.002")
     cfg = _config(tmp_path, "limit", max_steps=steps)
     argv = ["--config", str(cfg), "--trainer", TOY, "--tasks-per-node", "2"]
-    status, info = _launch(capsys, *argv, "--time", "1", "--grace-s", "45", "--max-requeues", "2")
+    status, info = _launch(capsys, *argv, "--time", "2", "--grace-s", "60", "--max-requeues", "2")
     assert status == 0
     job, run_dir = info["pretrain"], tmp_path / "limit"
     # Requeued jobs are released at once, with room to finish.
-    state = wait_through_requeues(job, 240, time_limit_min=5)
+    state = wait_through_requeues(job, 300, time_limit_min=5)
     assert state == "COMPLETED", f"job {job} ended {state}"
     assert int(scontrol_job(job)["Restarts"]) >= 1
     err = (run_dir / "slurm" / f"{job}_0_log.err").read_text()
