@@ -23,8 +23,12 @@ RANK = (
     "import datetime, os, torch, torch.distributed as d; "
     "d.init_process_group('gloo', init_method='env://', rank=int(os.environ['SLURM_PROCID']), "
     "world_size=2, timeout=datetime.timedelta(seconds=20)); t = torch.ones(1); d.all_reduce(t); "
-    "print('rank', d.get_rank(), 'sum', t.item(), 'via', os.environ['GLOO_SOCKET_IFNAME'])"
+    "print('rank', d.get_rank(), 'sum', t.item(), 'via', os.environ['GLOO_SOCKET_IFNAME'], "
+    "flush=True); d.barrier(); d.destroy_process_group()"
 )
+# The barrier and destroy_process_group: without them a rank that exits first can close its gloo
+# pair while the other's still open, which aborts it at exit ("terminate called without an
+# active exception"; one fresh-clone run, after both ranks had printed their sums).
 
 
 def _job(tmp_path, interface: str, port: int) -> subprocess.CompletedProcess:
