@@ -29,7 +29,7 @@ LOCAL_SLURM = REPO_ROOT / "launch" / "local_slurm.sh"
 # Environment every task exports, from submitit's TorchDistributedEnvironment (shown by --dry-run).
 DIST_ENV_DOC = {
     "MASTER_ADDR": "first host of $SLURM_JOB_NODELIST",
-    "MASTER_PORT": "20000-60000, seeded by $SLURM_JOB_ID",
+    "MASTER_PORT": "20000-32767 (below the ephemeral ports), seeded by $SLURM_JOB_ID",
     "RANK": "$SLURM_PROCID",
     "LOCAL_RANK": "$SLURM_LOCALID",
 }

@@ -34,6 +34,7 @@ from typing import Any
 import submitit
 
 from avts_dist.config import config_from_dict
+from avts_dist.distributed.collectives import rendezvous_port
 from launch.jobs import job_state
 
 log = logging.getLogger("avts.launch")
@@ -56,6 +57,9 @@ def export_distributed_env() -> dict[str, int]:
     point local ranks 1-7 at ordinals that do not exist.
     """
     env = submitit.JobEnvironment()
+    # submitit keeps a MASTER_PORT it finds, else draws one in 20000-60000, which overlaps the
+    # ephemeral ports: ours is drawn below them (collectives.rendezvous_port).
+    os.environ.setdefault("MASTER_PORT", str(rendezvous_port(env.job_id)))
     dist_env = submitit.helpers.TorchDistributedEnvironment()
     dist_env.export(set_cuda_visible_devices=False, overwrite=True)
     os.environ["MASTER_ADDR"] = _reachable_address(dist_env.master_addr)

@@ -174,7 +174,7 @@ def _export_slurm_env() -> None:
             "LOCAL_RANK": job.local_rank,
             "LOCAL_WORLD_SIZE": num_tasks // max(1, job.num_nodes),
             "MASTER_ADDR": job.hostnames[0],
-            "MASTER_PORT": random.Random(job.job_id).randint(20000, 60000),
+            "MASTER_PORT": rendezvous_port(job.job_id),
         }
     except Exception as exc:
         raise RuntimeError(
@@ -184,6 +184,18 @@ def _export_slurm_env() -> None:
         ) from None
     for key, value in values.items():
         os.environ.setdefault(key, str(value))
+
+
+# Below Linux's default ephemeral range (net.ipv4.ip_local_port_range, 32768-60999): a port in
+# it can be held by any outgoing connection on the master node (slurmd's RPCs, a client, the last
+# job's gloo pairs), and rank 0's store then fails with EADDRINUSE. submitit's own draw is
+# 20000-60000; a fresh-clone run of the 4-node test hit exactly that (port 52330).
+RENDEZVOUS_PORTS = (20000, 32767)
+
+
+def rendezvous_port(job_id: str) -> int:
+    """The job's MASTER_PORT: drawn from its id, so every task of the job draws the same one."""
+    return random.Random(str(job_id)).randint(*RENDEZVOUS_PORTS)
 
 
 def set_determinism(deterministic: bool, device: torch.device) -> None:

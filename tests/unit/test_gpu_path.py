@@ -123,7 +123,7 @@ def test_srun_without_rank_derives_it_from_slurm(monkeypatch):
         "4",
         "1",
     )
-    assert os.environ["MASTER_ADDR"] == "n3" and 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+    assert os.environ["MASTER_ADDR"] == "n3" and 20000 <= int(os.environ["MASTER_PORT"]) <= 32767
     # 4 tasks on 2 nodes: the hierarchical gather's node layout (loss.gather).
     assert os.environ["LOCAL_WORLD_SIZE"] == "2"
     # A batch step (one task) is not a distributed run.
@@ -187,3 +187,12 @@ def test_determinism_settings(monkeypatch):
         C.set_determinism(True, torch.device("cuda"))
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
         assert not torch.backends.cudnn.benchmark
+
+
+def test_rendezvous_port_is_the_jobs_and_below_the_ephemeral_ports():
+    # Every task of a job draws the same port; none lands in Linux's default ephemeral range
+    # (32768-60999), where an outgoing connection on the master node could already hold it.
+    ports = {job: C.rendezvous_port(job) for job in [str(i) for i in range(2000)] + ["61", "7_3"]}
+    assert C.rendezvous_port("61") == C.rendezvous_port("61") == ports["61"]
+    assert all(20000 <= p <= 32767 for p in ports.values())
+    assert len(set(ports.values())) > 1500  # spread over the range, not one fixed port
