@@ -34,7 +34,6 @@ from typing import Any
 import submitit
 
 from avts_dist.config import config_from_dict
-from avts_dist.distributed.collectives import rendezvous_port
 from launch.jobs import job_state
 
 log = logging.getLogger("avts.launch")
@@ -56,6 +55,10 @@ def export_distributed_env() -> dict[str, int]:
     task lands on a device that exists; narrowing it here while keeping ``LOCAL_RANK`` would
     point local ranks 1-7 at ordinals that do not exist.
     """
+    # Lazy on purpose: `avts launch` and `avts study` import this module on the login node, where
+    # nothing else here needs torch (collectives imports it); the job imports it anyway.
+    from avts_dist.distributed.collectives import rendezvous_port
+
     env = submitit.JobEnvironment()
     # submitit keeps a MASTER_PORT it finds, else draws one in 20000-60000, which overlaps the
     # ephemeral ports: ours is drawn below them (collectives.rendezvous_port).
