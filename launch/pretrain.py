@@ -39,6 +39,8 @@ from launch.jobs import job_state
 log = logging.getLogger("avts.launch")
 
 DEFAULT_TRAINER = "avts_dist.train:run_training"
+# What `scontrol show job` says of a job that `scontrol requeue` took.
+REQUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")
 
 
 def resolve_callable(target: str):
@@ -181,8 +183,10 @@ class PretrainJob(submitit.helpers.Checkpointable):
     def _requeue(self, job_id: str) -> None:
         """Rank 0, after every rank saved: the next submission, then ``scontrol requeue``."""
         # scancel also signals (SIGTERM) but must not be undone: only a RUNNING job requeues.
-        state = job_state(job_id).get("JobState", "UNKNOWN")
-        if state != "RUNNING":
+        # A state scontrol could not tell (a busy controller) is no reason to give up: then
+        # `scontrol requeue` decides, and it refuses a cancelled job.
+        state = _job_state_settled(job_id)
+        if state not in ("RUNNING", "UNKNOWN"):
             log.warning("not requeued: job %s is %s (cancelled or ending)", job_id, state)
             return
         paths = submitit.JobEnvironment().paths
@@ -196,12 +200,10 @@ class PretrainJob(submitit.helpers.Checkpointable):
         delayed.dump(tmp)
         os.replace(tmp, paths.submitted_pickle)
         # A cancelled job cannot be requeued: then the job ends here, its checkpoint saved.
-        out = subprocess.run(
-            ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60
-        )
-        if out.returncode != 0:
+        error = _scontrol_requeue(job_id)
+        if error:
             os.replace(backup, paths.submitted_pickle)
-            log.warning("not requeued: %s", (out.stderr or out.stdout).strip())
+            log.warning("not requeued: %s", error)
             return
         log.info("requeued job %s (%d of %d)", job_id, self.num_requeues + 1, self.max_requeues)
         # No result pickle: the requeued job writes the real one. SLURM stops every task now.
@@ -216,7 +218,10 @@ class PretrainJob(submitit.helpers.Checkpointable):
         """
         deadline = time.monotonic() + max_wait_s
         while time.monotonic() < deadline:
-            state = job_state(job_id).get("JobState", "UNKNOWN")
+            state = job_state(job_id).get("JobState")
+            if state is None:
+                time.sleep(0.5)  # scontrol could not tell (busy controller): not a requeue
+                continue
             if state == "CANCELLED":
                 return  # the job ends as failed; its checkpoint is saved
             if state != "RUNNING":
@@ -224,3 +229,44 @@ class PretrainJob(submitit.helpers.Checkpointable):
                 sys.stdout.flush()
                 os._exit(0)
             time.sleep(0.5)
+
+
+def _job_state_settled(job_id: str, attempts: int = 6, pause_s: float = 2.0) -> str:
+    """The job's state, asking scontrol again while it cannot tell (a controller busy with a
+    loaded cluster times out); ``UNKNOWN`` after ``attempts``."""
+    for attempt in range(attempts):
+        state = job_state(job_id).get("JobState")
+        if state:
+            return state
+        if attempt + 1 < attempts:
+            time.sleep(pause_s)
+    return "UNKNOWN"
+
+
+def _scontrol_requeue(job_id: str, attempts: int = 4, pause_s: float = 3.0) -> str:
+    """``scontrol requeue``; "" once it took, else scontrol's last error.
+
+    A refusal (the job was cancelled or is ending) is final; a failure while the job still runs
+    (the controller did not answer in time) is tried again.
+    """
+    error = ""
+    for attempt in range(attempts):
+        try:
+            out = subprocess.run(
+                ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60
+            )
+        except subprocess.TimeoutExpired:
+            error = "scontrol requeue did not answer in 60 s"
+        else:
+            if out.returncode == 0:
+                return ""
+            error = (out.stderr or out.stdout).strip() or f"scontrol exit {out.returncode}"
+        state = _job_state_settled(job_id)
+        if state in REQUEUED_STATES:
+            return ""  # it took, though scontrol's answer was lost
+        if state not in ("RUNNING", "UNKNOWN"):
+            return f"{error} (job is {state})"
+        if attempt + 1 < attempts:
+            log.warning("scontrol requeue failed (%s); trying again", error)
+            time.sleep(pause_s)
+    return error

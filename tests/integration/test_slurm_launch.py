@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from avts_dist.cli import main as avts_main
-from tests.fixtures.slurm import scontrol_job, wait_state, wait_through_requeues
+from tests.fixtures.slurm import job_logs, scontrol_job, wait_state, wait_through_requeues
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -126,7 +126,7 @@ def test_real_time_limit_signals_saves_requeues_and_finishes(tmp_path, capsys, m
     job, run_dir = info["pretrain"], tmp_path / "limit"
     # Requeued jobs are released at once, with room to finish.
     state = wait_through_requeues(job, 300, time_limit_min=5)
-    assert state == "COMPLETED", f"job {job} ended {state}"
+    assert state == "COMPLETED", f"job {job} ended {state}\n{job_logs(run_dir / 'slurm', job)}"
     assert int(scontrol_job(job)["Restarts"]) >= 1
     err = (run_dir / "slurm" / f"{job}_0_log.err").read_text()
     assert "trainer returned preempted" in err and "requeue 1 of at most" in err

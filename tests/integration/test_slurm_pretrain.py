@@ -19,7 +19,7 @@ import pytest
 
 import avts_dist.tracking.eval_runs  # noqa: F401  (allows MLflow's local file store)
 from avts_dist.cli import main as avts_main
-from tests.fixtures.slurm import scontrol_job, wait_state, wait_through_requeues
+from tests.fixtures.slurm import job_logs, scontrol_job, wait_state, wait_through_requeues
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -159,7 +159,7 @@ def test_preemption_signal_saves_requeues_and_finishes_bitwise(
     first_run_id = (run_dir / "mlflow_run_id").read_text().strip()
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     state = wait_through_requeues(job, 300)
-    assert state == "COMPLETED", f"job {job} ended {state}"
+    assert state == "COMPLETED", f"job {job} ended {state}\n{job_logs(run_dir / 'slurm', job)}"
     assert int(scontrol_job(job)["Restarts"]) >= 1
     err = (run_dir / "slurm" / f"{job}_0_log.err").read_text()
     assert "trainer returned preempted" in err and "requeue 1 of at most" in err
