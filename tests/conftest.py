@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.browser",
     "tests.fixtures.mlflow_runs",
     "tests.fixtures.tmpfs",
+    "tests.fixtures.cpu_time",
 ]
