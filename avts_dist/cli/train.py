@@ -42,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
         from avts_dist.distributed.launcher import spawn_local_ranks
         from avts_dist.extras import require_tracking
 
-        # bad config or a missing package: one error, not N
-        require_tracking(load_config(args.config, args.overrides))
+        # bad config or a missing package: one error, not N (the launcher never tracks: it
+        # checks that mlflow is installed without importing it)
+        require_tracking(load_config(args.config, args.overrides), load=False)
         cmd = [sys.executable, "-m", "avts_dist", "train", "--config", args.config]
         return spawn_local_ranks([*cmd, *args.overrides], args.nproc, ok_codes=(0, EXIT_PREEMPTED))
     return train_and_report(args.config, args.overrides)

@@ -35,6 +35,7 @@ import torch
 
 from avts_dist.config import DeepSpeedConfig, OptimConfig, deep_merge
 from avts_dist.distributed.collectives import free_port, resolve_backend
+from avts_dist.extras import import_deepspeed
 from avts_dist.integrity import FileRecord, file_record, save_torch
 
 __all__ = [
@@ -175,6 +176,7 @@ def _quiet_deepspeed() -> None:
         # DeepSpeed's CPU shared-memory all-reduce is JIT-compiled on first use (minutes, and a
         # compiler); gloo does the same job here. AVTS_DS_SHM_COMM=1 turns it back on.
         # By module path: the attribute deepspeed.comm.torch is the torch package itself.
+        import_deepspeed()
         ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
         ds_torch_comm.build_shm_op = lambda: None
 
@@ -182,7 +184,7 @@ def _quiet_deepspeed() -> None:
 def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any], *, backend: str = "auto"):
     """``deepspeed.initialize`` on an already initialized process group (or a single process)."""
     _quiet_deepspeed()
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     # DeepSpeed checks the launcher's variables even when the group already exists, and reads
     # LOCAL_RANK as its CUDA ordinal: give it the device the group was set up on.
@@ -240,6 +242,7 @@ class SaveOutcome(NamedTuple):
 
 @functools.cache
 def _recording_engine_class():
+    import_deepspeed()
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     class RecordingCheckpointEngine(TorchCheckpointEngine):
@@ -269,6 +272,7 @@ def _recording_engine(engine):
     """The engine's checkpoint engine, swapped once for the recording one; None when DeepSpeed
     was configured with another (asynchronous) engine, whose files are then hashed after the
     save."""
+    import_deepspeed()
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     recording_class = _recording_engine_class()
@@ -342,6 +346,7 @@ def host_copy(obj: Any) -> Any:
 
 @functools.cache
 def _snapshot_engine_class():
+    import_deepspeed()
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     class SnapshotCheckpointEngine(TorchCheckpointEngine):
@@ -362,6 +367,7 @@ def snapshot_engine_checkpoint(
     """The sharded save of :func:`save_engine_checkpoint` (collective), with nothing written:
     this rank's files as host-memory copies of their states, by name in the tag dir. None when
     DeepSpeed was configured with a checkpoint engine of its own (then write with the former)."""
+    import_deepspeed()
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     current = engine.checkpoint_engine
@@ -445,6 +451,7 @@ def consolidated_fp32_state_dict(
     client = read_client_state(tag_dir)
     if zero_stage > 0:
         _quiet_deepspeed()
+        import_deepspeed()
         from deepspeed.utils import zero_to_fp32
 
         # It prints its progress: tqdm over the shard files (on stderr) and details on stdout,
@@ -471,6 +478,7 @@ def consolidated_fp32_state_dict(
 
 def convert_to_universal(tag_dir: str | Path, out_dir: str | Path, *, num_workers: int = 1) -> Path:
     """DeepSpeed's ``ds_to_universal`` on one checkpoint tag directory (run on one rank)."""
+    import_deepspeed()
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     args = argparse.Namespace(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,15 @@ class _SignalBox:
             self.trainer.stop_signal = signum
 
 
+def imports_mlflow_here(env) -> bool:
+    """Whether this rank imports mlflow (seconds and ~100 MB): only the ranks that track do, the
+    first local rank of each node (rank 0 writes the run, each other node's first rank its
+    system metrics: tracking/session.py). The process group does not exist yet: the launcher's
+    ``LOCAL_RANK``, else SLURM's ``SLURM_LOCALID`` (a bare srun), else a single process. The other
+    ranks check that mlflow is installed, so a missing one still stops every rank at start."""
+    return (env.get("LOCAL_RANK") or env.get("SLURM_LOCALID") or "0") == "0"
+
+
 def run_training(
     cfg: Config | str | Path,
     overrides: list[str] | None = None,
@@ -65,7 +75,7 @@ def run_training(
     callbacks tests install (:class:`TrainHooks`); production passes none.
     """
     cfg = resolve_config(cfg, overrides)
-    require_tracking(cfg)
+    require_tracking(cfg, load=imports_mlflow_here(os.environ))
     raise_open_files_limit()  # before the process groups open their sockets
     ctx = C.init_distributed(cfg.deepspeed.backend)
     log_cpus(ctx.rank, cfg.data.num_workers)

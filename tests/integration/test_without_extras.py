@@ -83,3 +83,19 @@ def test_launch_without_submitit_is_one_line(tmp_path):
         "avts launch: error: avts launch needs the submitit package, which does not import here "
         "(import of submitit halted; None in sys.modules); pip install submitit"
     )
+
+
+def test_deepspeed_imports_without_mlflow_and_mlflow_imports_after(tmp_path):
+    """DeepSpeed's autotuner tries ``import mlflow`` (seconds): import_deepspeed hides it in a
+    process that has not imported mlflow, and takes the marker away again right after."""
+    code = (
+        "import sys; from avts_dist.extras import import_deepspeed; "
+        "ds = import_deepspeed(); from deepspeed.autotuning import autotuner; "
+        "print('mlflow' in sys.modules, autotuner.has_mlflow, import_deepspeed() is ds); "
+        "import mlflow; print(type(mlflow.MlflowClient).__name__)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "False", "True", "type"], proc.stdout
