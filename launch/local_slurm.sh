@@ -188,28 +188,43 @@ cmd_up() {
     echo "export SLURM_CONF=$CONF"
 }
 
-stop_pid() { # name file-with-the-pid-we-started
-    local name="$1" file="$2"
-    [ -f "$file" ] || return 0
-    local pid
-    pid="$(cat "$file")"
-    if kill -0 "$pid" 2>/dev/null; then
-        kill "$pid"
-        for _ in $(seq 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
+stop_pids() { # name file [name file...]: the pids we started, stopped together
+    # SIGTERM to all first, then one wait: each SLURM daemon takes ~2 s to exit, and a
+    # four-node cluster stopped one daemon after the other took 10 s.
+    local -a names=() pids=() files=()
+    while [ "$#" -ge 2 ]; do
+        if [ -f "$2" ]; then
+            local pid
+            pid="$(cat "$2")"
+            files+=("$2")
+            if kill -0 "$pid" 2>/dev/null; then
+                kill "$pid"
+                names+=("$1")
+                pids+=("$pid")
+            fi
+        fi
+        shift 2
+    done
+    local i
+    for _ in $(seq 100); do
+        local left=0
+        for i in "${!pids[@]}"; do
+            kill -0 "${pids[$i]}" 2>/dev/null && left=1
         done
-        kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-        log "stopped $name ($pid)"
-    fi
-    rm -f "$file"
+        [ "$left" = 0 ] && break
+        sleep 0.1
+    done
+    for i in "${!pids[@]}"; do
+        kill -0 "${pids[$i]}" 2>/dev/null && kill -9 "${pids[$i]}"
+        log "stopped ${names[$i]} (${pids[$i]})"
+    done
+    [ "${#files[@]}" = 0 ] || rm -f "${files[@]}"
 }
 
 cmd_down() {
     need_root
-    stop_pid slurmd "$STATE/pids/slurmd.started"
-    stop_pid slurmctld "$STATE/pids/slurmctld.started"
-    stop_pid munged "$STATE/pids/munged.started"
+    stop_pids slurmd "$STATE/pids/slurmd.started" slurmctld "$STATE/pids/slurmctld.started"
+    stop_pids munged "$STATE/pids/munged.started" # after the daemons that use it
     if [ -f "$STATE/pids/conf_link" ]; then
         rm -f "$(cat "$STATE/pids/conf_link")" "$STATE/pids/conf_link"
     fi
@@ -367,11 +382,12 @@ cmd_mn_up() {
 cmd_mn_down() {
     need_root
     local built k
+    local -a daemons=()
     built="$(mn_built_nodes)"
     for k in $(seq "$built" -1 1); do
-        stop_pid "slurmd-n$k" "$MN/pids/slurmd-n$k.started"
+        daemons+=("slurmd-n$k" "$MN/pids/slurmd-n$k.started")
     done
-    stop_pid slurmctld "$MN/pids/slurmctld.started"
+    stop_pids "${daemons[@]}" slurmctld "$MN/pids/slurmctld.started"
     if [ -f "$MN/pids/netns.started" ]; then
         for k in $(seq "$built"); do
             ip netns del "avts-n$k" 2>/dev/null || true

@@ -7,31 +7,34 @@ cannot connect: so the export reaches the ranks and is what gloo uses."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+import time
 
 import pytest
 
 from avts_dist.config import LaunchConfig
 from launch import executors
+from launch.jobs import TERMINAL_STATES
 from tests.fixtures.slurm import LOCAL_SLURM
-from tests.integration.test_slurm_multinode import two_node_cluster  # noqa: F401 (fixture)
+from tests.integration.test_slurm_multinode import _mn, two_node_cluster  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 RANK = (
     "import datetime, os, torch, torch.distributed as d; "
     "d.init_process_group('gloo', init_method='env://', rank=int(os.environ['SLURM_PROCID']), "
-    "world_size=2, timeout=datetime.timedelta(seconds=20)); t = torch.ones(1); d.all_reduce(t); "
-    "print('rank', d.get_rank(), 'sum', t.item(), 'via', os.environ['GLOO_SOCKET_IFNAME'], "
-    "flush=True); d.barrier(); d.destroy_process_group()"
+    "world_size=2, timeout=datetime.timedelta(seconds={timeout})); t = torch.ones(1); "
+    "d.all_reduce(t); print('rank', d.get_rank(), 'sum', t.item(), 'via', "
+    "os.environ['GLOO_SOCKET_IFNAME'], flush=True); d.barrier(); d.destroy_process_group()"
 )
 # The barrier and destroy_process_group: without them a rank that exits first can close its gloo
 # pair while the other's still open, which aborts it at exit ("terminate called without an
 # active exception"; one fresh-clone run, after both ranks had printed their sums).
 
 
-def _job(tmp_path, interface: str, port: int) -> subprocess.CompletedProcess:
+def _job(tmp_path, interface: str, port: int, timeout_s: int) -> str:
+    """Runs the 2-node job; its final state. Polled every 0.5 s: `sbatch --wait` polls after 2,
+    8, then every 32 s (MinJobAge is 600 s here), which cost this test 30 s of waiting."""
     setup = executors.slurm_parameters(LaunchConfig(nodes=2, network_interface=interface), "if")
     exports = [line for line in setup["setup"] if "SOCKET_IFNAME" in line]
     assert len(exports) == 2
@@ -40,26 +43,38 @@ def _job(tmp_path, interface: str, port: int) -> subprocess.CompletedProcess:
         "#!/bin/bash\n"
         + "\n".join(exports)
         + f"\nexport MASTER_ADDR=10.77.0.1 MASTER_PORT={port}\n"
-        + f'srun --kill-on-bad-exit=1 {sys.executable} -c "{RANK}"\n'
+        + f'srun --kill-on-bad-exit=1 {sys.executable} -c "{RANK.format(timeout=timeout_s)}"\n'
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(LOCAL_SLURM.parents[1]))
-    env.pop("SLURM_CONF", None)
-    return subprocess.run(
-        ["bash", str(LOCAL_SLURM), "mn-exec", "sbatch", "--wait", "--nodes=2",
-         "--ntasks-per-node=1", "--time=3", f"--chdir={tmp_path}",
-         f"--output={tmp_path}/{interface}.out", str(script)],
-        env=env, capture_output=True, text=True, timeout=300,
+    submit = _mn(
+        "env", f"PYTHONPATH={env['PYTHONPATH']}", "OMP_NUM_THREADS=1",
+        "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--time=3",
+        f"--chdir={tmp_path}", f"--output={tmp_path}/{interface}.out", str(script),
     )  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        show = _mn("scontrol", "show", "job", "-o", job).stdout
+        state = dict(tok.split("=", 1) for tok in show.split() if "=" in tok).get("JobState")
+        if state in TERMINAL_STATES:
+            return state
+        time.sleep(0.5)
+    pytest.fail(f"job {job} did not end in 300 s")
 
 
 def test_the_named_interface_is_the_one_gloo_binds(two_node_cluster, tmp_path):  # noqa: F811
-    proc = _job(tmp_path, "avts0", 29561)
+    state = _job(tmp_path, "avts0", 29561, timeout_s=60)
     out = (tmp_path / "avts0.out").read_text()
-    assert proc.returncode == 0, proc.stderr + out
+    assert state == "COMPLETED", out
     assert sorted(ln for ln in out.splitlines() if ln.startswith("rank ")) == [
         "rank 0 sum 2.0 via avts0",
         "rank 1 sum 2.0 via avts0",
     ]
-    proc = _job(tmp_path, "lo", 29562)  # the nodes share no loopback: no pair connects
+    # The nodes share no loopback: no pair connects. Both ranks reach the store on the veth
+    # (MASTER_ADDR); gloo's pair to the peer's 127.0.0.1 is refused until the 10 s timeout
+    # (ranks start within a second of each other; the avts0 job above takes under 10 s in all).
+    state = _job(tmp_path, "lo", 29562, timeout_s=10)
     out = (tmp_path / "lo.out").read_text()
-    assert proc.returncode != 0 and "sum" not in out, out
+    assert state == "FAILED" and "sum" not in out, out
+    assert "connectFullMesh failed" in out and "remote=[127.0.0.1]" in out, out[-3000:]
