@@ -67,9 +67,11 @@ study: install
 	$(BIN)/avts study --config configs/study/$(STUDY).yaml --cluster local; status=$$?; \
 	$(BIN)/avts compare --study $(STUDY) --out runs/study_$(STUDY) && exit $$status
 
-# --durations keeps the slowest tests in view on every run (docs: issue #21's budget, README).
+# The SLURM tests and the rest, side by side in two pytest processes (tests/run_suite.py; one
+# serial pytest with AVTS_TEST_SERIAL=1). --durations keeps the slowest tests in view on every
+# run (docs: issue #21's budget, README).
 test: install
-	$(BIN)/python -m pytest -m "not chaos" --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m tests.run_suite $(PYTEST_ARGS)
 
 # The chaos run (tests/chaos, docs/training.md): kills, S3 faults and a tracking outage.
 chaos: install

@@ -72,3 +72,18 @@ def test_eval_and_launch_call_libraries_not_the_cli():
             assert not any(n.startswith("avts_dist.cli") for n in names), path
             if isinstance(node, ast.Attribute):
                 assert node.attr not in ("redirect_stdout", "_actions"), path
+
+
+def test_make_tests_two_parts_pass_only_together(monkeypatch):
+    from tests.run_suite import exit_status, serial
+
+    assert exit_status({"slurm": 0, "rest": 0}) == 0
+    assert exit_status({"slurm": 5, "rest": 0}) == 0  # a selection without SLURM tests
+    assert exit_status({"slurm": 0, "rest": 1}) == 1
+    assert exit_status({"slurm": 2, "rest": 1}) == 2
+    assert exit_status({"slurm": 5, "rest": 5}) == 5  # nothing selected at all
+    monkeypatch.delenv("AVTS_TEST_SERIAL", raising=False)
+    assert not serial(["tests/unit", "-x"])
+    assert serial(["-m", "slow"]) and serial(["-n", "2"]) and serial(["--numprocesses=2"])
+    monkeypatch.setenv("AVTS_TEST_SERIAL", "1")
+    assert serial([])
