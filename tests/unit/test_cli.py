@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from avts_dist.cli import SUBCOMMANDS, main
+from avts_dist.config import REPO_ROOT
 from tests.fixtures.in_process import avts
 
 
@@ -87,3 +88,23 @@ def test_make_tests_two_parts_pass_only_together(monkeypatch):
     assert serial(["-m", "slow"]) and serial(["-n", "2"]) and serial(["--numprocesses=2"])
     monkeypatch.setenv("AVTS_TEST_SERIAL", "1")
     assert serial([])
+
+
+def test_each_test_runs_in_one_part_and_cluster_tests_in_the_slurm_part():
+    from tests.run_suite import BESIDE_SLURM, part_of
+
+    class Item:  # what part_of reads of a collected pytest item
+        def __init__(self, nodeid: str, slurm: bool = False) -> None:
+            self.nodeid, self.slurm = nodeid, slurm
+
+        def get_closest_marker(self, name):
+            return object() if self.slurm and name == "slurm" else None
+
+    assert part_of(Item("tests/integration/test_slurm_launch.py::t", slurm=True)) == "slurm"
+    assert (
+        part_of(Item("tests/integration/test_credentials.py::t_slurm_job", slurm=True)) == "slurm"
+    )
+    assert part_of(Item("tests/integration/test_credentials.py::t_other")) == "rest"
+    assert part_of(Item("tests/integration/test_train.py::t")) == "rest"
+    assert all(part_of(Item(f"{path}::t")) == "slurm" for path in BESIDE_SLURM)
+    assert all((REPO_ROOT / path).is_file() for path in BESIDE_SLURM)
