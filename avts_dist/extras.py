@@ -85,6 +85,6 @@ def import_deepspeed():
     try:
         deepspeed = importlib.import_module("deepspeed")
     finally:
-        if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+        if hide and sys.modules.get("mlflow", 0) is None:  # still our marker
             del sys.modules["mlflow"]
     return deepspeed

@@ -5,8 +5,8 @@
 
 Why: the SLURM tests keep about one core busy (they wait on the scheduler and on jobs that run
 one at a time on the local cluster), while the other tests are mostly two-rank trainings that keep
-both busy 70% of the time. Run one after the other, the machine idles about 40% of the suite
-(docs/benchmarks.md). Run side by side, the SLURM part fills the idle core.
+both busy 72% of the time. Run one after the other, the cores were busy 55-58% of the suite's
+wall time (fresh-clone runs r6-r8, docs/benchmarks.md); side by side, 84-85% (r12, r13).
 
 Two pytest sessions rather than pytest-xdist: each part starts its own servers (moto, MLflow)
 and keeps its own session fixtures; the SLURM clusters are started, used and stopped by one

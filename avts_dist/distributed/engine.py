@@ -165,6 +165,7 @@ class _DropStartupNoise(logging.Filter):
 
 
 def _quiet_deepspeed() -> None:
+    """Imports DeepSpeed (:func:`import_deepspeed`) and quiets it, before it is used."""
     # Named, DeepSpeed's accelerator is chosen without its "Setting accelerator to CPU. If you
     # have GPU..." warning (what auto-detection would pick: cuda when torch sees a GPU).
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -172,11 +173,11 @@ def _quiet_deepspeed() -> None:
     ds_logger.setLevel(logging.WARNING)
     if not any(isinstance(f, _DropStartupNoise) for f in ds_logger.filters):
         ds_logger.addFilter(_DropStartupNoise())
+    import_deepspeed()  # after the logger is set (as before this function imported it)
     if os.environ.get("AVTS_DS_SHM_COMM", "0") != "1":
         # DeepSpeed's CPU shared-memory all-reduce is JIT-compiled on first use (minutes, and a
         # compiler); gloo does the same job here. AVTS_DS_SHM_COMM=1 turns it back on.
         # By module path: the attribute deepspeed.comm.torch is the torch package itself.
-        import_deepspeed()
         ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
         ds_torch_comm.build_shm_op = lambda: None
 
@@ -184,7 +185,7 @@ def _quiet_deepspeed() -> None:
 def initialize_engine(model: torch.nn.Module, ds_config: dict[str, Any], *, backend: str = "auto"):
     """``deepspeed.initialize`` on an already initialized process group (or a single process)."""
     _quiet_deepspeed()
-    deepspeed = import_deepspeed()
+    deepspeed = import_deepspeed()  # imported by _quiet_deepspeed: the module
 
     # DeepSpeed checks the launcher's variables even when the group already exists, and reads
     # LOCAL_RANK as its CUDA ordinal: give it the device the group was set up on.
@@ -242,7 +243,6 @@ class SaveOutcome(NamedTuple):
 
 @functools.cache
 def _recording_engine_class():
-    import_deepspeed()
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     class RecordingCheckpointEngine(TorchCheckpointEngine):
@@ -272,7 +272,6 @@ def _recording_engine(engine):
     """The engine's checkpoint engine, swapped once for the recording one; None when DeepSpeed
     was configured with another (asynchronous) engine, whose files are then hashed after the
     save."""
-    import_deepspeed()
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     recording_class = _recording_engine_class()
@@ -346,7 +345,6 @@ def host_copy(obj: Any) -> Any:
 
 @functools.cache
 def _snapshot_engine_class():
-    import_deepspeed()
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     class SnapshotCheckpointEngine(TorchCheckpointEngine):
@@ -367,7 +365,6 @@ def snapshot_engine_checkpoint(
     """The sharded save of :func:`save_engine_checkpoint` (collective), with nothing written:
     this rank's files as host-memory copies of their states, by name in the tag dir. None when
     DeepSpeed was configured with a checkpoint engine of its own (then write with the former)."""
-    import_deepspeed()
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
     current = engine.checkpoint_engine
@@ -451,7 +448,6 @@ def consolidated_fp32_state_dict(
     client = read_client_state(tag_dir)
     if zero_stage > 0:
         _quiet_deepspeed()
-        import_deepspeed()
         from deepspeed.utils import zero_to_fp32
 
         # It prints its progress: tqdm over the shard files (on stderr) and details on stdout,

@@ -6,17 +6,14 @@ cannot connect: so the export reaches the ranks and is what gloo uses."""
 
 from __future__ import annotations
 
-import os
+import ast
 import sys
-import time
 
 import pytest
 
 from avts_dist.config import LaunchConfig
 from launch import executors
-from launch.jobs import TERMINAL_STATES
-from tests.fixtures.slurm import LOCAL_SLURM
-from tests.integration.test_slurm_multinode import _mn, two_node_cluster  # noqa: F401 (fixture)
+from tests.integration.test_slurm_multinode import REPO, _mn, two_node_cluster  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -33,8 +30,9 @@ RANK = (
 
 
 def _job(tmp_path, interface: str, port: int, timeout_s: int) -> str:
-    """Runs the 2-node job; its final state. Polled every 0.5 s: `sbatch --wait` polls after 2,
-    8, then every 32 s (MinJobAge is 600 s here), which cost this test 30 s of waiting."""
+    """Runs the 2-node job; its final state. Polled every 0.5 s (launch.jobs.wait_for_jobs):
+    `sbatch --wait` polls after 2, 8, then every 32 s (MinJobAge is 600 s here), which cost this
+    test 30 s of waiting."""
     setup = executors.slurm_parameters(LaunchConfig(nodes=2, network_interface=interface), "if")
     exports = [line for line in setup["setup"] if "SOCKET_IFNAME" in line]
     assert len(exports) == 2
@@ -45,22 +43,19 @@ def _job(tmp_path, interface: str, port: int, timeout_s: int) -> str:
         + f"\nexport MASTER_ADDR=10.77.0.1 MASTER_PORT={port}\n"
         + f'srun --kill-on-bad-exit=1 {sys.executable} -c "{RANK.format(timeout=timeout_s)}"\n'
     )
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(LOCAL_SLURM.parents[1]))
     submit = _mn(
-        "env", f"PYTHONPATH={env['PYTHONPATH']}", "OMP_NUM_THREADS=1",
-        "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--time=3",
-        f"--chdir={tmp_path}", f"--output={tmp_path}/{interface}.out", str(script),
+        "env", f"PYTHONPATH={REPO}", "sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1",
+        "--time=3", f"--chdir={tmp_path}", f"--output={tmp_path}/{interface}.out", str(script),
     )  # fmt: skip
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        show = _mn("scontrol", "show", "job", "-o", job).stdout
-        state = dict(tok.split("=", 1) for tok in show.split() if "=" in tok).get("JobState")
-        if state in TERMINAL_STATES:
-            return state
-        time.sleep(0.5)
-    pytest.fail(f"job {job} did not end in 300 s")
+    # The project's job waiter, run inside n1's namespace where the cluster's clients reach it.
+    wait = (
+        f"from launch.jobs import wait_for_jobs; print(wait_for_jobs({{{job!r}: 1}}, poll_s=0.5))"
+    )
+    waited = _mn(sys.executable, "-c", wait, timeout=300)
+    assert waited.returncode == 0, waited.stderr
+    return ast.literal_eval(waited.stdout.strip().splitlines()[-1])[job]
 
 
 def test_the_named_interface_is_the_one_gloo_binds(two_node_cluster, tmp_path):  # noqa: F811
