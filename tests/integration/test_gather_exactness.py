@@ -16,9 +16,9 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from avts_dist.distributed import free_port
+from tests.fixtures.gloo_group import start_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -182,7 +182,7 @@ def exactness(request, tmp_path_factory):
     world_size = request.param
     out_path = tmp_path_factory.mktemp(f"exact{world_size}") / "results.json"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(world_size, free_port(), str(out_path)), nprocs=world_size, join=True)
+    start_ranks(_worker, (world_size, free_port(), str(out_path)), world_size)
     return json.loads(out_path.read_text())
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from avts_dist.config import DataConfig
 from avts_dist.data import build_loader
 from avts_dist.distributed import free_port
+from tests.fixtures.gloo_group import start_ranks
 from tests.fixtures.in_process import avts
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,7 +104,7 @@ def _worker(rank: int, world_size: int, port: int, out_path: str) -> None:
 @pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path):
     out_path = tmp_path / "results.json"
-    mp.spawn(_worker, args=(2, free_port(), str(out_path)), nprocs=2, join=True)
+    start_ranks(_worker, (2, free_port(), str(out_path)), 2)
     results = json.loads(out_path.read_text())
     exact, naive = results["exact"], results["naive"]
     assert exact["loss_diff"] < TOL and exact["acc_diff"] < TOL
