@@ -160,7 +160,19 @@ class PretrainJob(submitit.helpers.Checkpointable):
             self.max_requeues,
             cfg.resume,
         )
-        result = resolve_callable(self.trainer)(cfg)
+        env_before = set(os.environ)
+        try:
+            result = resolve_callable(self.trainer)(cfg)
+        finally:
+            # As `avts train` does: the process groups end while the interpreter is whole (see
+            # destroy). A job run in the calling process (`avts study --cluster debug`) leaves
+            # neither a group nor the variables set for it (DeepSpeed's RANK, WORLD_SIZE, ...)
+            # behind: the next job there starts its own group.
+            from avts_dist.distributed.collectives import destroy
+
+            destroy()
+            for key in set(os.environ) - env_before:
+                del os.environ[key]
         status = getattr(result, "status", "failed")
         log.info(
             "rank %s: trainer returned %s at step %s", rank, status, getattr(result, "step", "?")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
 from avts_dist.config import REPO_ROOT
 from eval.registry import JOBS
+from tests.fixtures.in_process import avts
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +25,16 @@ EVALS = {"sync", "lowlabel_rhythm"} if HAS_LOWLABEL else {"sync"}
 
 
 def study(work, *args: str, status: int = 0) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "avts_dist", "study", "--config", SMOKE]
+    """`avts study` on the smoke config, in this interpreter (tests/fixtures/in_process.py):
+    `--cluster debug` runs its pretrainings and evaluations in the calling process anyway, and a
+    fresh interpreter per call imported torch, DeepSpeed and MLflow again (6 calls here)."""
+    argv = ["study", "--config", SMOKE]
     argv += ["--runs", str(work / "runs"), "--tracking-uri", str(work / "mlruns"), *args]
     argv += [f"corpus.out={work / 'data'}"]
     if not HAS_LOWLABEL:
         print("`lowlabel` is not a registered evaluation yet: the smoke study runs sync only")
         argv.append("evals.lowlabel_rhythm.arms=[]")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    proc = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    proc = avts(argv, cwd=work)
     assert proc.returncode == status, f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     return proc
 
