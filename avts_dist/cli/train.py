@@ -39,14 +39,23 @@ def run(args: argparse.Namespace) -> int:
     # torch, deepspeed and the trainer are imported below, not at the top: every `avts`
     # command imports this module to build its parser, and they cost seconds.
     if args.nproc > 1 and not under_launcher:
-        from avts_dist.distributed.launcher import spawn_local_ranks
+        from avts_dist.distributed.launcher import (
+            preload_trainer,
+            rank_start_method,
+            spawn_local_ranks,
+        )
         from avts_dist.extras import require_tracking
 
         # bad config or a missing package: one error, not N (the launcher never tracks: it
         # checks that mlflow is installed without importing it)
         require_tracking(load_config(args.config, args.overrides), load=False)
         cmd = [sys.executable, "-m", "avts_dist", "train", "--config", args.config]
-        return spawn_local_ranks([*cmd, *args.overrides], args.nproc, ok_codes=(0, EXIT_PREEMPTED))
+        start = rank_start_method()
+        if start == "fork":
+            preload_trainer()
+        return spawn_local_ranks(
+            [*cmd, *args.overrides], args.nproc, ok_codes=(0, EXIT_PREEMPTED), start=start
+        )
     return train_and_report(args.config, args.overrides)
 
 
