@@ -39,11 +39,7 @@ def run(args: argparse.Namespace) -> int:
     # torch, deepspeed and the trainer are imported below, not at the top: every `avts`
     # command imports this module to build its parser, and they cost seconds.
     if args.nproc > 1 and not under_launcher:
-        from avts_dist.distributed.launcher import (
-            preload_trainer,
-            rank_start_method,
-            spawn_local_ranks,
-        )
+        from avts_dist.distributed.launcher import rank_start_method, spawn_local_ranks
         from avts_dist.extras import require_tracking
 
         # bad config or a missing package: one error, not N (the launcher never tracks: it
@@ -85,3 +81,13 @@ def train_and_report(config: str, overrides: list[str], hooks=None) -> int:
         if result.message:
             print(f"avts train: {result.message}", file=sys.stderr)
     return EXIT_CODES.get(result.status, 1)
+
+
+def preload_trainer() -> None:
+    """What every trainer rank imports, imported by the launcher once before it forks them."""
+    import torch._dynamo  # noqa: F401  (torch.optim's first optimizer imports it: ~3 CPU-s)
+
+    import avts_dist.train.run  # noqa: F401
+    from avts_dist.extras import import_deepspeed
+
+    import_deepspeed()

@@ -27,7 +27,7 @@ import traceback
 
 from avts_dist.distributed.collectives import free_port
 
-__all__ = ["preload_trainer", "rank_start_method", "spawn_local_ranks"]
+__all__ = ["rank_start_method", "spawn_local_ranks"]
 
 START_METHODS = ("exec", "fork")
 
@@ -66,16 +66,6 @@ class _ForkedRank:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-
-def preload_trainer() -> None:
-    """What every trainer rank imports, imported by the launcher once before it forks them."""
-    import torch._dynamo  # noqa: F401  (torch.optim's first optimizer imports it: ~3 CPU-s)
-
-    import avts_dist.train.run  # noqa: F401
-    from avts_dist.extras import import_deepspeed
-
-    import_deepspeed()
 
 
 def _run_forked_rank(module: str, args: list[str], env: dict[str, str]) -> None:
@@ -140,7 +130,7 @@ def spawn_local_ranks(
 ) -> int:
     """Runs ``cmd`` as ``nproc`` ranks on a free loopback port; forwards SIGTERM/SIGUSR2/SIGINT.
     ``start``: ``exec`` or ``fork`` (see the module docstring; with ``fork`` the caller imports
-    first what the ranks share, e.g. :func:`preload_trainer`).
+    first what the ranks share, e.g. ``avts_dist.cli.train.preload_trainer``).
 
     Returns 0 when every rank exits 0, the first code of ``ok_codes`` other than 0 that any rank
     returned (e.g. 75, preempted) when all are in ``ok_codes``, and 1 when any rank failed.
