@@ -39,19 +39,13 @@ def run(args: argparse.Namespace) -> int:
     # torch, deepspeed and the trainer are imported below, not at the top: every `avts`
     # command imports this module to build its parser, and they cost seconds.
     if args.nproc > 1 and not under_launcher:
-        from avts_dist.distributed.launcher import rank_start_method, spawn_local_ranks
         from avts_dist.extras import require_tracking
 
         # bad config or a missing package: one error, not N (the launcher never tracks: it
         # checks that mlflow is installed without importing it)
         require_tracking(load_config(args.config, args.overrides), load=False)
         cmd = [sys.executable, "-m", "avts_dist", "train", "--config", args.config]
-        start = rank_start_method()
-        if start == "fork":
-            preload_trainer()
-        return spawn_local_ranks(
-            [*cmd, *args.overrides], args.nproc, ok_codes=(0, EXIT_PREEMPTED), start=start
-        )
+        return spawn_trainer_ranks([*cmd, *args.overrides], args.nproc)
     return train_and_report(args.config, args.overrides)
 
 
@@ -81,6 +75,18 @@ def train_and_report(config: str, overrides: list[str], hooks=None) -> int:
         if result.message:
             print(f"avts train: {result.message}", file=sys.stderr)
     return EXIT_CODES.get(result.status, 1)
+
+
+def spawn_trainer_ranks(cmd: list[str], nproc: int) -> int:
+    """``cmd`` (``python -m MODULE ...``, a trainer's entry) as ``nproc`` local ranks, started the
+    way :func:`~avts_dist.distributed.launcher.rank_start_method` says (forked after
+    :func:`preload_trainer` on CPU); exit status as ``spawn_local_ranks``, 75 when preempted."""
+    from avts_dist.distributed.launcher import rank_start_method, spawn_local_ranks
+
+    start = rank_start_method()
+    if start == "fork":
+        preload_trainer()
+    return spawn_local_ranks(cmd, nproc, ok_codes=(0, EXIT_PREEMPTED), start=start)
 
 
 def preload_trainer() -> None:

@@ -8,7 +8,7 @@ status, a SIGKILL that takes only it):
   rank imports torch, DeepSpeed and the trainer itself.
 - ``fork``: the launcher imports them once and forks the ranks (the command must be
   ``python -m MODULE ...``, which the child runs with ``runpy``). On the 2-core test machine a
-  rank's imports were most of its CPU time in a short run (about 7 of 9 CPU-s); forked, they are
+  rank's imports were most of its CPU time in a short run (about 8 of 9 CPU-s); forked, they are
   paid once per launcher. Used on CPU only (:func:`rank_start_method`): with CUDA, a process
   that has touched the driver must not fork ranks that use it, so ranks are exec'd there.
 """
@@ -130,7 +130,7 @@ def spawn_local_ranks(
 ) -> int:
     """Runs ``cmd`` as ``nproc`` ranks on a free loopback port; forwards SIGTERM/SIGUSR2/SIGINT.
     ``start``: ``exec`` or ``fork`` (see the module docstring; with ``fork`` the caller imports
-    first what the ranks share, e.g. ``avts_dist.cli.train.preload_trainer``).
+    first what the ranks share, as ``avts_dist.cli.train.spawn_trainer_ranks`` does).
 
     Returns 0 when every rank exits 0, the first code of ``ok_codes`` other than 0 that any rank
     returned (e.g. 75, preempted) when all are in ``ok_codes``, and 1 when any rank failed.

@@ -4,9 +4,9 @@
     python -m tests.benchmarks.bench_rank_start --out bench-results/rank_start.json [--reps 3]
 
 The run: the quickstart model on a small synthetic corpus (24 clips, tests/fixtures/corpus.py's
-TRAIN_CORPUS), global batch 4, 8 steps, validation at 4 and 8, checkpoints every 2: the shape of
-the test suite's 2-rank runs. Each rep runs both start methods, alternating which goes first;
-per run the CPU-seconds of the launcher and every rank (``RUSAGE_CHILDREN`` of this process:
+TRAIN_CORPUS), global batch 4, 8 steps, validation at 4 and 8, checkpoints every 2: the config
+of the test suite's 2-rank runs (tests/integration/test_train.py ``_config``). Each rep runs both
+start methods, alternating which goes first; per run the CPU-seconds of the launcher and every rank (``RUSAGE_CHILDREN`` of this process:
 the launcher reaps its ranks either way), the wall time, and the losses of metrics.jsonl, which
 must be the same bitwise both ways. Medians reported, and the ratio fork / exec.
 """
@@ -26,23 +26,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = ("exec", "fork")
-
-
-def _config(work: Path, corpus: str) -> Path:
-    path = work / "bench.yaml"
-    path.write_text(
-        f"base: {REPO / 'configs' / 'pretrain' / 'quickstart.yaml'}\n"
-        f"data: {{url: {corpus}, global_batch_size: 4, num_workers: 0}}\n"
-        "curriculum:\n"
-        "  stages:\n"
-        "    - {name: easy, negative_mix: {easy: 1.0}, until_step: 4}\n"
-        "    - {name: easy_hard, negative_mix: {easy: 0.5, hard: 0.5}}\n"
-        "train: {max_steps: 8, log_every: 1, val_every_steps: 4, val_batches: 1, progress: false}\n"
-        "checkpoint: {every_steps: 2, keep_last: 3}\n"
-        "optim: {warmup_steps: 2}\n"
-        f"tracking: {{uri: {work / 'mlruns'}}}\n"
-    )
-    return path
 
 
 def _one(work: Path, config: Path, method: str, name: str) -> dict:
@@ -70,6 +53,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from avts_dist.data.synthetic import synthesize
     from tests.fixtures.corpus import TRAIN_CORPUS
+    from tests.integration.test_train import _config  # the suite's 2-rank runs, as they are
 
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     with tempfile.TemporaryDirectory(prefix="avts-bench-rank-start-") as tmp:
