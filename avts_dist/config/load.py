@@ -3,13 +3,14 @@ with the rename table for keys that moved; and rebuilding a saved config."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from avts_dist.config.common import REPO_ROOT, ConfigError
 from avts_dist.config.handoff import restore_secrets
@@ -127,6 +128,29 @@ def _rename_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
+def _key_paths(schema: type, prefix: str = "") -> list[str]:
+    """Every key of a config dataclass, dotted (``deepspeed.grad_accum_steps``), sections too."""
+    paths = []
+    hints = get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        path = f"{prefix}{f.name}"
+        paths.append(path)
+        if dataclasses.is_dataclass(hints.get(f.name)):
+            paths += _key_paths(hints[f.name], f"{path}.")
+    return paths
+
+
+def _elsewhere(key: str) -> str:
+    """`` Did you mean: 'deepspeed.grad_accum_steps'?`` when an unknown key's last name is a key
+    of another section (``train.grad_accum_steps``), else ``""`` (OmegaConf's own hint only looks
+    within the section)."""
+    leaf = key.rsplit(".", 1)[-1]
+    places = [p for p in _key_paths(Config) if p.rsplit(".", 1)[-1] == leaf and p != key]
+    if not places:
+        return ""
+    return " Did you mean: " + " or ".join(f"'{p}'" for p in places) + "?"
+
+
 def _omegaconf_message(exc: OmegaConfBaseException, schema: type = Config) -> str:
     key = getattr(exc, "full_key", None)
     # A section merged on its own (e.g. a checkpoint's model config) names its keys as the
@@ -135,6 +159,8 @@ def _omegaconf_message(exc: OmegaConfBaseException, schema: type = Config) -> st
     if key and section:
         key = f"{section}.{key}"
     msg = str(exc).split("\n")[0]
+    if key and isinstance(exc, ConfigKeyError) and "Did you mean" not in msg and _elsewhere(key):
+        msg = msg.rstrip(".") + "." + _elsewhere(key)
     return f"config key '{key}': {msg}" if key else msg
 
 

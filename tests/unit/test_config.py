@@ -72,6 +72,26 @@ def test_bad_values_fail_naming_the_key(overrides, key):
     assert key in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "hint"),
+    [
+        ("train.grad_accum_steps=2", "Did you mean: 'deepspeed.grad_accum_steps'?"),
+        ("train.epochs=3", "Did you mean: 'data.epochs' or 'eval.finetune.epochs'?"),
+        ("train.max_step=2", "Did you mean: 'max_steps'?"),  # OmegaConf's, within the section
+        ("train.nonsense=1", None),
+    ],
+)
+def test_a_key_of_another_section_is_named(override, hint):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    msg = str(info.value)
+    assert msg.startswith(f"config key '{override.split('=')[0]}': ")
+    if hint is None:
+        assert "Did you mean" not in msg, msg
+    else:
+        assert msg.endswith(hint) and msg.count("Did you mean") == 1, msg
+
+
 def test_curriculum_stage_without_trigger_is_rejected():
     with pytest.raises(ConfigError, match="curriculum.stages.0"):
         load_config(overrides=["curriculum.stages=[{name: a}, {name: b}]"])
