@@ -158,8 +158,9 @@ def test_the_json_shows_a_running_stage_when_the_check_is_killed(tmp_path):
     check = subprocess.Popen(
         [*CHECK, *DRY, "--only", "peak,nets", "--out", str(out), "--stage-command", "peak=pass",
          "--stage-command", "nets=import time; time.sleep(600)"],
-        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        # Its temporary folder in tmp_path: a check killed outright cannot remove it.
+        cwd=REPO, env=dict(_env(), TMPDIR=str(tmp_path)), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
@@ -173,6 +174,9 @@ def test_the_json_shows_a_running_stage_when_the_check_is_killed(tmp_path):
     report = stages(out)
     assert report["peak"]["status"] == "passed"
     assert report["nets"] == {"status": "running", "timeout_s": 100.0}
+    # What the killed check left is in tmp_path (not in /tmp): the running stage's log with it.
+    (left,) = tmp_path.glob("avts-gpu-check-*")
+    assert (left / "nets.log").exists()
 
 
 def test_the_trainer_keeps_the_callers_pythonpath(tmp_path):
