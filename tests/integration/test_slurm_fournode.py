@@ -31,8 +31,8 @@ The first continued step runs the very weights the 4-node run saved, so its gap 
 alone: measured 1.6e-4 relative, three orders above what reduction order gives (~1e-7), so
 the per-rank BatchNorm sets it (inferred; the two were not measured apart). Bound: FIRST_STEP_REL_TOL = 1e-3 (margin ~6).
 That figure holds for a stop after step 3 only: the same config run with ``avts train --nproc 4``,
-then continued with ``--nproc 2`` from each step's checkpoint (the gap is the same bitwise as on
-the SLURM nodes: 1.61e-4 after step 3, 5.52e-3 after step 4), gave first-step gaps of 1.0e-2,
+then continued with ``--nproc 2`` from each step's checkpoint (``tests/benchmarks/continuation_gap.py``;
+the gap is the same bitwise as on the SLURM nodes: 1.61e-4 after step 3, 5.52e-3 after step 4), gave first-step gaps of 1.0e-2,
 4.3e-2, 1.6e-4, 5.5e-3, 5.5e-4, 1.0e-4, 3.4e-4, 1.1e-3, 1.3e-3, 1.8e-3 for a stop after steps 1 to
 10: the batch, not the checkpoint, sets it, hence the fixed stop. From there the two runs update different
 weights and the gap compounds through AdamW: measured at most 1.9e-2 relative over the 8 further
