@@ -159,8 +159,9 @@ def _omegaconf_message(exc: OmegaConfBaseException, schema: type = Config) -> st
     if key and section:
         key = f"{section}.{key}"
     msg = str(exc).split("\n")[0]
-    if key and isinstance(exc, ConfigKeyError) and "Did you mean" not in msg and _elsewhere(key):
-        msg = msg.rstrip(".") + "." + _elsewhere(key)
+    if key and isinstance(exc, ConfigKeyError) and "Did you mean" not in msg:
+        hint = _elsewhere(key)
+        msg = msg.rstrip(".") + "." + hint if hint else msg
     return f"config key '{key}': {msg}" if key else msg
 
 

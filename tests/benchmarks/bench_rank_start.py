@@ -6,9 +6,9 @@
 The run: the quickstart model on a small synthetic corpus (24 clips, tests/fixtures/corpus.py's
 TRAIN_CORPUS), global batch 4, 8 steps, validation at 4 and 8, checkpoints every 2: the config
 of the test suite's 2-rank runs (tests/integration/test_train.py ``_config``). Each rep runs both
-start methods, alternating which goes first; per run the CPU-seconds of the launcher and every rank (``RUSAGE_CHILDREN`` of this process:
-the launcher reaps its ranks either way), the wall time, and the losses of metrics.jsonl, which
-must be the same bitwise both ways. Medians reported, and the ratio fork / exec.
+start methods, alternating which goes first; per run the CPU-seconds of the launcher and every
+rank (``RUSAGE_CHILDREN`` of this process: the launcher reaps its ranks either way), the wall
+time, and the losses of metrics.jsonl, which must be the same bitwise both ways. Medians reported, and the ratio fork / exec.
 """
 
 from __future__ import annotations

@@ -29,13 +29,14 @@ The tolerance. Going from 4 ranks to 2 with the same global batch changes two th
   cross-rank BatchNorm exists here (models are pure torch.nn, unchanged at any world size).
 The first continued step runs the very weights the 4-node run saved, so its gap is one forward
 alone: measured 1.6e-4 relative, three orders above what reduction order gives (~1e-7), so
-the per-rank BatchNorm sets it (inferred; the two were not measured apart). Bound: FIRST_STEP_REL_TOL = 1e-3 (margin ~6).
-That figure holds for a stop after step 3 only: the same config run with ``avts train --nproc 4``,
-then continued with ``--nproc 2`` from each step's checkpoint (``tests/benchmarks/continuation_gap.py``;
-the gap is the same bitwise as on the SLURM nodes: 1.61e-4 after step 3, 5.52e-3 after step 4), gave first-step gaps of 1.0e-2,
-4.3e-2, 1.6e-4, 5.5e-3, 5.5e-4, 1.0e-4, 3.4e-4, 1.1e-3, 1.3e-3, 1.8e-3 for a stop after steps 1 to
-10: the batch, not the checkpoint, sets it, hence the fixed stop. From there the two runs update different
-weights and the gap compounds through AdamW: measured at most 1.9e-2 relative over the 8 further
+the per-rank BatchNorm sets it (inferred; the two were not measured apart). Bound:
+FIRST_STEP_REL_TOL = 1e-3 (margin ~6). That figure holds for a stop after step 3 only: the same
+config run with ``avts train --nproc 4``, then continued with ``--nproc 2`` from each step's
+checkpoint (``tests/benchmarks/continuation_gap.py``; the same gaps bitwise as on the SLURM nodes:
+1.61e-4 after step 3, 5.52e-3 after step 4), gave first-step gaps of 1.0e-2, 4.3e-2, 1.6e-4,
+5.5e-3, 5.5e-4, 1.0e-4, 3.4e-4, 1.1e-3, 1.3e-3, 1.8e-3 for a stop after steps 1 to 10: the
+batch, not the checkpoint, sets it, hence the fixed stop. From there the two runs update different
+weights and the gap compounds through AdamW: measured at most 1.9e-2 relative over the 9 further
 steps (mean 1.1e-2; preempted at step 3). Bound: LOSS_REL_TOL = 5e-2 (margin ~2.5), still far
 below the loss's own movement over these steps (3.67 -> 2.05; -41% in one step, 3 -> 4). A
 bound at reduction order alone (~1e-6) would need the same per-rank batch at both sizes, i.e.
@@ -117,11 +118,23 @@ def _preempt(cfg: Path, run_dir: Path) -> str:
 @pytest.fixture(scope="module")
 def runs(four_node_cluster, tmp_path_factory, synth_corpus):
     tmp = tmp_path_factory.mktemp("fournode")
+    cfg = _config(tmp, synth_corpus)
+    ref = _launch(cfg, "--nodes", "4", "--trainer", KEYED)
+    cont = tmp / "cont"
+    preempted = _preempt(cfg, cont)
+    first = sorted(_metrics(cont))
+    _launch(cfg, f"run.dir={cont}", "--nodes", "2", "--trainer", KEYED)
+    return {"ref": tmp / "ref", "ref_job": ref["pretrain"], "cont": cont, "job": preempted,
+            "preempted_steps": first}  # fmt: skip
+
+
+def _config(tmp: Path, corpus: str) -> Path:
+    """The runs' config (also tests/benchmarks/continuation_gap.py's): run dir ``tmp/ref``."""
     cfg = tmp / "four.yaml"
     cfg.write_text(
         f"base: {QUICKSTART}\n"
         f"run: {{name: four, dir: {tmp / 'ref'}}}\n"
-        f"data: {{url: {synth_corpus}, global_batch_size: 4, num_workers: 0}}\n"
+        f"data: {{url: {corpus}, global_batch_size: 4, num_workers: 0}}\n"
         "curriculum:\n"
         "  stages:\n"
         "    - {name: easy, negative_mix: {easy: 1.0}, until_step: 6}\n"
@@ -131,13 +144,7 @@ def runs(four_node_cluster, tmp_path_factory, synth_corpus):
         "optim: {warmup_steps: 2}\n"
         "tracking: {enabled: false}\n"
     )
-    ref = _launch(cfg, "--nodes", "4", "--trainer", KEYED)
-    cont = tmp / "cont"
-    preempted = _preempt(cfg, cont)
-    first = sorted(_metrics(cont))
-    _launch(cfg, f"run.dir={cont}", "--nodes", "2", "--trainer", KEYED)
-    return {"ref": tmp / "ref", "ref_job": ref["pretrain"], "cont": cont, "job": preempted,
-            "preempted_steps": first}  # fmt: skip
+    return cfg
 
 
 def test_four_nodes_preempted_then_continued_on_two(runs):
